@@ -1,0 +1,9 @@
+"""pmm_dist: rank-local merging (PMA: SMA, WMA, EMA, weighted) of sharded training checkpoints."""
+__version__ = "0.1.0"
+
+from .engine import MergeOptions, MergePlan, MergeResult, merge  # noqa: E402
+from .errors import InputError, MergeError, RankFailure  # noqa: E402
+from .methods import available_methods, get_method  # noqa: E402
+
+__all__ = ["merge", "MergeOptions", "MergePlan", "MergeResult", "MergeError", "InputError", "RankFailure",
+           "available_methods", "get_method", "__version__"]

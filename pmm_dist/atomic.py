@@ -1,0 +1,115 @@
+"""Durable, atomic file output: write to a temporary name, fsync, rename, fsync the directory.
+
+A reader (a trainer, or ``pmm-dist verify``) never sees a partially written file under its
+final name. Checksums are computed from the bytes as they are written, never by re-reading.
+"""
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+CHECKSUM_ALGORITHM = "sha256"
+_COPY_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    relpath: str  # relative to the output root
+    num_bytes: int
+    sha256: str
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts the bytes passing through."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.hasher = hashlib.new(CHECKSUM_ALGORITHM)
+        self.num_bytes = 0
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        self.num_bytes += len(data)
+        return self._raw.write(data)
+
+    def flush(self):
+        self._raw.flush()
+
+
+def temporary_name(path: str) -> str:
+    return f"{path}.tmp.{os.getpid()}"
+
+
+def write_atomically(path: str, produce: Callable[[object], None]) -> tuple:
+    """``produce(fileobj)`` writes the content; returns (num_bytes, sha256) of what was written."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as raw:
+            writer = _HashingWriter(raw)
+            produce(writer)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_directory(os.path.dirname(path) or ".")
+    return writer.num_bytes, writer.hasher.hexdigest()
+
+
+def write_text_atomically(path: str, text: str) -> tuple:
+    return write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomically(path: str, obj) -> tuple:
+    return write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def copy_atomically(src: str, dst: str) -> tuple:
+    """Byte-for-byte copy (no unpickling) with checksum; returns (num_bytes, sha256)."""
+    def produce(writer):
+        with open(src, "rb") as f:
+            while True:
+                chunk = f.read(_COPY_CHUNK)
+                if not chunk:
+                    break
+                writer.write(chunk)
+    return write_atomically(dst, produce)
+
+
+def fsync_directory(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_of_file(path: str) -> str:
+    hasher = hashlib.new(CHECKSUM_ALGORITHM)
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_COPY_CHUNK)
+            if not chunk:
+                break
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def remove_tree_quietly(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -1,0 +1,129 @@
+"""Command line: ``pmm-dist merge ...`` (also ``python -m pmm_dist``, and under torchrun).
+
+A thin layer over ``pmm_dist.merge``: parse flags into MergeOptions, run, print the summary on
+rank 0, and turn errors into a message plus a non-zero exit code on every rank.
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from . import __version__
+from .engine import MergeOptions, merge
+from .errors import MergeError
+from .formats import available_formats
+from .methods import available_methods
+from .report import format_summary
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+MERGE_EPILOG = """\
+methods (weights w_i, oldest checkpoint first, N checkpoints):
+  sma       w_i = 1/N
+  wma       w_i = i / (N(N+1)/2)
+  ema       w_1 = (1-alpha)^(N-1), w_i = alpha (1-alpha)^(N-i) for i >= 2  (sums to 1)
+  weighted  w_i from --weights, normalised to sum 1 unless --no-normalize
+
+selection (default: every checkpoint found):
+  --last N                 the newest N checkpoints
+  --interval V [--last N]  newest, newest-V, newest-2V, ... (a missing one is an error)
+  --iterations a,b,c       exactly these
+
+examples:
+  pmm-dist merge /ckpt/run --out /ckpt/run_ema --method ema --alpha 0.2 --last 8 --interval 1000
+  torchrun --standalone --nproc-per-node 8 -m pmm_dist merge /ckpt/run --out /ckpt/run_sma --last 10
+  pmm-dist merge /ckpt/run/iter_0009000 /ckpt/run/iter_0010000 --out /tmp/avg --dry-run
+
+Load the result in Megatron-LM with:  --load OUT --finetune --no-load-optim --no-load-rng
+Exit status: 0 on success, 1 on a merge error (message names the file and key), 2 on bad usage.
+"""
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pmm-dist",
+        description="Merge the checkpoints of one pre-training run (PMA: SMA, WMA, EMA or explicit weights), "
+                    "rank-locally and shard by shard, into a checkpoint of the same framework and layout.")
+    parser.add_argument("--version", action="version", version=f"pmm_dist {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    m = commands.add_parser("merge", help="merge N checkpoints into one", epilog=MERGE_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Merge N checkpoints of one run into one checkpoint in the same format. "
+                                        "Run it in one process or on every rank of torchrun / deepspeed / mpiexec: "
+                                        "each rank merges its own byte-balanced share of the shard files.")
+    m.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="one run directory (tracker + iter_* dirs) or several checkpoint directories")
+    m.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    m.add_argument("--method", default="sma", choices=available_methods(), help="merge method (default: sma)")
+    m.add_argument("--alpha", type=float, default=None, help="EMA rate, 0 < alpha <= 1 (default: 0.2)")
+    m.add_argument("--weights", type=_float_list, default=None,
+                   help="explicit weights w1,w2,... oldest first (method 'weighted')")
+    m.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="use --weights as given instead of normalising them to sum 1")
+    m.add_argument("--last", type=int, default=None, help="merge the newest N checkpoints")
+    m.add_argument("--interval", type=int, default=None, help="iterations between merged checkpoints")
+    m.add_argument("--iterations", type=_int_list, default=None, help="exact iterations a,b,c to merge")
+    m.add_argument("--format", default="auto", choices=["auto", *available_formats()],
+                   help="checkpoint format (default: detect)")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    m.add_argument("--optimizer", default="drop", choices=["drop", "latest"],
+                   help="drop: weights only (default); latest: copy the newest checkpoint's optimizer, "
+                        "scheduler and RNG state unchanged")
+    m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    m.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
+                   help="process-group backend for the metadata exchange (default: gloo)")
+    m.add_argument("--timeout-minutes", type=float, default=180.0,
+                   help="how long a rank waits for the others at a collective step (default: 180)")
+    m.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local_rank is not None:  # the deepspeed launcher passes --local_rank instead of the env var
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        options = MergeOptions(
+            sources=args.sources, out=args.out, method=args.method, alpha=args.alpha, weights=args.weights,
+            normalize=args.normalize, last=args.last, interval=args.interval, iterations=args.iterations,
+            format=args.format, device=args.device, optimizer=args.optimizer, dry_run=args.dry_run,
+            overwrite=args.overwrite, quiet=args.quiet, backend=args.backend,
+            timeout_minutes=args.timeout_minutes)
+    except ValueError as exc:
+        print(f"pmm-dist: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    is_coordinator = _is_coordinator()
+    try:
+        result = merge(options)
+    except MergeError as exc:
+        if is_coordinator:
+            print(f"pmm-dist: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    if is_coordinator and not options.quiet and not options.dry_run:
+        print(format_summary(result), flush=True)
+    return EXIT_OK
+
+
+def _is_coordinator() -> bool:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return True

@@ -1,0 +1,333 @@
+"""The merge engine: plan on the coordinator, check and merge rank-locally, commit last.
+
+    merge(MergeOptions(...)) -> MergeResult
+
+Collective steps, each through the exception-robust helper (no rank hangs if another fails):
+  1. (coordinator) discover, select, weigh, validate the file layout, assign units -> broadcast
+  2. (every rank)  check its units in every source (keys, shapes, dtypes) -> gathered verdicts
+  3. (coordinator) prepare the staging directory
+  4. (every rank)  merge its units into the staging directory -> gathered results
+  5. (coordinator) move the staged checkpoint into place, write the manifest, then the tracker
+Only plans, verdicts and results cross ranks; tensor data never does.
+"""
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import __version__
+from .atomic import remove_tree_quietly, write_json_atomically
+from .collective import Collective
+from .errors import InputError, MergeError
+from .formats import CheckpointRef, MergeContext, resolve_format
+from .methods import get_method
+from .planner import WorkUnit, assign_units
+from .report import format_plan, peak_rss_bytes, progress_bar
+from .selection import select_iterations
+
+MANIFEST = "pmm_manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+STAGING = ".pmm_staging"
+OPTIMIZER_POLICIES = ("drop", "latest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeOptions:
+    """Everything a merge needs; the CLI builds one of these from its flags."""
+    sources: Sequence[str]
+    """One run directory (tracker + checkpoint dirs) or several checkpoint directories."""
+    out: str
+    """Output root: receives the tracker, one checkpoint directory and pmm_manifest.json."""
+    method: str = "sma"
+    """sma | wma | ema | weighted (see pmm_dist.methods)."""
+    alpha: Optional[float] = None
+    """EMA rate (default 0.2)."""
+    weights: Optional[Sequence[float]] = None
+    """Explicit weights for method 'weighted', oldest checkpoint first."""
+    normalize: bool = True
+    """Normalise explicit weights to sum 1."""
+    last: Optional[int] = None
+    interval: Optional[int] = None
+    iterations: Optional[Sequence[int]] = None
+    format: str = "auto"
+    device: Optional[str] = None
+    """cpu | cuda; default cuda when available."""
+    optimizer: str = "drop"
+    """drop: weights only. latest: newest checkpoint's optimizer, scheduler and RNG state."""
+    dry_run: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    backend: str = "gloo"
+    """Process-group backend for the metadata exchange (gloo suffices: no tensors cross ranks)."""
+    timeout_minutes: float = 180.0
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("no sources given: pass a run directory or checkpoint directories")
+        if not self.out:
+            raise ValueError("--out is required")
+        if self.optimizer not in OPTIMIZER_POLICIES:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_POLICIES)}, got {self.optimizer!r}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but no CUDA device is available")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"--backend must be gloo or nccl, got {self.backend!r}")
+        get_method(self.method)  # unknown names fail here, listing the valid ones
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The coordinator's plan; small, picklable, broadcast to every rank."""
+    format_name: str
+    method: str
+    method_options: Dict[str, object]
+    checkpoints: List[CheckpointRef]
+    weights: List[float]
+    layout: Dict[str, object]
+    units: List[WorkUnit]
+    shares: List[List[WorkUnit]]
+    out: str
+    output_dirname: str
+    optimizer_policy: str
+
+
+@dataclass
+class MergeResult:
+    plan: MergePlan
+    dry_run: bool
+    world_size: int
+    device: str
+    output_path: Optional[str] = None
+    manifest_path: Optional[str] = None
+    files: List[dict] = field(default_factory=list)
+    num_bytes_read: int = 0
+    num_bytes_written: int = 0
+    num_tensors_merged: int = 0
+    peak_rss_by_rank: List[int] = field(default_factory=list)
+    metadata_bytes_exchanged: int = 0
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def read_gbps(self) -> float:
+        return self.num_bytes_read / max(self.timings.get("merge", 0.0), 1e-9) / 1e9
+
+    @property
+    def write_gbps(self) -> float:
+        return self.num_bytes_written / max(self.timings.get("merge", 0.0), 1e-9) / 1e9
+
+
+def merge(options: Optional[MergeOptions] = None, **kwargs) -> MergeResult:
+    """Merge checkpoints as ``options`` (or keyword arguments for MergeOptions) say.
+
+    Call it on every rank of a job (torchrun, deepspeed, mpiexec) or in one process. Every rank
+    returns the same result, or raises the same MergeError naming each failing rank's problem.
+    """
+    options = options or MergeOptions(**kwargs)
+    collective = Collective(backend=options.backend, timeout_minutes=options.timeout_minutes)
+    try:
+        return _run(options, collective)
+    finally:
+        collective.close()
+
+
+def _run(options: MergeOptions, collective: Collective) -> MergeResult:
+    timings: Dict[str, float] = {}
+    started = time.perf_counter()
+    plan: MergePlan = collective.coordinator_step(lambda: build_plan(options, collective.world_size))
+    timings["plan"] = time.perf_counter() - started
+
+    fmt = resolve_format(plan.format_name, options.sources)
+    my_units = plan.shares[collective.rank]
+    tick = time.perf_counter()
+    verdicts = collective.step(lambda: [p for unit in my_units for p in fmt.check_unit(unit, plan.checkpoints)])
+    problems = [p for rank_problems in verdicts for p in rank_problems]
+    if problems:
+        raise InputError(problems)
+    timings["validate"] = time.perf_counter() - tick
+    device = _choose_device(options.device, collective.local_rank)
+    result = MergeResult(plan=plan, dry_run=options.dry_run, world_size=collective.world_size, device=str(device))
+    if options.dry_run:
+        if collective.is_coordinator and not options.quiet:
+            print(format_plan(plan), flush=True)
+        timings["total"] = time.perf_counter() - started
+        result.timings = timings
+        return result
+
+    staging_root = os.path.join(plan.out, STAGING)
+    staging = os.path.join(staging_root, plan.output_dirname)
+    try:
+        collective.coordinator_step(lambda: _prepare_staging(staging_root, staging))
+        tick = time.perf_counter()
+        outcomes = collective.step(lambda: _merge_share(fmt, plan, my_units, staging, device,
+                                                        show_progress=collective.is_coordinator and not options.quiet))
+        timings["merge"] = time.perf_counter() - tick
+        result.files = sorted((f for outcome in outcomes for f in outcome["files"]), key=lambda f: f["path"])
+        result.num_bytes_read = sum(o["bytes_read"] for o in outcomes)
+        result.num_bytes_written = sum(f["bytes"] for f in result.files)
+        result.num_tensors_merged = sum(o["tensors"] for o in outcomes)
+        result.peak_rss_by_rank = [o["peak_rss"] for o in outcomes]
+        result.metadata_bytes_exchanged = collective.total_bytes_exchanged()
+        tick = time.perf_counter()
+        result.timings = timings
+        paths = collective.coordinator_step(lambda: _commit(fmt, plan, options, result, staging_root, staging,
+                                                            started, tick))
+    except BaseException:
+        if collective.is_coordinator:
+            remove_tree_quietly(staging_root)  # nothing staged is ever loadable; do not leave it behind
+        raise
+    result.output_path, result.manifest_path = paths
+    timings["commit"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+def build_plan(options: MergeOptions, world_size: int) -> MergePlan:
+    """Coordinator: discovery, selection, weights, layout validation and the unit assignment."""
+    for src in options.sources:
+        if not os.path.exists(src):
+            raise InputError(f"{src}: no such file or directory")
+    fmt = resolve_format(options.format, options.sources)
+    available = fmt.discover(options.sources)
+    where = options.sources[0] if len(options.sources) == 1 else f"the {len(options.sources)} given checkpoints"
+    try:
+        selected = set(select_iterations([c.iteration for c in available], last=options.last,
+                                         interval=options.interval, iterations=options.iterations, where=where))
+        method = get_method(options.method)
+        method_options = {"alpha": options.alpha, "weights": options.weights,
+                          "normalize": None if options.normalize else False}
+        checkpoints = [c for c in available if c.iteration in selected]
+        weights = method.weights(len(checkpoints), **method_options)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    _check_output(options, checkpoints)
+    units = fmt.plan_units(checkpoints, options.optimizer)
+    if options.method == "ema" and options.alpha is None:
+        method_options["alpha"] = 0.2
+    return MergePlan(format_name=fmt.name, method=options.method,
+                     method_options={k: v for k, v in method_options.items() if v is not None},
+                     checkpoints=checkpoints, weights=weights, layout=fmt.layout(checkpoints), units=units,
+                     shares=assign_units(units, world_size), out=os.path.abspath(options.out),
+                     output_dirname=fmt.output_dirname(checkpoints[-1]), optimizer_policy=options.optimizer)
+
+
+def _check_output(options: MergeOptions, checkpoints: Sequence[CheckpointRef]) -> None:
+    out = os.path.realpath(options.out)
+    inputs = {os.path.realpath(p) for p in options.sources} | {os.path.realpath(c.path) for c in checkpoints}
+    for path in sorted(inputs):
+        if out == path or _is_within(out, path) or _is_within(path, out):
+            raise MergeError(f"--out {options.out} overlaps the input {path}; the output may never be "
+                             "(inside) an input, nor contain one")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise MergeError(f"--out {options.out} exists and is not a directory")
+        leftovers = [e for e in os.listdir(out) if e != STAGING]
+        if leftovers and not options.overwrite:
+            raise MergeError(f"--out {options.out} already exists and is not empty "
+                             f"(holds {', '.join(sorted(leftovers)[:3])}); pass --overwrite to replace it")
+
+
+def _is_within(path: str, parent: str) -> bool:
+    return os.path.commonpath([path, parent]) == parent and path != parent
+
+
+def _choose_device(requested: Optional[str], local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if requested and ":" in requested:
+        return torch.device(requested)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def _prepare_staging(staging_root: str, staging: str) -> None:
+    remove_tree_quietly(staging_root)  # a crashed earlier attempt's partial files
+    os.makedirs(staging, exist_ok=True)
+
+
+def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: str, device: torch.device,
+                 show_progress: bool) -> dict:
+    num_sources = len(plan.checkpoints)
+    planned = [u.num_bytes * (num_sources if u.action == "merge" else 1) for u in units]
+    bar = progress_bar(sum(planned), enabled=show_progress,
+                       description=f"merging (rank 0 of {len(plan.shares)})")
+    files, num_read, num_tensors = [], 0, 0
+    try:
+        for unit, budget in zip(units, planned):
+            shown = [0]
+
+            def advance(num_bytes, shown=shown, budget=budget):
+                # Progress in planned bytes: a file's tensors are only part of its size.
+                step = min(num_bytes, budget - shown[0])
+                if bar is not None and step > 0:
+                    bar.update(step)
+                shown[0] += step
+
+            context = MergeContext(weights=plan.weights, device=device,
+                                   optimizer_policy=plan.optimizer_policy, on_progress=advance)
+            outcome = fmt.merge_unit(unit, plan.checkpoints, staging, context)
+            advance(budget)
+            files.append({"path": f"{plan.output_dirname}/{outcome.relpath}", "bytes": outcome.num_bytes_written,
+                          "sha256": outcome.sha256})
+            num_read += outcome.num_bytes_read
+            num_tensors += outcome.num_tensors_merged
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"files": files, "bytes_read": num_read, "tensors": num_tensors, "peak_rss": peak_rss_bytes()}
+
+
+def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, staging_root: str,
+            staging: str, started: float, commit_started: float):
+    out = plan.out
+    if options.overwrite:
+        _clear_previous_output(out, fmt.tracker_relpath())
+    final = os.path.join(out, plan.output_dirname)
+    os.replace(staging, final)
+    remove_tree_quietly(staging_root)
+    timings = dict(result.timings, commit=time.perf_counter() - commit_started,
+                   total=time.perf_counter() - started)
+    manifest = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "pmm_dist_version": __version__,
+        "created_unix": time.time(),
+        "format": plan.format_name,
+        "method": plan.method,
+        "method_options": plan.method_options,
+        "weights": plan.weights,
+        "sources": [{"iteration": c.iteration, "path": c.path} for c in plan.checkpoints],
+        "optimizer": options.optimizer,
+        "layout": plan.layout,
+        "output_checkpoint": plan.output_dirname,
+        "tracker": fmt.tracker_relpath(),
+        "files": result.files,
+        "world_size": result.world_size,
+        "device": result.device,
+        "bytes_read": result.num_bytes_read,
+        "bytes_written": result.num_bytes_written,
+        "tensors_merged": result.num_tensors_merged,
+        "metadata_bytes_exchanged": result.metadata_bytes_exchanged,
+        "peak_rss_bytes_by_rank": result.peak_rss_by_rank,
+        "timings_s": {k: round(v, 6) for k, v in timings.items()},
+    }
+    manifest_path = os.path.join(out, MANIFEST)
+    write_json_atomically(manifest_path, manifest)
+    fmt.write_tracker(out, plan.checkpoints[-1])  # last: from now on the output is loadable
+    return final, manifest_path
+
+
+def _clear_previous_output(out: str, tracker_relpath: str) -> None:
+    """--overwrite: invalidate the old output first (tracker), then remove the rest of it."""
+    tracker = os.path.join(out, tracker_relpath)
+    if os.path.exists(tracker):
+        os.remove(tracker)
+    for entry in os.listdir(out):
+        if entry == STAGING:
+            continue
+        path = os.path.join(out, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            remove_tree_quietly(path)
+        else:
+            os.remove(path)

@@ -1,0 +1,32 @@
+"""Registered checkpoint formats and format detection."""
+from typing import Dict, List, Sequence, Type
+
+from ..errors import MergeError
+from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
+from .megatron import MegatronLegacyFormat
+
+FORMATS: Dict[str, Type[CheckpointFormat]] = {
+    MegatronLegacyFormat.name: MegatronLegacyFormat,
+}
+
+
+def available_formats() -> List[str]:
+    return list(FORMATS)
+
+
+def resolve_format(name: str, sources: Sequence[str]) -> CheckpointFormat:
+    """The named format, or with ``auto`` the one format that recognises every source."""
+    if name != "auto":
+        if name not in FORMATS:
+            raise MergeError(f"unknown format {name!r}; choose one of: auto, {', '.join(FORMATS)}")
+        return FORMATS[name]()
+    for fmt in FORMATS.values():
+        if all(fmt.recognizes(src) for src in sources):
+            return fmt()
+    raise MergeError(f"could not detect the checkpoint format of {', '.join(sources)}; tried: "
+                     f"{', '.join(f'{n} ({f.description})' for n, f in FORMATS.items())}. "
+                     "Pass --format explicitly, or check the path.")
+
+
+__all__ = ["CheckpointFormat", "CheckpointRef", "MergeContext", "UnitResult", "FORMATS",
+           "available_formats", "resolve_format"]

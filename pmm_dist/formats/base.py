@@ -1,0 +1,87 @@
+"""The format plug-in interface.
+
+A format knows how to find the checkpoints of a run, which files make up one checkpoint,
+how to check and merge one file, and how to mark an output as loadable (its tracker). The
+engine calls these in this order and never branches on a format's name:
+
+    (coordinator) discover -> plan_units          # metadata only
+    (every rank)  check_unit for its own units    # verdicts gathered before anything is written
+    (every rank)  merge_unit for its own units    # into the staging directory
+    (coordinator) write_tracker                   # last, after the manifest
+"""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, List, Sequence
+
+import torch
+
+from ..planner import WorkUnit
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One source checkpoint: its iteration (the merge order) and its directory."""
+    iteration: int
+    path: str
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What a format needs to merge a unit, beyond the unit itself."""
+    weights: Sequence[float]          # one per checkpoint, oldest first
+    device: torch.device
+    optimizer_policy: str             # "drop" | "latest"
+    on_progress: Callable[[int], None] = field(default=lambda num_bytes: None)
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    relpath: str
+    num_bytes_written: int
+    num_bytes_read: int
+    sha256: str
+    num_tensors_merged: int
+
+
+class CheckpointFormat(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def recognizes(cls, path: str) -> bool:
+        """True if ``path`` (a run directory or one checkpoint directory) is in this format."""
+
+    @abstractmethod
+    def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
+        """All usable checkpoints in ``sources``, oldest first (a run dir, or checkpoint dirs)."""
+
+    @abstractmethod
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str) -> List[WorkUnit]:
+        """Validate the file layout of every checkpoint against the newest and list the output
+        files as work units. Raises InputError naming every missing or unexpected file."""
+
+    @abstractmethod
+    def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
+        """A short description of the parallel layout (for plans, manifests, inspect)."""
+
+    @abstractmethod
+    def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
+        """Problems (each naming file and key) that would make merging ``unit`` wrong."""
+
+    @abstractmethod
+    def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
+                   context: MergeContext) -> UnitResult:
+        """Write the merged (or copied) ``unit`` atomically to ``destination``."""
+
+    @abstractmethod
+    def output_dirname(self, newest: CheckpointRef) -> str:
+        """Name of the output checkpoint directory, relative to the output root."""
+
+    @abstractmethod
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+        """Write the file that makes the output loadable (atomically); returns its relpath."""
+
+    @abstractmethod
+    def tracker_relpath(self) -> str:
+        """The tracker's path relative to the output root (removed first on --overwrite)."""

@@ -1,0 +1,66 @@
+"""What the user sees: a progress bar on rank 0, resource figures, and the closing summary."""
+import resource
+import sys
+from typing import Optional
+
+from tqdm import tqdm
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage * 1024 if sys.platform != "darwin" else usage
+
+
+def progress_bar(total_bytes: int, *, enabled: bool, description: str) -> Optional[tqdm]:
+    if not enabled:
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
+                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+
+def human_bytes(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num) < 1024 or unit == "TiB":
+            return f"{num:.1f} {unit}" if unit != "B" else f"{int(num)} B"
+        num /= 1024
+    return f"{num:.1f} TiB"
+
+
+def format_summary(result) -> str:
+    """The closing summary printed by the CLI (rank 0)."""
+    plan = result.plan
+    lines = [
+        f"pmm_dist {plan.method} merge of {len(plan.checkpoints)} {plan.format_name} checkpoints "
+        f"(iterations {', '.join(str(c.iteration) for c in plan.checkpoints)})",
+        f"  weights (oldest first): {', '.join(f'{w:.6g}' for w in plan.weights)}",
+        f"  layout: {', '.join(f'{k}={v}' for k, v in plan.layout.items())}",
+        f"  world size: {result.world_size}, device: {result.device}",
+        f"  files written: {len(result.files)} ({result.num_tensors_merged} tensors merged)",
+        f"  bytes read: {human_bytes(result.num_bytes_read)}, written: {human_bytes(result.num_bytes_written)}",
+        f"  time: {result.timings['total']:.2f} s (merge {result.timings['merge']:.2f} s), "
+        f"throughput: {result.read_gbps:.3f} GB/s read, {result.write_gbps:.3f} GB/s written",
+        "  peak RSS per rank: " + ", ".join(human_bytes(b) for b in result.peak_rss_by_rank),
+        f"  metadata exchanged between ranks: {human_bytes(result.metadata_bytes_exchanged)}",
+        f"  output: {result.output_path}",
+    ]
+    return "\n".join(lines)
+
+
+def format_plan(plan) -> str:
+    """The --dry-run report: what would be read, merged and written, and by which rank."""
+    lines = [f"plan: {plan.method} merge of {len(plan.checkpoints)} {plan.format_name} checkpoints -> {plan.out}",
+             f"  layout: {', '.join(f'{k}={v}' for k, v in plan.layout.items())}",
+             "  checkpoints (oldest first) and weights:"]
+    lines += [f"    {ckpt.iteration:>10}  w={w:.6g}  {ckpt.path}" for ckpt, w in zip(plan.checkpoints, plan.weights)]
+    lines.append(f"  weights sum: {sum(plan.weights):.6g}")
+    for rank, share in enumerate(plan.shares):
+        num_bytes = sum(u.num_bytes for u in share)
+        lines.append(f"  rank {rank}: {len(share)} files, {human_bytes(num_bytes)} to write, "
+                     f"~{human_bytes(num_bytes * len(plan.checkpoints))} to read")
+        lines += [f"      {u.action:5} {u.relpath} ({human_bytes(u.num_bytes)})" for u in share[:8]]
+        if len(share) > 8:
+            lines.append(f"      ... {len(share) - 8} more")
+    total = sum(u.num_bytes for u in plan.units)
+    lines.append(f"  total: {len(plan.units)} files, {human_bytes(total)} to write; nothing written (--dry-run)")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Loading checkpoints without executing code from them.
+
+``torch.load(weights_only=True)`` only rebuilds tensors, containers and primitive types; every
+other class a checkpoint references must be on an explicit allow-list. Ours mirrors what
+Megatron and DeepSpeed themselves allow (argparse Namespace, numpy RNG state, BytesIO extra
+state, ...). Classes of the training frameworks (Megatron enums in saved args, DeepSpeed's
+loss-scaler) are allowed only by their exact names and only when that framework is installed,
+so the objects can be saved again under their own names.
+"""
+import argparse
+import collections
+import io
+import pathlib
+import re
+import signal
+import types
+from typing import Any, List
+
+import torch
+
+from .errors import InputError
+
+_FRAMEWORK_SAFE_GLOBALS = {
+    # module path prefix -> callable returning the framework's own allow-list
+    "megatron.": lambda: __import__("megatron.core.safe_globals", fromlist=["SAFE_GLOBALS"]).SAFE_GLOBALS,
+    "deepspeed.": lambda: _deepspeed_safe_globals(),
+}
+_loaded_frameworks: set = set()
+
+
+def _numpy_safe_globals() -> List[Any]:
+    import numpy as np
+    allowed = [np.ndarray, np.dtype]
+    try:  # numpy >= 2 moved the pickle reconstructor to numpy._core; old pickles use numpy.core
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    allowed += [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct")]
+    allowed += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return allowed
+
+
+def _deepspeed_safe_globals() -> List[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def base_safe_globals() -> List[Any]:
+    return [argparse.Namespace, types.SimpleNamespace, io.BytesIO, pathlib.PosixPath, signal.Signals,
+            collections.OrderedDict, *_numpy_safe_globals()]
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global|Unsupported global: GLOBAL ([\w.]+)")
+
+
+def safe_load(path, *, mmap: bool = True, map_location="cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` and the allow-list; errors name the file.
+
+    ``mmap=True`` maps tensor storages from the file instead of reading them: loading costs only
+    the pickle, and tensor bytes are read when (and if) they are used.
+    """
+    for _ in range(len(_FRAMEWORK_SAFE_GLOBALS) + 1):
+        try:
+            with torch.serialization.safe_globals(base_safe_globals() + _framework_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except FileNotFoundError:
+            raise InputError(f"{path}: file not found") from None
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            match = _UNSAFE_GLOBAL.search(str(exc))
+            name = (match.group(1) or match.group(2)) if match else None
+            if name and _enable_framework(name):
+                continue
+            if name:
+                raise InputError(f"{path}: refuses to load: the checkpoint references {name}, which is not "
+                                 "on pmm_dist's allow-list of safe classes (loading it could run code)") from None
+            raise InputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
+                             "is the file truncated or corrupt?") from None
+    raise InputError(f"{path}: cannot read checkpoint: unresolved classes")
+
+
+def _framework_globals() -> List[Any]:
+    allowed: List[Any] = []
+    for prefix in _loaded_frameworks:
+        allowed += _FRAMEWORK_SAFE_GLOBALS[prefix]()
+    return allowed
+
+
+def _enable_framework(global_name: str) -> bool:
+    for prefix in _FRAMEWORK_SAFE_GLOBALS:
+        if global_name.startswith(prefix) and prefix not in _loaded_frameworks:
+            try:
+                _FRAMEWORK_SAFE_GLOBALS[prefix]()
+            except ImportError:
+                return False
+            _loaded_frameworks.add(prefix)
+            return True
+    return False
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,186 @@
+"""Generate a synthetic Megatron-LM legacy training run, for demos, tests and benchmarks.
+
+The files have what real Megatron-LM checkpoints (--ckpt-format torch) have: TP/PP/EP shard
+directories named as Megatron names them, virtual-pipeline chunks (model0, model1, ...),
+SwiGLU fc1 holding [gate; up] per TP rank, MoE local experts, an fp32 router next to bf16
+weights, Transformer Engine ``_extra_state`` entries, the argparse ``args``, optimizer and
+scheduler state and an RNG state holding numpy arrays. Weights drift slowly between
+checkpoints as in a real run, so the checkpoints of one run are close to one another.
+
+    python -m pmm_dist.synthetic RUN --tp 2 --pp 2 --ep 2 --iterations 100,200,300,400
+"""
+import argparse
+import io
+import os
+import random
+import zlib
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from .formats.megatron import MODEL_FILE, TRACKER, shard_dirname
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def _tensor(shape, dtype, *parts, scale=0.02) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(_seed(*parts))
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(dtype)
+
+
+def layer_tensors(cfg, tp_rank: int, ep_rank: int) -> Dict[str, tuple]:
+    """name -> (shape, dtype) of one transformer layer's parameters on one TP/EP rank."""
+    h, tp, ffn, dtype = cfg.hidden_size, cfg.tp, cfg.ffn_hidden_size, cfg.dtype
+    spec = {
+        "self_attention.linear_qkv.layer_norm_weight": ((h,), dtype),
+        "self_attention.linear_qkv.weight": ((3 * h // tp, h), dtype),  # column-parallel: dim 0
+        "self_attention.linear_qkv.bias": ((3 * h // tp,), dtype),
+        "self_attention.linear_proj.weight": ((h, h // tp), dtype),  # row-parallel: dim 1
+        "self_attention.linear_proj.bias": ((h,), dtype),
+        "pre_mlp_layernorm.weight": ((h,), dtype),
+    }
+    if cfg.num_experts:
+        spec["mlp.router.weight"] = ((cfg.num_experts, h), torch.float32)  # replicated, kept in fp32
+        for j in range(cfg.num_experts // cfg.ep):
+            spec[f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = ((2 * ffn // tp, h), dtype)  # [gate; up]
+            spec[f"mlp.experts.local_experts.{j}.linear_fc2.weight"] = ((h, ffn // tp), dtype)
+    else:
+        spec["mlp.linear_fc1.weight"] = ((2 * ffn // tp, h), dtype)
+        spec["mlp.linear_fc2.weight"] = ((h, ffn // tp), dtype)
+    return spec
+
+
+def model_chunk(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int) -> Dict[str, object]:
+    """The state dict of one virtual-pipeline chunk of one shard at one iteration."""
+    layers_per_chunk = cfg.num_layers // (cfg.pp * cfg.vp)
+    first_layer = (chunk * cfg.pp + pp_rank) * layers_per_chunk  # Megatron's interleaved assignment
+    is_first = pp_rank == 0 and chunk == 0
+    is_last = pp_rank == cfg.pp - 1 and chunk == cfg.vp - 1
+    state: Dict[str, object] = {}
+
+    def put(name, shape, dtype, *owner):
+        base = _tensor(shape, torch.float32, "base", name, *owner)
+        drift = _tensor(shape, torch.float32, "drift", name, *owner, scale=0.002)
+        noise = _tensor(shape, torch.float32, "noise", name, *owner, iteration, scale=0.0005)
+        state[name] = (base + drift * (iteration / cfg.interval) + noise).to(dtype)
+
+    vocab = cfg.padded_vocab_size
+    if is_first:
+        put("embedding.word_embeddings.weight", (vocab // cfg.tp, cfg.hidden_size), cfg.dtype, tp_rank)
+    for local in range(layers_per_chunk):
+        global_layer = first_layer + local
+        for name, (shape, dtype) in layer_tensors(cfg, tp_rank, ep_rank).items():
+            expert_owner = ep_rank if ".experts." in name else "all"
+            put(f"decoder.layers.{local}.{name}", shape, dtype, global_layer, tp_rank, expert_owner)
+        for module in ("self_attention.linear_qkv", "self_attention.linear_proj"):
+            # TE keeps FP8 metadata as an opaque extra state: never a weight, never averaged.
+            state[f"decoder.layers.{local}.{module}._extra_state"] = io.BytesIO(f"te-{iteration}".encode())
+    if is_last:
+        put("decoder.final_layernorm.weight", (cfg.hidden_size,), cfg.dtype, "final")
+        put("output_layer.weight", (vocab // cfg.tp, cfg.hidden_size), cfg.dtype, "out", tp_rank)
+    state["decoder.layers.0.self_attention.core_attention._extra_state"] = None
+    state["rotary_pos_emb.inv_freq_step"] = torch.tensor([iteration], dtype=torch.int64)  # integer: newest wins
+    return state
+
+
+def saved_args(cfg) -> argparse.Namespace:
+    return argparse.Namespace(
+        tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
+        expert_model_parallel_size=cfg.ep, virtual_pipeline_model_parallel_size=cfg.vp if cfg.vp > 1 else None,
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=4, num_experts=cfg.num_experts or None, swiglu=True, bf16=cfg.dtype == torch.bfloat16,
+        padded_vocab_size=cfg.padded_vocab_size, save_interval=cfg.interval, ckpt_format="torch",
+        use_distributed_optimizer=cfg.distrib_optim, seed=1234)
+
+
+def shard_state(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int) -> Dict[str, object]:
+    models = {f"model{c}" if cfg.vp > 1 else "model": model_chunk(cfg, iteration, tp_rank, pp_rank, ep_rank, c)
+              for c in range(cfg.vp)}
+    fp32_params = [t.float() for m in models.values() for t in m.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    rng = random.Random(iteration)
+    np_state = np.random.RandomState(iteration).get_state()
+    return {
+        "args": saved_args(cfg),
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+        **models,
+        "optimizer": {
+            "optimizer": {"state": {i: {"exp_avg": p * 0.1, "exp_avg_sq": p * p, "step": torch.tensor(float(iteration))}
+                                    for i, p in enumerate(fp32_params)},
+                          "param_groups": [{"lr": 3e-4, "params": list(range(len(fp32_params)))}]},
+            "fp32_from_fp16_params": [fp32_params],
+        } if not cfg.distrib_optim else {"param_groups": [{"lr": 3e-4}]},
+        "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": iteration * 8, "decay_style": "constant"},
+        "rng_state": [{"random_rng_state": rng.getstate(), "np_rng_state": np_state,
+                       "torch_rng_state": torch.manual_seed(iteration).get_state(), "rng_tracker_states": {}}],
+        "num_floating_point_operations_so_far": float(iteration) * 1e12,
+    }
+
+
+def generate_run(run_dir: str, *, iterations: Sequence[int], tp: int = 2, pp: int = 2, ep: int = 2, vp: int = 1,
+                 num_layers: int = 4, hidden_size: int = 64, ffn_hidden_size: int = 128, num_experts: int = 4,
+                 vocab_size: int = 256, dtype: torch.dtype = torch.bfloat16, distrib_optim: bool = False) -> List[str]:
+    """Write a run directory with one checkpoint per iteration; returns the checkpoint dirs."""
+    if num_layers % (pp * vp):
+        raise ValueError(f"num_layers {num_layers} must divide by PP*VP = {pp * vp}")
+    if num_experts and num_experts % ep:
+        raise ValueError(f"num_experts {num_experts} must divide by EP {ep}")
+    iterations = sorted(iterations)
+    cfg = argparse.Namespace(tp=tp, pp=pp, ep=ep, vp=vp, num_layers=num_layers, hidden_size=hidden_size,
+                             ffn_hidden_size=ffn_hidden_size, num_experts=num_experts, dtype=dtype,
+                             padded_vocab_size=vocab_size, distrib_optim=distrib_optim,
+                             interval=(iterations[1] - iterations[0]) if len(iterations) > 1 else 1)
+    ckpt_dirs = []
+    for iteration in iterations:
+        ckpt_dir = os.path.join(run_dir, f"iter_{iteration:07d}")
+        for t in range(tp):
+            for p in range(pp):
+                for e in range(ep):
+                    shard = os.path.join(ckpt_dir, shard_dirname(t, p, e, pp, ep))
+                    os.makedirs(shard, exist_ok=True)
+                    torch.save(shard_state(cfg, iteration, t, p, e), os.path.join(shard, MODEL_FILE))
+                    if distrib_optim:
+                        torch.save({"buckets_coalesced": True, 0: {(torch.bfloat16, torch.float32): {
+                            "param": _tensor((1024,), torch.float32, "dopt", iteration, t, p, e),
+                            "numel_unpadded": 1000}}}, os.path.join(shard, "distrib_optim.pt"))
+        ckpt_dirs.append(ckpt_dir)
+    with open(os.path.join(run_dir, TRACKER), "w") as f:  # last, as Megatron does
+        f.write(str(iterations[-1]))
+    return ckpt_dirs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pmm_dist.synthetic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--iterations", default="1000,2000,3000,4000,5000,6000",
+                        help="checkpoint iterations, comma separated")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--ep", type=int, default=2)
+    parser.add_argument("--vp", type=int, default=1, help="virtual pipeline chunks per stage (model0, model1, ...)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--ffn", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=4, help="0 for a dense MLP")
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--distrib-optim", action="store_true", help="also write distrib_optim.pt files")
+    args = parser.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dirs = generate_run(args.run_dir, iterations=[int(x) for x in args.iterations.split(",")], tp=args.tp,
+                        pp=args.pp, ep=args.ep, vp=args.vp, num_layers=args.layers, hidden_size=args.hidden,
+                        ffn_hidden_size=args.ffn, num_experts=args.experts, vocab_size=args.vocab, dtype=dtype,
+                        distrib_optim=args.distrib_optim)
+    size = sum(os.path.getsize(os.path.join(d, f)) for c in dirs for d, _, fs in os.walk(c) for f in fs)
+    print(f"wrote {len(dirs)} checkpoints (TP={args.tp} PP={args.pp} EP={args.ep} VP={args.vp}) "
+          f"to {args.run_dir}, {size / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
