@@ -1,8 +1,8 @@
 """The arithmetic: a weighted sum of N same-shaped tensors, accumulated wide, cast once.
 
-Tensor-major streaming: one accumulator per tensor, the N sources read one after another
-(memory-mapped, so each source tensor is paged in when it is added and released after),
-so memory does not grow with N.
+Tensor-major streaming: one small accumulator block at a time, the N sources' matching blocks
+added into it one after another (memory-mapped, paged in when added and released after), so
+memory does not grow with N.
 """
 import ctypes
 import ctypes.util
@@ -21,10 +21,10 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
     _madvise = None
 
 
-def accumulator_dtype(stored: torch.dtype) -> torch.dtype:
-    """fp32 for 16-bit weights; fp64 for fp32 (and wider) weights, so that the sum of N fp32
-    values is correctly rounded once instead of carrying N fp32 rounding errors."""
-    return torch.float64 if stored.itemsize >= 4 else torch.float32
+# Elements per block: the float64 accumulator of one block (8 MiB) stays in cache while all N
+# sources are added into it, so accumulator traffic never reaches memory.
+BLOCK_ELEMENTS = 1 << 20
+ACCUMULATOR_DTYPE = torch.float64
 
 
 def is_mergeable(value) -> bool:
@@ -34,23 +34,37 @@ def is_mergeable(value) -> bool:
 
 def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], device: torch.device,
                  *, sources_are_mapped: bool = False) -> torch.Tensor:
-    """``sum_i weights[i] * sources[i]`` in a wide accumulator, returned on CPU in the stored dtype.
+    """``sum_i weights[i] * sources[i]``, returned on CPU in the newest source's dtype.
 
-    ``sources_are_mapped``: the sources come from ``torch.load(mmap=True)``; their pages are
-    dropped from this process after use (see ``release_pages``)."""
+    Accumulates in float64, block by block, and rounds once to the stored dtype. fp32
+    accumulation would be enough for most elements, but where the N weighted values cancel
+    (an element crossing zero between checkpoints) its error exceeds one ulp of the small
+    result; in float64 the result is the correctly rounded weighted sum in practice.
+    ``sources_are_mapped``: the sources come from ``torch.load(mmap=True)`` and each block's
+    pages are dropped from this process once added (see ``release_pages``).
+    """
     assert len(sources) == len(weights) and sources
     stored = sources[-1].dtype
-    acc = torch.empty(sources[0].shape, dtype=accumulator_dtype(stored), device=device)
-    for index, (source, weight) in enumerate(zip(sources, weights)):
-        src = source if device.type == "cpu" else source.to(device, non_blocking=True)
-        if index == 0:
-            acc.copy_(src)  # upcast first, then scale in the wide type
-            acc.mul_(weight)
-        else:
-            acc.add_(src, alpha=weight)  # mixed dtype add_: the source is upcast inside the kernel
-        if sources_are_mapped:
-            release_pages(source)
-    return acc.to(stored).cpu() if device.type != "cpu" else acc.to(stored)
+    flat_sources = [s.reshape(-1) for s in sources]
+    numel = flat_sources[0].numel()
+    result = torch.empty(numel, dtype=stored)
+    acc = torch.empty(min(numel, BLOCK_ELEMENTS), dtype=ACCUMULATOR_DTYPE, device=device)
+    for begin in range(0, numel, BLOCK_ELEMENTS):
+        end = min(begin + BLOCK_ELEMENTS, numel)
+        block = acc[: end - begin]
+        for index, (source, weight) in enumerate(zip(flat_sources, weights)):
+            piece = source[begin:end]
+            if device.type != "cpu":
+                piece = piece.to(device, non_blocking=True)
+            if index == 0:
+                block.copy_(piece)  # upcast first, then scale in the wide type
+                block.mul_(weight)
+            else:
+                block.add_(piece, alpha=weight)  # mixed-dtype add_: upcast inside the kernel
+            if sources_are_mapped:
+                release_pages(source[begin:end])
+        result[begin:end].copy_(block)  # the one rounding to the stored dtype
+    return result.view(sources[-1].shape)
 
 
 def release_pages(tensor: torch.Tensor) -> None:

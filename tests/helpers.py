@@ -1,0 +1,74 @@
+"""Test helpers: an independent float64 reference, one-ulp comparison, and CLI runners."""
+import os
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+
+
+def trusted_load(path: str):
+    """Test inputs are our own files: plain torch.load, independent of pmm_dist's loader."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def float64_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights):
+        total += float(weight) * tensor.to(torch.float64)
+    return total
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers at ``values`` (float64 in, float64 out)."""
+    finfo = torch.finfo(dtype)
+    _, exponent = torch.frexp(values.abs().clamp_min(finfo.tiny))
+    return torch.ldexp(torch.ones_like(values), (exponent - 1 - _MANTISSA_BITS[dtype]).to(torch.int64)).to(torch.float64)
+
+
+def assert_merged_within_one_ulp(actual: torch.Tensor, sources: Sequence[torch.Tensor],
+                                 weights: Sequence[float], what: str) -> None:
+    """``actual`` is within one ulp (of its dtype) of the float64 weighted sum of ``sources``.
+
+    Where the weighted values cancel to almost nothing, a float64 sum (the reference's, and the
+    engine's, whose operation order may differ) is only known to within its rounding error
+    e = N * 2^-53 * sum |w_i x_i|; that error is allowed on top of the ulp (it is ~1e-16 of the
+    terms, so it only matters for results that cancel to below that).
+    """
+    reference = float64_reference(sources, weights)
+    assert actual.shape == reference.shape, f"{what}: shape {actual.shape} != {reference.shape}"
+    magnitude = sum(abs(float(w)) * s.to(torch.float64).abs() for s, w in zip(sources, weights))
+    reference_error = 2.0 * len(sources) * 2.0 ** -53 * magnitude
+    err = ((actual.to(torch.float64) - reference).abs() - 2 * reference_error).clamp_min(0)
+    bound = torch.maximum(ulp(reference, actual.dtype), ulp(actual.to(torch.float64), actual.dtype))
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"{what}: {worst:.3f} ulp from the float64 reference (dtype {actual.dtype})"
+
+
+def sma(n): return [1.0 / n] * n
+
+
+def ema(n, alpha):
+    return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
+
+
+def wma(n): return [i / (n * (n + 1) / 2) for i in range(1, n + 1)]
+
+
+def run_cli(args: List[str], *, world_size: int = 1, env: Dict[str, str] = None, timeout: float = 300):
+    """``python -m pmm_dist ...`` or the same under torchrun; returns the CompletedProcess."""
+    if world_size == 1:
+        cmd = [sys.executable, "-m", "pmm_dist", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+               "-m", "pmm_dist", *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def shard_files(ckpt_dir: str) -> List[str]:
+    """Relative paths of every file under a checkpoint directory."""
+    return sorted(os.path.relpath(os.path.join(d, f), ckpt_dir) for d, _, fs in os.walk(ckpt_dir) for f in fs)
