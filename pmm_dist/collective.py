@@ -28,6 +28,25 @@ def _launcher_env():
     return 0, 1, 0
 
 
+def _rendezvous_through_mpi(rank: int) -> None:
+    """Under mpiexec there is no MASTER_ADDR/PORT: rank 0 picks a free port on its host and MPI
+    broadcasts the address, so the torch process group (gloo or NCCL) can start."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise MergeError("several processes but no MASTER_ADDR/MASTER_PORT, and mpi4py is not installed: "
+                         "launch with torchrun or the deepspeed launcher, or pip install mpi4py") from None
+    address = None
+    if rank == 0:
+        import socket
+        host = socket.gethostname()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            address = (socket.gethostbyname(host), sock.getsockname()[1])
+    address = MPI.COMM_WORLD.bcast(address, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
+
+
 class Collective:
     """Rank identity plus the metadata exchanges the engine needs.
 
@@ -46,8 +65,7 @@ class Collective:
         self.rank, self.world_size, self.local_rank = _launcher_env()
         if self.world_size > 1:
             if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-                raise MergeError("several processes but no MASTER_ADDR/MASTER_PORT: launch with torchrun, "
-                                 "the deepspeed launcher, or set them for mpiexec (see launch/mpirun.sh)")
+                _rendezvous_through_mpi(self.rank)
             if backend == "nccl":
                 import torch
                 torch.cuda.set_device(self.local_rank)

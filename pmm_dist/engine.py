@@ -165,21 +165,21 @@ def _run(options: MergeOptions, collective: Collective) -> MergeResult:
         outcomes = collective.step(lambda: _merge_share(fmt, plan, my_units, staging, device,
                                                         show_progress=collective.is_coordinator and not options.quiet))
         timings["merge"] = time.perf_counter() - tick
-        result.files = sorted((f for outcome in outcomes for f in outcome["files"]), key=lambda f: f["path"])
-        result.num_bytes_read = sum(o["bytes_read"] for o in outcomes)
-        result.num_bytes_written = sum(f["bytes"] for f in result.files)
-        result.num_tensors_merged = sum(o["tensors"] for o in outcomes)
+        unit_results = [r for outcome in outcomes for r in outcome["results"]]
+        result.num_bytes_read = sum(r.num_bytes_read for r in unit_results)
+        result.num_tensors_merged = sum(r.num_tensors_merged for r in unit_results)
         result.peak_rss_by_rank = [o["peak_rss"] for o in outcomes]
         result.metadata_bytes_exchanged = collective.total_bytes_exchanged()
         tick = time.perf_counter()
         result.timings = timings
-        paths = collective.coordinator_step(lambda: _commit(fmt, plan, options, result, staging_root, staging,
-                                                            started, tick))
+        paths = collective.coordinator_step(lambda: _commit(fmt, plan, options, result, unit_results,
+                                                            staging_root, staging, started, tick))
     except BaseException:
         if collective.is_coordinator:
             remove_tree_quietly(staging_root)  # nothing staged is ever loadable; do not leave it behind
         raise
-    result.output_path, result.manifest_path = paths
+    result.output_path, result.manifest_path, result.files = paths
+    result.num_bytes_written = sum(f["bytes"] for f in result.files)
     timings["commit"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     return result
@@ -204,7 +204,7 @@ def build_plan(options: MergeOptions, world_size: int) -> MergePlan:
     except ValueError as exc:
         raise MergeError(str(exc)) from None
     _check_output(options, checkpoints)
-    units = fmt.plan_units(checkpoints, options.optimizer)
+    units = fmt.plan_units(checkpoints, options.optimizer, world_size)
     if options.method == "ema" and options.alpha is None:
         method_options["alpha"] = 0.2
     return MergePlan(format_name=fmt.name, method=options.method,
@@ -253,7 +253,7 @@ def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: str, 
     planned = [u.num_bytes * (num_sources if u.action == "merge" else 1) for u in units]
     bar = progress_bar(sum(planned), enabled=show_progress,
                        description=f"merging (rank 0 of {len(plan.shares)})")
-    files, num_read, num_tensors = [], 0, 0
+    results = []
     try:
         for unit, budget in zip(units, planned):
             shown = [0]
@@ -267,25 +267,29 @@ def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: str, 
 
             context = MergeContext(weights=plan.weights, device=device,
                                    optimizer_policy=plan.optimizer_policy, on_progress=advance)
-            outcome = fmt.merge_unit(unit, plan.checkpoints, staging, context)
+            results.append(fmt.merge_unit(unit, plan.checkpoints, staging, context))
             advance(budget)
-            files.append({"path": f"{plan.output_dirname}/{outcome.relpath}", "bytes": outcome.num_bytes_written,
-                          "sha256": outcome.sha256})
-            num_read += outcome.num_bytes_read
-            num_tensors += outcome.num_tensors_merged
     finally:
         if bar is not None:
             bar.close()
-    return {"files": files, "bytes_read": num_read, "tensors": num_tensors, "peak_rss": peak_rss_bytes()}
+    return {"results": results, "peak_rss": peak_rss_bytes()}
 
 
-def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, staging_root: str,
+def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, unit_results, staging_root: str,
             staging: str, started: float, commit_started: float):
     out = plan.out
+    unit_results = list(unit_results) + fmt.finalize(staging, plan.checkpoints, unit_results, plan.optimizer_policy)
+    prefix = f"{plan.output_dirname}/" if plan.output_dirname else ""
+    result.files = sorted(({"path": prefix + r.relpath, "bytes": r.num_bytes_written, "sha256": r.sha256}
+                           for r in unit_results), key=lambda f: f["path"])
+    result.num_bytes_written = sum(f["bytes"] for f in result.files)
     if options.overwrite:
         _clear_previous_output(out, fmt.tracker_relpath())
-    final = os.path.join(out, plan.output_dirname)
-    os.replace(staging, final)
+    final = os.path.join(out, plan.output_dirname) if plan.output_dirname else out
+    if plan.output_dirname:
+        os.replace(staging, final)  # one atomic rename puts the whole checkpoint in place
+    else:
+        _move_entries(staging, out, last=fmt.tracker_relpath())
     remove_tree_quietly(staging_root)
     timings = dict(result.timings, commit=time.perf_counter() - commit_started,
                    total=time.perf_counter() - started)
@@ -315,7 +319,17 @@ def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, st
     manifest_path = os.path.join(out, MANIFEST)
     write_json_atomically(manifest_path, manifest)
     fmt.write_tracker(out, plan.checkpoints[-1])  # last: from now on the output is loadable
-    return final, manifest_path
+    return final, manifest_path, result.files
+
+
+def _move_entries(staging: str, out: str, last: str) -> None:
+    """Move the staged entries into the output root (for formats whose root is the checkpoint);
+    the format's tracker file, if staged, is left for write_tracker / moved last."""
+    for entry in sorted(os.listdir(staging)):
+        if entry != last:
+            os.replace(os.path.join(staging, entry), os.path.join(out, entry))
+    if os.path.exists(os.path.join(staging, last)):
+        os.replace(os.path.join(staging, last), os.path.join(out, last))
 
 
 def _clear_previous_output(out: str, tracker_relpath: str) -> None:

@@ -7,7 +7,9 @@ engine calls these in this order and never branches on a format's name:
     (coordinator) discover -> plan_units          # metadata only
     (every rank)  check_unit for its own units    # verdicts gathered before anything is written
     (every rank)  merge_unit for its own units    # into the staging directory
-    (coordinator) write_tracker                   # last, after the manifest
+    (coordinator) finalize                        # format metadata from all units' results
+    (coordinator) write_tracker                   # last, after the staged output moved into place
+                                                  # and the manifest
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -36,11 +38,12 @@ class MergeContext:
 
 @dataclass(frozen=True)
 class UnitResult:
-    relpath: str
+    relpath: str                      # the written file, relative to the output checkpoint dir
     num_bytes_written: int
     num_bytes_read: int
     sha256: str
     num_tensors_merged: int
+    details: Dict[str, object] = field(default_factory=dict)  # small, format-specific (for finalize)
 
 
 class CheckpointFormat(ABC):
@@ -57,9 +60,11 @@ class CheckpointFormat(ABC):
         """All usable checkpoints in ``sources``, oldest first (a run dir, or checkpoint dirs)."""
 
     @abstractmethod
-    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str) -> List[WorkUnit]:
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+                   world_size: int) -> List[WorkUnit]:
         """Validate the file layout of every checkpoint against the newest and list the output
-        files as work units. Raises InputError naming every missing or unexpected file."""
+        files as work units. Raises InputError naming every missing or unexpected file.
+        ``world_size`` lets chunked formats choose how many output files to write."""
 
     @abstractmethod
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
@@ -74,9 +79,16 @@ class CheckpointFormat(ABC):
                    context: MergeContext) -> UnitResult:
         """Write the merged (or copied) ``unit`` atomically to ``destination``."""
 
+    def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef],
+                 results: Sequence[UnitResult], optimizer_policy: str) -> List[UnitResult]:
+        """Coordinator, after every unit is merged: write the format's own metadata files (an
+        index, ``.metadata``) into ``staged_dir`` atomically; returns them as results."""
+        return []
+
     @abstractmethod
     def output_dirname(self, newest: CheckpointRef) -> str:
-        """Name of the output checkpoint directory, relative to the output root."""
+        """Name of the output checkpoint directory relative to the output root, or "" when the
+        output root itself is the checkpoint (then staged files move in one by one)."""
 
     @abstractmethod
     def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:

@@ -121,7 +121,8 @@ class MegatronLegacyFormat(CheckpointFormat):
             return {"tp": None, "pp": None, "ep": None, "shards": len(_shard_dirs(checkpoints[-1].path))}
         return {"tp": degrees[0], "pp": degrees[1], "ep": degrees[2], "shards": len(_shard_dirs(checkpoints[-1].path))}
 
-    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str) -> List[WorkUnit]:
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+                   world_size: int = 1) -> List[WorkUnit]:
         newest = checkpoints[-1]
         problems: List[str] = []
         reference = self._degrees(newest)
