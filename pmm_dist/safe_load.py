@@ -52,7 +52,7 @@ def base_safe_globals() -> List[Any]:
             collections.OrderedDict, *_numpy_safe_globals()]
 
 
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global|Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def safe_load(path, *, mmap: bool = True, map_location="cpu") -> Any:
@@ -69,12 +69,12 @@ def safe_load(path, *, mmap: bool = True, map_location="cpu") -> Any:
             raise InputError(f"{path}: file not found") from None
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
             match = _UNSAFE_GLOBAL.search(str(exc))
-            name = (match.group(1) or match.group(2)) if match else None
+            name = match.group(1) if match else None
             if name and _enable_framework(name):
                 continue
-            if name:
-                raise InputError(f"{path}: refuses to load: the checkpoint references {name}, which is not "
-                                 "on pmm_dist's allow-list of safe classes (loading it could run code)") from None
+            if name or "Weights only load failed" in str(exc):
+                raise InputError(f"{path}: refused: the checkpoint references {name or 'a callable'}, which is "
+                                 "not on pmm_dist's allow-list of safe classes (unpickling it could run code)") from None
             raise InputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
                              "is the file truncated or corrupt?") from None
     raise InputError(f"{path}: cannot read checkpoint: unresolved classes")
