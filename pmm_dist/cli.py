@@ -14,6 +14,7 @@ from .errors import MergeError
 from .formats import available_formats
 from .methods import available_methods
 from .report import format_summary
+from .staging import STAGING
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -85,8 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--optimizer", default="drop", choices=["drop", "latest"],
                    help="drop: weights only (default); latest: copy the newest checkpoint's optimizer, "
                         "scheduler and RNG state unchanged")
+    m.add_argument("--on-nonfinite", default="error", choices=["error", "warn", "ignore"],
+                   help="a NaN/Inf in a merged tensor: fail naming tensor and checkpoint (default), warn, or ignore")
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.add_argument("--resume", action="store_true",
+                   help="finish an interrupted merge into the same --out (same inputs and options), "
+                        "redoing only the files not yet merged")
     m.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     m.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
                    help="process-group backend for the metadata exchange (default: gloo)")
@@ -104,8 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         options = MergeOptions(
             sources=args.sources, out=args.out, method=args.method, alpha=args.alpha, weights=args.weights,
             normalize=args.normalize, last=args.last, interval=args.interval, iterations=args.iterations,
-            format=args.format, device=args.device, optimizer=args.optimizer, dry_run=args.dry_run,
-            overwrite=args.overwrite, quiet=args.quiet, backend=args.backend,
+            format=args.format, device=args.device, optimizer=args.optimizer, on_nonfinite=args.on_nonfinite,
+            dry_run=args.dry_run, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet, backend=args.backend,
             timeout_minutes=args.timeout_minutes)
     except ValueError as exc:
         print(f"pmm-dist: error: {exc}", file=sys.stderr)
@@ -116,6 +122,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MergeError as exc:
         if is_coordinator:
             print(f"pmm-dist: error: {exc}", file=sys.stderr, flush=True)
+            if os.path.isdir(os.path.join(options.out, STAGING)):
+                print(f"pmm-dist: nothing was committed; finished files are kept in "
+                      f"{os.path.join(options.out, STAGING)}: re-run the same command with --resume to continue",
+                      file=sys.stderr, flush=True)
         return EXIT_ERROR
     if is_coordinator and not options.quiet and not options.dry_run:
         print(format_summary(result), flush=True)

@@ -5,11 +5,13 @@
 Collective steps, each through the exception-robust helper (no rank hangs if another fails):
   1. (coordinator) discover, select, weigh, validate the file layout, assign units -> broadcast
   2. (every rank)  check its units in every source (keys, shapes, dtypes) -> gathered verdicts
-  3. (coordinator) prepare the staging directory
+  3. (coordinator) prepare the staging directory (fresh, or continue it with --resume)
   4. (every rank)  merge its units into the staging directory -> gathered results
-  5. (coordinator) move the staged checkpoint into place, write the manifest, then the tracker
+  5. (coordinator) check no input changed, let the format finalize, move the staged checkpoint
+                   into place, write the manifest, then the tracker (the output is now loadable)
 Only plans, verdicts and results cross ranks; tensor data never does.
 """
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,16 +23,18 @@ from . import __version__
 from .atomic import remove_tree_quietly, write_json_atomically
 from .collective import Collective
 from .errors import InputError, MergeError
-from .formats import CheckpointRef, MergeContext, resolve_format
+from .faults import inject
+from .formats import CheckpointRef, MergeContext, UnitResult, resolve_format
 from .methods import get_method
 from .planner import WorkUnit, assign_units
 from .report import format_plan, peak_rss_bytes, progress_bar
 from .selection import select_iterations
+from .staging import STAGING, Staging, changed_inputs, fingerprint, snapshot_inputs
 
 MANIFEST = "pmm_manifest.json"
 MANIFEST_FORMAT_VERSION = 1
-STAGING = ".pmm_staging"
 OPTIMIZER_POLICIES = ("drop", "latest")
+NONFINITE_POLICIES = ("error", "warn", "ignore")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +60,12 @@ class MergeOptions:
     """cpu | cuda; default cuda when available."""
     optimizer: str = "drop"
     """drop: weights only. latest: newest checkpoint's optimizer, scheduler and RNG state."""
+    on_nonfinite: str = "error"
+    """error | warn | ignore: what a NaN/Inf in a merged tensor does."""
     dry_run: bool = False
     overwrite: bool = False
+    resume: bool = False
+    """Continue an interrupted merge into the same --out with identical inputs and options."""
     quiet: bool = False
     backend: str = "gloo"
     """Process-group backend for the metadata exchange (gloo suffices: no tensors cross ranks)."""
@@ -74,6 +82,8 @@ class MergeOptions:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but no CUDA device is available")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"--on-nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"--backend must be gloo or nccl, got {self.backend!r}")
         get_method(self.method)  # unknown names fail here, listing the valid ones
@@ -93,6 +103,7 @@ class MergePlan:
     out: str
     output_dirname: str
     optimizer_policy: str
+    fingerprint: str
 
 
 @dataclass
@@ -107,6 +118,7 @@ class MergeResult:
     num_bytes_read: int = 0
     num_bytes_written: int = 0
     num_tensors_merged: int = 0
+    num_units_resumed: int = 0
     peak_rss_by_rank: List[int] = field(default_factory=list)
     metadata_bytes_exchanged: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
@@ -137,14 +149,26 @@ def merge(options: Optional[MergeOptions] = None, **kwargs) -> MergeResult:
 def _run(options: MergeOptions, collective: Collective) -> MergeResult:
     timings: Dict[str, float] = {}
     started = time.perf_counter()
-    plan: MergePlan = collective.coordinator_step(lambda: build_plan(options, collective.world_size))
+    snapshot = {}  # the coordinator's record of every input file, to detect changes before commit
+
+    def plan_on_coordinator():
+        plan, snapshot_taken = build_plan(options, collective.world_size)
+        snapshot.update(snapshot_taken)
+        inject("plan", collective.rank)
+        return plan
+
+    plan: MergePlan = collective.coordinator_step(plan_on_coordinator)
     timings["plan"] = time.perf_counter() - started
 
     fmt = resolve_format(plan.format_name, options.sources)
     my_units = plan.shares[collective.rank]
     tick = time.perf_counter()
-    verdicts = collective.step(lambda: [p for unit in my_units for p in fmt.check_unit(unit, plan.checkpoints)])
-    problems = [p for rank_problems in verdicts for p in rank_problems]
+
+    def check_my_units():
+        inject("validate", collective.rank)
+        return [p for unit in my_units for p in fmt.check_unit(unit, plan.checkpoints)]
+
+    problems = [p for rank_problems in collective.step(check_my_units) for p in rank_problems]
     if problems:
         raise InputError(problems)
     timings["validate"] = time.perf_counter() - tick
@@ -157,36 +181,33 @@ def _run(options: MergeOptions, collective: Collective) -> MergeResult:
         result.timings = timings
         return result
 
-    staging_root = os.path.join(plan.out, STAGING)
-    staging = os.path.join(staging_root, plan.output_dirname)
-    try:
-        collective.coordinator_step(lambda: _prepare_staging(staging_root, staging))
-        tick = time.perf_counter()
-        outcomes = collective.step(lambda: _merge_share(fmt, plan, my_units, staging, device,
-                                                        show_progress=collective.is_coordinator and not options.quiet))
-        timings["merge"] = time.perf_counter() - tick
-        unit_results = [r for outcome in outcomes for r in outcome["results"]]
-        result.num_bytes_read = sum(r.num_bytes_read for r in unit_results)
-        result.num_tensors_merged = sum(r.num_tensors_merged for r in unit_results)
-        result.peak_rss_by_rank = [o["peak_rss"] for o in outcomes]
-        result.metadata_bytes_exchanged = collective.total_bytes_exchanged()
-        tick = time.perf_counter()
-        result.timings = timings
-        paths = collective.coordinator_step(lambda: _commit(fmt, plan, options, result, unit_results,
-                                                            staging_root, staging, started, tick))
-    except BaseException:
-        if collective.is_coordinator:
-            remove_tree_quietly(staging_root)  # nothing staged is ever loadable; do not leave it behind
-        raise
-    result.output_path, result.manifest_path, result.files = paths
+    staging = Staging(plan.out, plan.output_dirname)
+    collective.coordinator_step(lambda: _prepare(staging, plan, options))
+    tick = time.perf_counter()
+    outcomes = collective.step(lambda: _merge_share(
+        fmt, plan, my_units, staging, device, options.on_nonfinite, collective.rank,
+        show_progress=collective.is_coordinator and not options.quiet))
+    timings["merge"] = time.perf_counter() - tick
+    unit_results = [r for outcome in outcomes for r in outcome["results"]]
+    result.num_bytes_read = sum(r.num_bytes_read for r in unit_results)
+    result.num_tensors_merged = sum(r.num_tensors_merged for r in unit_results)
+    result.num_units_resumed = sum(o["resumed"] for o in outcomes)
+    result.peak_rss_by_rank = [o["peak_rss"] for o in outcomes]
+    result.metadata_bytes_exchanged = collective.total_bytes_exchanged()
+    tick = time.perf_counter()
+    result.timings = timings
+    committed = collective.coordinator_step(lambda: _commit(fmt, plan, options, result, unit_results, staging,
+                                                            snapshot, started, tick))
+    result.output_path, result.manifest_path, result.files = committed
     result.num_bytes_written = sum(f["bytes"] for f in result.files)
     timings["commit"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     return result
 
 
-def build_plan(options: MergeOptions, world_size: int) -> MergePlan:
-    """Coordinator: discovery, selection, weights, layout validation and the unit assignment."""
+def build_plan(options: MergeOptions, world_size: int):
+    """Coordinator: discovery, selection, weights, layout validation and the unit assignment.
+    Returns the plan and a snapshot (size, mtime) of every input file."""
     for src in options.sources:
         if not os.path.exists(src):
             raise InputError(f"{src}: no such file or directory")
@@ -204,14 +225,23 @@ def build_plan(options: MergeOptions, world_size: int) -> MergePlan:
     except ValueError as exc:
         raise MergeError(str(exc)) from None
     _check_output(options, checkpoints)
+    snapshot = snapshot_inputs(checkpoints)
     units = fmt.plan_units(checkpoints, options.optimizer, world_size)
     if options.method == "ema" and options.alpha is None:
         method_options["alpha"] = 0.2
-    return MergePlan(format_name=fmt.name, method=options.method,
-                     method_options={k: v for k, v in method_options.items() if v is not None},
+    method_options = {k: v for k, v in method_options.items() if v is not None}
+    output_dirname = fmt.output_dirname(checkpoints[-1])
+    # What makes two runs produce the same bytes: resuming is allowed only if all of it is equal.
+    description = {"version": __version__, "format": fmt.name, "weights": weights,
+                   "checkpoints": [(c.iteration, c.path) for c in checkpoints], "optimizer": options.optimizer,
+                   "on_nonfinite": options.on_nonfinite, "output_dirname": output_dirname,
+                   "units": [(u.relpath, u.action, u.num_bytes) for u in units]}
+    plan = MergePlan(format_name=fmt.name, method=options.method, method_options=method_options,
                      checkpoints=checkpoints, weights=weights, layout=fmt.layout(checkpoints), units=units,
                      shares=assign_units(units, world_size), out=os.path.abspath(options.out),
-                     output_dirname=fmt.output_dirname(checkpoints[-1]), optimizer_policy=options.optimizer)
+                     output_dirname=output_dirname, optimizer_policy=options.optimizer,
+                     fingerprint=fingerprint(description, snapshot))
+    return plan, snapshot
 
 
 def _check_output(options: MergeOptions, checkpoints: Sequence[CheckpointRef]) -> None:
@@ -225,9 +255,16 @@ def _check_output(options: MergeOptions, checkpoints: Sequence[CheckpointRef]) -
         if not os.path.isdir(out):
             raise MergeError(f"--out {options.out} exists and is not a directory")
         leftovers = [e for e in os.listdir(out) if e != STAGING]
-        if leftovers and not options.overwrite:
+        # An interrupted commit leaves our own files next to the staging area: --resume finishes it.
+        interrupted = options.resume and os.path.isdir(os.path.join(out, STAGING))
+        if leftovers and not options.overwrite and not interrupted:
             raise MergeError(f"--out {options.out} already exists and is not empty "
                              f"(holds {', '.join(sorted(leftovers)[:3])}); pass --overwrite to replace it")
+    parent = out if os.path.isdir(out) else os.path.dirname(out)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(f"--out {options.out}: {parent} is not writable")
 
 
 def _is_within(path: str, parent: str) -> bool:
@@ -242,20 +279,21 @@ def _choose_device(requested: Optional[str], local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def _prepare_staging(staging_root: str, staging: str) -> None:
-    remove_tree_quietly(staging_root)  # a crashed earlier attempt's partial files
-    os.makedirs(staging, exist_ok=True)
+def _prepare(staging: Staging, plan: MergePlan, options: MergeOptions) -> None:
+    done = staging.prepare(plan.fingerprint, options.resume)
+    if options.resume and not options.quiet:
+        print(f"resuming: {done} of {len(plan.units)} units already merged", flush=True)
 
 
-def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: str, device: torch.device,
-                 show_progress: bool) -> dict:
+def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: Staging, device: torch.device,
+                 on_nonfinite: str, rank: int, show_progress: bool) -> dict:
     num_sources = len(plan.checkpoints)
     planned = [u.num_bytes * (num_sources if u.action == "merge" else 1) for u in units]
     bar = progress_bar(sum(planned), enabled=show_progress,
                        description=f"merging (rank 0 of {len(plan.shares)})")
-    results = []
+    results, resumed = [], 0
     try:
-        for unit, budget in zip(units, planned):
+        for index, (unit, budget) in enumerate(zip(units, planned)):
             shown = [0]
 
             def advance(num_bytes, shown=shown, budget=budget):
@@ -265,35 +303,72 @@ def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: str, 
                     bar.update(step)
                 shown[0] += step
 
-            context = MergeContext(weights=plan.weights, device=device,
-                                   optimizer_policy=plan.optimizer_policy, on_progress=advance)
-            results.append(fmt.merge_unit(unit, plan.checkpoints, staging, context))
+            outcome = staging.completed(unit)
+            if outcome is None:
+                context = MergeContext(weights=plan.weights, device=device, optimizer_policy=plan.optimizer_policy,
+                                       on_progress=advance, on_nonfinite=on_nonfinite)
+                outcome = fmt.merge_unit(unit, plan.checkpoints, staging.data_dir, context)
+                staging.mark_done(unit, outcome)
+            else:
+                resumed += 1
+            results.append(outcome)
             advance(budget)
+            inject(f"unit:{index}", rank)
     finally:
         if bar is not None:
             bar.close()
-    return {"results": results, "peak_rss": peak_rss_bytes()}
+    return {"results": results, "resumed": resumed, "peak_rss": peak_rss_bytes()}
 
 
-def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, unit_results, staging_root: str,
-            staging: str, started: float, commit_started: float):
+def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, unit_results, staging: Staging,
+            snapshot, started: float, commit_started: float):
+    changed = changed_inputs(snapshot)
+    if changed:
+        raise InputError(changed + ["nothing was committed; re-run the merge once the inputs are stable"])
     out = plan.out
-    unit_results = list(unit_results) + fmt.finalize(staging, plan.checkpoints, unit_results, plan.optimizer_policy)
-    prefix = f"{plan.output_dirname}/" if plan.output_dirname else ""
-    result.files = sorted(({"path": prefix + r.relpath, "bytes": r.num_bytes_written, "sha256": r.sha256}
-                           for r in unit_results), key=lambda f: f["path"])
-    result.num_bytes_written = sum(f["bytes"] for f in result.files)
-    if options.overwrite:
-        _clear_previous_output(out, fmt.tracker_relpath())
     final = os.path.join(out, plan.output_dirname) if plan.output_dirname else out
-    if plan.output_dirname:
-        os.replace(staging, final)  # one atomic rename puts the whole checkpoint in place
+    if os.path.isdir(staging.data_dir):  # else a resumed merge whose data was already moved into place
+        unit_results = list(unit_results) + fmt.finalize(staging.data_dir, plan.checkpoints, unit_results,
+                                                         plan.optimizer_policy)
+        if options.overwrite:
+            _clear_previous_output(out, fmt.tracker_relpath())
+        if plan.output_dirname:
+            os.replace(staging.data_dir, final)  # one atomic rename puts the whole checkpoint in place
+        else:
+            _move_entries(staging.data_dir, out, last=fmt.tracker_relpath())
+        _save_commit_record(staging, unit_results)
     else:
-        _move_entries(staging, out, last=fmt.tracker_relpath())
-    remove_tree_quietly(staging_root)
-    timings = dict(result.timings, commit=time.perf_counter() - commit_started,
-                   total=time.perf_counter() - started)
-    manifest = {
+        unit_results = _load_commit_record(staging)
+    inject("commit:moved", 0)
+    prefix = f"{plan.output_dirname}/" if plan.output_dirname else ""
+    files = sorted(({"path": prefix + r.relpath, "bytes": r.num_bytes_written, "sha256": r.sha256}
+                    for r in unit_results), key=lambda f: f["path"])
+    result.files = files
+    result.num_bytes_written = sum(f["bytes"] for f in files)
+    timings = dict(result.timings, commit=time.perf_counter() - commit_started, total=time.perf_counter() - started)
+    manifest_path = os.path.join(out, MANIFEST)
+    write_json_atomically(manifest_path, _manifest(plan, options, result, fmt, timings))
+    inject("commit:manifest", 0)
+    fmt.write_tracker(out, plan.checkpoints[-1])  # last: from now on the output is loadable
+    staging.discard()
+    return final, manifest_path, files
+
+
+def _save_commit_record(staging: Staging, unit_results) -> None:
+    write_json_atomically(os.path.join(staging.state_dir, "committed.json"), [asdict(r) for r in unit_results])
+
+
+def _load_commit_record(staging: Staging):
+    path = os.path.join(staging.state_dir, "committed.json")
+    if not os.path.isfile(path):
+        raise MergeError(f"{staging.root}: staged data is gone but no commit record exists; "
+                         "re-run without --resume to start over")
+    with open(path) as f:
+        return [UnitResult(**r) for r in json.load(f)]
+
+
+def _manifest(plan: MergePlan, options: MergeOptions, result: MergeResult, fmt, timings) -> dict:
+    return {
         "format_version": MANIFEST_FORMAT_VERSION,
         "pmm_dist_version": __version__,
         "created_unix": time.time(),
@@ -312,14 +387,12 @@ def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, un
         "bytes_read": result.num_bytes_read,
         "bytes_written": result.num_bytes_written,
         "tensors_merged": result.num_tensors_merged,
+        "units_resumed": result.num_units_resumed,
         "metadata_bytes_exchanged": result.metadata_bytes_exchanged,
         "peak_rss_bytes_by_rank": result.peak_rss_by_rank,
+        "fingerprint": plan.fingerprint,
         "timings_s": {k: round(v, 6) for k, v in timings.items()},
     }
-    manifest_path = os.path.join(out, MANIFEST)
-    write_json_atomically(manifest_path, manifest)
-    fmt.write_tracker(out, plan.checkpoints[-1])  # last: from now on the output is loadable
-    return final, manifest_path, result.files
 
 
 def _move_entries(staging: str, out: str, last: str) -> None:

@@ -7,9 +7,12 @@ memory does not grow with N.
 import ctypes
 import ctypes.util
 import mmap
-from typing import Sequence
+import sys
+from typing import Optional, Sequence
 
 import torch
+
+from .errors import InputError
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -33,7 +36,8 @@ def is_mergeable(value) -> bool:
 
 
 def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], device: torch.device,
-                 *, sources_are_mapped: bool = False) -> torch.Tensor:
+                 *, sources_are_mapped: bool = False, on_nonfinite: str = "ignore", what: str = "tensor",
+                 source_names: Optional[Sequence[str]] = None) -> torch.Tensor:
     """``sum_i weights[i] * sources[i]``, returned on CPU in the newest source's dtype.
 
     Accumulates in float64, block by block, and rounds once to the stored dtype. fp32
@@ -42,6 +46,9 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     result; in float64 the result is the correctly rounded weighted sum in practice.
     ``sources_are_mapped``: the sources come from ``torch.load(mmap=True)`` and each block's
     pages are dropped from this process once added (see ``release_pages``).
+    ``on_nonfinite``: "error" raises InputError naming ``what`` and the offending source in
+    ``source_names`` when a NaN/Inf reaches the result, "warn" prints that, "ignore" does not
+    look (one isfinite pass over the cached accumulator block, not over the N sources).
     """
     assert len(sources) == len(weights) and sources
     stored = sources[-1].dtype
@@ -63,8 +70,21 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
                 block.add_(piece, alpha=weight)  # mixed-dtype add_: upcast inside the kernel
             if sources_are_mapped:
                 release_pages(source[begin:end])
+        if on_nonfinite != "ignore" and not bool(torch.isfinite(block).all()):
+            _report_nonfinite(flat_sources, begin, end, on_nonfinite, what, source_names)
+            on_nonfinite = "ignore"  # one report per tensor
         result[begin:end].copy_(block)  # the one rounding to the stored dtype
     return result.view(sources[-1].shape)
+
+
+def _report_nonfinite(flat_sources, begin, end, policy, what, source_names) -> None:
+    names = source_names or [f"source {i}" for i in range(len(flat_sources))]
+    culprits = [names[i] for i, s in enumerate(flat_sources) if not bool(torch.isfinite(s[begin:end]).all())]
+    message = (f"non-finite values (NaN/Inf) in {what} of {', '.join(culprits) or 'the weighted sum (overflow)'}"
+               " (--on-nonfinite error|warn|ignore)")
+    if policy == "error":
+        raise InputError(message)
+    print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
 
 
 def release_pages(tensor: torch.Tensor) -> None:

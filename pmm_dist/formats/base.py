@@ -17,6 +17,7 @@ from typing import Callable, ClassVar, Dict, List, Sequence
 
 import torch
 
+from ..kernel import weighted_sum
 from ..planner import WorkUnit
 
 
@@ -34,6 +35,14 @@ class MergeContext:
     device: torch.device
     optimizer_policy: str             # "drop" | "latest"
     on_progress: Callable[[int], None] = field(default=lambda num_bytes: None)
+    on_nonfinite: str = "error"       # "error" | "warn" | "ignore"
+
+    def merge_tensor(self, sources: Sequence[torch.Tensor], what: str, source_names: Sequence[str],
+                     *, sources_are_mapped: bool = True) -> torch.Tensor:
+        """The weighted sum of one tensor's N sources (see kernel.weighted_sum), applying the
+        non-finite policy; ``what`` and ``source_names`` name the tensor and files in errors."""
+        return weighted_sum(sources, self.weights, self.device, sources_are_mapped=sources_are_mapped,
+                            on_nonfinite=self.on_nonfinite, what=what, source_names=source_names)
 
 
 @dataclass(frozen=True)

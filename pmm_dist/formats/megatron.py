@@ -16,7 +16,7 @@ import torch
 
 from ..atomic import write_atomically, write_text_atomically, copy_atomically
 from ..errors import InputError
-from ..kernel import is_mergeable, weighted_sum
+from ..kernel import is_mergeable
 from ..planner import WorkUnit
 from ..safe_load import safe_load
 from ..tree import dotted, flatten, map_leaves
@@ -189,7 +189,8 @@ class MegatronLegacyFormat(CheckpointFormat):
             num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath), target)
             context.on_progress(num_bytes)
             return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
-        sources = [safe_load(os.path.join(ckpt.path, unit.relpath)) for ckpt in checkpoints]
+        paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
+        sources = [safe_load(path) for path in paths]
         newest = sources[-1]
         flat_sources = [_model_leaves(src) for src in sources]
         counters = {"read": 0, "tensors": 0}
@@ -198,7 +199,7 @@ class MegatronLegacyFormat(CheckpointFormat):
             if not is_mergeable(leaf):
                 return leaf
             stack = [flat[path] for flat in flat_sources]
-            merged = weighted_sum(stack, context.weights, context.device, sources_are_mapped=True)
+            merged = context.merge_tensor(stack, f"key '{dotted(path)}'", paths)
             num_read = sum(t.numel() * t.element_size() for t in stack)
             counters["read"] += num_read
             counters["tensors"] += 1

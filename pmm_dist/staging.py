@@ -1,0 +1,121 @@
+"""The output's private work area, which makes merges atomic and resumable.
+
+    OUT/.pmm_staging/data/<checkpoint dir>/...   merged files, each written tmp + fsync + rename
+    OUT/.pmm_staging/state/fingerprint.json      what this merge is (inputs, options, plan)
+    OUT/.pmm_staging/state/done/<unit>.json      one marker per finished unit, written after it
+
+Nothing under the staging directory is ever loadable by a trainer (no tracker points at it).
+A merge that fails or is killed leaves it in place; ``--resume`` with an identical fingerprint
+redoes only the units without a marker, so the result is bitwise that of an uninterrupted run.
+"""
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from typing import Dict, Optional, Sequence, Tuple
+
+from .atomic import remove_tree_quietly, write_json_atomically
+from .errors import InputError, MergeError
+from .formats.base import CheckpointRef, UnitResult
+from .planner import WorkUnit
+
+STAGING = ".pmm_staging"
+InputSnapshot = Dict[str, Tuple[int, int]]
+
+
+def snapshot_inputs(checkpoints: Sequence[CheckpointRef]) -> InputSnapshot:
+    """(size, mtime_ns) of every file of every source checkpoint; refuses symbolic links inside
+    a checkpoint (a link could point anywhere, and the file behind it could change unseen)."""
+    snapshot: InputSnapshot = {}
+    for ckpt in checkpoints:
+        if os.path.islink(ckpt.path):
+            raise InputError(f"{ckpt.path}: is a symbolic link; pass the real checkpoint directory")
+        for directory, dirs, files in os.walk(ckpt.path):
+            for name in dirs + files:
+                path = os.path.join(directory, name)
+                if os.path.islink(path):
+                    raise InputError(f"{path}: symbolic link inside a source checkpoint is refused "
+                                     f"(points to {os.readlink(path)})")
+            for name in files:
+                path = os.path.join(directory, name)
+                stat = os.stat(path)
+                snapshot[path] = (stat.st_size, stat.st_mtime_ns)
+    return snapshot
+
+
+def changed_inputs(snapshot: InputSnapshot) -> list:
+    """Source files whose size or modification time changed since ``snapshot`` was taken."""
+    changed = []
+    for path, (size, mtime) in sorted(snapshot.items()):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            changed.append(f"{path}: removed while the merge ran")
+            continue
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+            changed.append(f"{path}: modified while the merge ran (size {size} -> {stat.st_size})")
+    return changed
+
+
+def fingerprint(description: dict, snapshot: InputSnapshot) -> str:
+    payload = json.dumps({"plan": description, "inputs": sorted(snapshot.items())}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class Staging:
+    def __init__(self, out: str, output_dirname: str):
+        self.root = os.path.join(out, STAGING)
+        self.data_dir = os.path.join(self.root, "data", output_dirname) if output_dirname else \
+            os.path.join(self.root, "data")
+        self.state_dir = os.path.join(self.root, "state")
+        self._done_dir = os.path.join(self.state_dir, "done")
+        self._fingerprint_path = os.path.join(self.state_dir, "fingerprint.json")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self._fingerprint_path)
+
+    def prepare(self, merge_fingerprint: str, resume: bool) -> int:
+        """Coordinator: start afresh, or (``resume``) continue an identical merge. Returns the
+        number of units already finished."""
+        if resume and self.exists():
+            with open(self._fingerprint_path) as f:
+                recorded = json.load(f).get("fingerprint")
+            if recorded != merge_fingerprint:
+                raise MergeError(f"refusing to --resume in {self.root}: the inputs or options differ from the "
+                                 "interrupted merge (its fingerprint does not match). Re-run without --resume "
+                                 "to start over.")
+            self._remove_temporary_files()
+            return len(os.listdir(self._done_dir)) if os.path.isdir(self._done_dir) else 0
+        remove_tree_quietly(self.root)
+        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self._done_dir, exist_ok=True)
+        write_json_atomically(self._fingerprint_path, {"fingerprint": merge_fingerprint})
+        return 0
+
+    def completed(self, unit: WorkUnit) -> Optional[UnitResult]:
+        """The recorded result of ``unit`` if it finished and its file is still intact."""
+        try:
+            with open(self._marker(unit)) as f:
+                result = UnitResult(**json.load(f))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+        path = os.path.join(self.data_dir, result.relpath)
+        if not os.path.isfile(path) or os.path.getsize(path) != result.num_bytes_written:
+            return None
+        return result
+
+    def mark_done(self, unit: WorkUnit, result: UnitResult) -> None:
+        write_json_atomically(self._marker(unit), asdict(result))
+
+    def discard(self) -> None:
+        remove_tree_quietly(self.root)
+
+    def _marker(self, unit: WorkUnit) -> str:
+        return os.path.join(self._done_dir, hashlib.sha1(f"{unit.action}:{unit.relpath}".encode()).hexdigest() + ".json")
+
+    def _remove_temporary_files(self) -> None:
+        # Files a killed writer left under a temporary name (see atomic.temporary_name).
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                if ".tmp." in name:
+                    os.remove(os.path.join(directory, name))
