@@ -10,6 +10,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable
 
+from .errors import MergeError
+
 CHECKSUM_ALGORITHM = "sha256"
 _COPY_CHUNK = 16 << 20
 
@@ -44,15 +46,18 @@ def temporary_name(path: str) -> str:
 
 def write_atomically(path: str, produce: Callable[[object], None]) -> tuple:
     """``produce(fileobj)`` writes the content; returns (num_bytes, sha256) of what was written."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = temporary_name(path)
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as raw:
             writer = _HashingWriter(raw)
             produce(writer)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only file system, quota: name the file
+        _remove_quietly(tmp)
+        raise MergeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     except BaseException:
         _remove_quietly(tmp)
         raise

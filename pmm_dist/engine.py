@@ -11,10 +11,9 @@ Collective steps, each through the exception-robust helper (no rank hangs if ano
                    into place, write the manifest, then the tracker (the output is now loadable)
 Only plans, verdicts and results cross ranks; tensor data never does.
 """
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from .atomic import remove_tree_quietly, write_json_atomically
 from .collective import Collective
 from .errors import InputError, MergeError
 from .faults import inject
-from .formats import CheckpointRef, MergeContext, UnitResult, resolve_format
+from .formats import CheckpointRef, MergeContext, resolve_format
 from .methods import get_method
 from .planner import WorkUnit, assign_units
 from .report import format_plan, peak_rss_bytes, progress_bar
@@ -327,7 +326,8 @@ def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, un
         raise InputError(changed + ["nothing was committed; re-run the merge once the inputs are stable"])
     out = plan.out
     final = os.path.join(out, plan.output_dirname) if plan.output_dirname else out
-    if os.path.isdir(staging.data_dir):  # else a resumed merge whose data was already moved into place
+    recorded = staging.commit_record()  # set if a resumed merge was killed after moving its data
+    if recorded is None:
         unit_results = list(unit_results) + fmt.finalize(staging.data_dir, plan.checkpoints, unit_results,
                                                          plan.optimizer_policy)
         if options.overwrite:
@@ -336,9 +336,9 @@ def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, un
             os.replace(staging.data_dir, final)  # one atomic rename puts the whole checkpoint in place
         else:
             _move_entries(staging.data_dir, out, last=fmt.tracker_relpath())
-        _save_commit_record(staging, unit_results)
+        staging.record_commit(unit_results)
     else:
-        unit_results = _load_commit_record(staging)
+        unit_results = recorded
     inject("commit:moved", 0)
     prefix = f"{plan.output_dirname}/" if plan.output_dirname else ""
     files = sorted(({"path": prefix + r.relpath, "bytes": r.num_bytes_written, "sha256": r.sha256}
@@ -352,19 +352,6 @@ def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, un
     fmt.write_tracker(out, plan.checkpoints[-1])  # last: from now on the output is loadable
     staging.discard()
     return final, manifest_path, files
-
-
-def _save_commit_record(staging: Staging, unit_results) -> None:
-    write_json_atomically(os.path.join(staging.state_dir, "committed.json"), [asdict(r) for r in unit_results])
-
-
-def _load_commit_record(staging: Staging):
-    path = os.path.join(staging.state_dir, "committed.json")
-    if not os.path.isfile(path):
-        raise MergeError(f"{staging.root}: staged data is gone but no commit record exists; "
-                         "re-run without --resume to start over")
-    with open(path) as f:
-        return [UnitResult(**r) for r in json.load(f)]
 
 
 def _manifest(plan: MergePlan, options: MergeOptions, result: MergeResult, fmt, timings) -> dict:

@@ -14,10 +14,13 @@ class WorkUnit:
     ``relpath`` is relative to a checkpoint directory and identical in every source and in the
     output; ``action`` is ``merge`` (weighted sum of all sources) or ``copy`` (newest source,
     byte for byte); ``num_bytes`` is the newest source's size, the balance weight.
+    ``items`` optionally names what the unit holds when that is not simply the same-named file
+    of every source (e.g. the tensor names of one output shard); it travels with the plan.
     """
     relpath: str
     num_bytes: int
     action: str = "merge"
+    items: tuple = ()
 
 
 def assign_units(units: Sequence[WorkUnit], world_size: int) -> List[List[WorkUnit]]:

@@ -3,6 +3,7 @@
     OUT/.pmm_staging/data/<checkpoint dir>/...   merged files, each written tmp + fsync + rename
     OUT/.pmm_staging/state/fingerprint.json      what this merge is (inputs, options, plan)
     OUT/.pmm_staging/state/done/<unit>.json      one marker per finished unit, written after it
+    OUT/.pmm_staging/state/committed.json        the staged data has been moved into place
 
 Nothing under the staging directory is ever loadable by a trainer (no tracker points at it).
 A merge that fails or is killed leaves it in place; ``--resume`` with an identical fingerprint
@@ -70,6 +71,7 @@ class Staging:
         self.state_dir = os.path.join(self.root, "state")
         self._done_dir = os.path.join(self.state_dir, "done")
         self._fingerprint_path = os.path.join(self.state_dir, "fingerprint.json")
+        self._commit_path = os.path.join(self.state_dir, "committed.json")
 
     def exists(self) -> bool:
         return os.path.isfile(self._fingerprint_path)
@@ -94,6 +96,9 @@ class Staging:
 
     def completed(self, unit: WorkUnit) -> Optional[UnitResult]:
         """The recorded result of ``unit`` if it finished and its file is still intact."""
+        if self.commit_record() is not None:  # interrupted after the move: every unit is in place
+            with open(self._marker(unit)) as f:
+                return UnitResult(**json.load(f))
         try:
             with open(self._marker(unit)) as f:
                 result = UnitResult(**json.load(f))
@@ -106,6 +111,17 @@ class Staging:
 
     def mark_done(self, unit: WorkUnit, result: UnitResult) -> None:
         write_json_atomically(self._marker(unit), asdict(result))
+
+    def record_commit(self, results: Sequence[UnitResult]) -> None:
+        write_json_atomically(self._commit_path, [asdict(r) for r in results])
+
+    def commit_record(self) -> Optional[list]:
+        """Every unit's (and the format's finalize) results, once the data has been moved."""
+        try:
+            with open(self._commit_path) as f:
+                return [UnitResult(**r) for r in json.load(f)]
+        except FileNotFoundError:
+            return None
 
     def discard(self) -> None:
         remove_tree_quietly(self.root)

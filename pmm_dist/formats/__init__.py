@@ -3,10 +3,18 @@ from typing import Dict, List, Sequence, Type
 
 from ..errors import MergeError
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
+from .dcp import DcpFormat
+from .hf import HuggingFaceFormat
 from .megatron import MegatronLegacyFormat
+from .megatron_dist import MegatronDistFormat
 
 FORMATS: Dict[str, Type[CheckpointFormat]] = {
+    # Before megatron: the legacy format claims any run directory with a tracker file, and a
+    # torch_dist run has one too. megatron-dist itself needs metadata.json naming torch_dist.
+    MegatronDistFormat.name: MegatronDistFormat,
     MegatronLegacyFormat.name: MegatronLegacyFormat,
+    DcpFormat.name: DcpFormat,  # after megatron-dist: a torch_dist checkpoint is a DCP checkpoint too
+    HuggingFaceFormat.name: HuggingFaceFormat,
 }
 
 

@@ -1,0 +1,510 @@
+"""PyTorch Distributed Checkpoint (DCP) directories, merged chunk by chunk.
+
+    CKPT/.metadata               # pickled torch.distributed.checkpoint Metadata; written last
+    CKPT/__{rank}_{n}.distcp     # each stored item a torch.save blob (tensor chunk) or raw bytes
+
+Planning reads only the ``.metadata`` of every source: the newest checkpoint's keys, global
+shapes, dtypes and chunk lists are the reference every other source must match. The units are
+the stored chunks, binned byte-balanced into one output file per rank, ``__{k}_0.distcp``
+(``WorkUnit.items``). A rank reads exactly its chunks' byte ranges from the N sources (pread;
+never whole files), merges float chunks with ``kernel.weighted_sum`` and copies everything else
+(integer tensors, bytes entries) byte for byte from the newest source. The coordinator then
+writes the output ``.metadata``: the newest checkpoint's key metadata (same chunking) with new
+storage locations. ``.metadata`` is the checkpoint's commit marker, so it is written last.
+
+Sources: one directory holding DCP checkpoints as subdirectories whose names end in a number
+(``step-100``, ``step_200``, ``global_step300``; one without a ``.metadata`` is incomplete and
+skipped), or checkpoint directories given explicitly (iteration = the trailing number of each
+name when every one has one, else 1..N in the order given). The output root itself is the merged
+DCP checkpoint (``dcp.load(state_dict, checkpoint_id=OUT)``).
+
+``.metadata`` is a pickle. It is read by a restricted unpickler that resolves only the DCP
+metadata dataclasses, ``torch.Size``, torch dtypes/layouts and paths; anything else is refused.
+"""
+import dataclasses
+import io
+import math
+import os
+import pathlib
+import pickle
+import re
+import uuid
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint import planner as dcp_planner
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+
+from ..atomic import write_atomically
+from ..errors import InputError, MergeError
+from ..kernel import weighted_sum
+from ..planner import WorkUnit
+from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
+
+DCP_METADATA = ".metadata"
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+# Item kinds: a float tensor chunk averaged over all sources, or an entry (integer tensor chunk,
+# bytes object, optimizer state under --optimizer latest) copied byte for byte from the newest.
+MERGE, COPY = "merge", "copy"
+
+ChunkKey = Tuple[str, Optional[Tuple[int, ...]]]  # (fqn, chunk offsets), offsets None for bytes
+
+
+# -- reading .metadata safely ------------------------------------------------------------------
+def _allowed_globals() -> Dict[Tuple[str, str], object]:
+    classes = [getattr(dcp_metadata, name) for name in (
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    classes += [getattr(dcp_filesystem, name) for name in ("_StorageInfo", "_StoragePrefix")]
+    # Megatron-core keeps the save plans in its .metadata (``all_local_plans``) to reuse them.
+    classes += [getattr(dcp_planner, name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData") if hasattr(dcp_planner, name)]
+    classes += [torch.Size, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+    allowed = {(cls.__module__, cls.__qualname__): cls for cls in classes}
+    allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
+    for module in (torch.serialization, torch._utils):
+        if hasattr(module, "_get_layout"):  # torch.layout pickles as _get_layout(name)
+            allowed[(module.__name__, "_get_layout")] = module._get_layout
+    return allowed
+
+
+_ALLOWED_GLOBALS = _allowed_globals()
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed classes: a crafted .metadata cannot run code."""
+
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+def load_metadata(ckpt_dir: str) -> dcp_metadata.Metadata:
+    """The DCP ``Metadata`` of ``ckpt_dir``; InputError naming the file if absent or unusable."""
+    path = os.path.join(ckpt_dir, DCP_METADATA)
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found (an incomplete DCP checkpoint? .metadata is written last)") from None
+    except _RefusedGlobal as exc:
+        raise InputError(f"{path}: refuses to load: the metadata references {exc}, which is not a DCP metadata "
+                         "class (unpickling it could run code)") from None
+    except Exception as exc:  # UnpicklingError, EOFError, ValueError, ... on a truncated or corrupt file
+        raise InputError(f"{path}: cannot read DCP metadata ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "is the file truncated or corrupt?") from None
+    if not (isinstance(metadata, dcp_metadata.Metadata) and isinstance(metadata.state_dict_metadata, dict)
+            and isinstance(metadata.storage_data, dict)):
+        raise InputError(f"{path}: not a DCP metadata file (holds {type(metadata).__name__}, or no storage index)")
+    return metadata
+
+
+# -- what a checkpoint holds -------------------------------------------------------------------
+def chunk_keys(metadata) -> List[ChunkKey]:
+    """Every stored entry: one key per tensor chunk, one per bytes object."""
+    keys: List[ChunkKey] = []
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, dcp_metadata.TensorStorageMetadata):
+            keys += [(fqn, tuple(chunk.offsets)) for chunk in entry.chunks]
+        else:
+            keys.append((fqn, None))
+    return keys
+
+
+def storage_index(metadata) -> Dict[ChunkKey, object]:
+    """(fqn, offsets) -> _StorageInfo(relative_path, offset, length)."""
+    return {(index.fqn, None if index.offset is None else tuple(index.offset)): info
+            for index, info in metadata.storage_data.items()}
+
+
+def top_level_key(metadata, fqn: str) -> str:
+    """The state-dict entry ``fqn`` lives under: DCP's flattening map when saved by its default
+    planner, else the name up to the first '.' or '/' (Megatron's ShardedObject keys use '/')."""
+    mapping = metadata.planner_data
+    if isinstance(mapping, dict) and isinstance(mapping.get(fqn), (tuple, list)) and mapping[fqn]:
+        return str(mapping[fqn][0])
+    return re.split(r"[./]", fqn, maxsplit=1)[0]
+
+
+def chunk_sizes(metadata) -> Dict[ChunkKey, Tuple[int, ...]]:
+    """(fqn, offsets) -> the chunk's sizes, for every tensor chunk."""
+    return {(fqn, tuple(chunk.offsets)): tuple(chunk.sizes)
+            for fqn, entry in metadata.state_dict_metadata.items()
+            if isinstance(entry, dcp_metadata.TensorStorageMetadata) for chunk in entry.chunks}
+
+
+def _describe_chunks(entry) -> str:
+    chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks)
+    shown = ", ".join(f"{list(o)}+{list(s)}" for o, s in chunks[:4])
+    return f"{len(chunks)} chunk(s) {shown}{', ...' if len(chunks) > 4 else ''}"
+
+
+def compare_metadata(path: str, metadata, newest_path: str, newest, fqns: Iterable[str]) -> List[str]:
+    """Problems (each naming checkpoint and key) that make ``metadata`` unmergeable with ``newest``
+    for the keys ``fqns`` of the newest: same keys, kinds, global shapes, dtypes and chunking."""
+    problems = []
+    entries = metadata.state_dict_metadata
+    for fqn in fqns:
+        ref = newest.state_dict_metadata[fqn]
+        other = entries.get(fqn)
+        if other is None:
+            problems.append(f"{path}: key '{fqn}' missing (present in the newest checkpoint {newest_path})")
+            continue
+        ref_is_tensor = isinstance(ref, dcp_metadata.TensorStorageMetadata)
+        if ref_is_tensor != isinstance(other, dcp_metadata.TensorStorageMetadata):
+            kinds = ("a tensor", "a bytes object")
+            problems.append(f"{path}: key '{fqn}' is {kinds[ref_is_tensor]}, the newest checkpoint has "
+                            f"{kinds[not ref_is_tensor]}")
+        elif not ref_is_tensor:
+            continue
+        elif tuple(other.size) != tuple(ref.size):
+            problems.append(f"{path}: key '{fqn}' has global shape {list(other.size)}, the newest checkpoint "
+                            f"has {list(ref.size)}")
+        elif other.properties.dtype != ref.properties.dtype:
+            problems.append(f"{path}: key '{fqn}' has dtype {other.properties.dtype}, the newest checkpoint has "
+                            f"{ref.properties.dtype}")
+        elif (sorted((tuple(c.offsets), tuple(c.sizes)) for c in other.chunks)
+              != sorted((tuple(c.offsets), tuple(c.sizes)) for c in ref.chunks)):
+            problems.append(f"{path}: key '{fqn}' is chunked differently: {_describe_chunks(other)}; the newest "
+                            f"checkpoint has {_describe_chunks(ref)} (merging needs identical chunking)")
+    return problems
+
+
+def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_files: bool = True) -> List[str]:
+    """Every key must have a storage entry pointing inside the checkpoint, into an existing file,
+    within its size, without stream transforms (compression) pmm_dist cannot undo."""
+    problems = []
+    index = storage_index(metadata)
+    sizes: Dict[str, Optional[int]] = {}
+    where = os.path.join(ckpt_dir, DCP_METADATA)
+    for key in keys:
+        info = index.get(key)
+        name = key[0] if key[1] is None else f"{key[0]} (chunk at {list(key[1])})"
+        if info is None:
+            problems.append(f"{where}: key '{name}' has no storage entry")
+            continue
+        rel = info.relative_path
+        if not isinstance(rel, str) or os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
+            problems.append(f"{where}: key '{name}' is stored at {rel!r}, outside the checkpoint directory")
+            continue
+        if getattr(info, "transform_descriptors", None):
+            problems.append(f"{where}: key '{name}' is stored with stream transforms {list(info.transform_descriptors)} "
+                            "(e.g. compression), which pmm_dist does not support")
+            continue
+        if not check_files:
+            continue
+        if rel not in sizes:
+            path = os.path.join(ckpt_dir, rel)
+            sizes[rel] = os.path.getsize(path) if os.path.isfile(path) else None
+            if sizes[rel] is None:
+                problems.append(f"{path}: missing file (holds key '{name}' and possibly more)")
+        if sizes[rel] is not None and (info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[rel]):
+            problems.append(f"{os.path.join(ckpt_dir, rel)}: key '{name}' is stored at bytes "
+                            f"[{info.offset}, {info.offset + info.length}), beyond the file's {sizes[rel]} bytes "
+                            "(truncated file?)")
+    return problems
+
+
+def balance_items(items: Sequence[tuple], num_bins: int, num_sources: int) -> List[List[tuple]]:
+    """LPT binning of chunk items by read cost (a merged chunk is read from every source, a
+    copied one from the newest only); deterministic, so every rank could compute it."""
+    def cost(item):
+        return max(item[3], 1) * (num_sources if item[2] == MERGE else 1)
+
+    bins: List[List[tuple]] = [[] for _ in range(num_bins)]
+    loads = [0] * num_bins
+    for item in sorted(items, key=lambda it: (-cost(it), it[0], it[1] or ())):
+        k = min(range(num_bins), key=lambda b: (loads[b], b))
+        bins[k].append(item)
+        loads[k] += cost(item)
+    return bins
+
+
+def trailing_number(path: str) -> Optional[int]:
+    match = _TRAILING_NUMBER.search(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
+    refs = sorted(refs, key=lambda r: r.iteration)
+    for a, b in zip(refs, refs[1:]):
+        if a.iteration == b.iteration:
+            raise InputError(f"{a.path} and {b.path} are both iteration {a.iteration}")
+    return refs
+
+
+class _SourceFiles:
+    """Open files of the sources, read by byte range (pread: no shared seek position)."""
+
+    def __init__(self):
+        self._fds: Dict[str, int] = {}
+
+    def read(self, ckpt_dir: str, info) -> bytes:
+        path = os.path.join(ckpt_dir, info.relative_path)
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise InputError(f"{path}: file not found") from None
+        data = os.pread(fd, info.length, info.offset)
+        if len(data) != info.length:
+            raise InputError(f"{path}: expected {info.length} bytes at offset {info.offset}, found {len(data)} "
+                             "(truncated file?)")
+        return data
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _load_chunk(blob: bytes, path: str, key: ChunkKey, entry, sizes) -> torch.Tensor:
+    try:
+        tensor = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable blob is an input problem
+        raise InputError(f"{path}: key '{key[0]}': stored chunk is not a readable torch.save tensor "
+                         f"({type(exc).__name__}: {str(exc)[:160]})") from None
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(sizes) \
+            or tensor.dtype != entry.properties.dtype:
+        found = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise InputError(f"{path}: key '{key[0]}' chunk at {list(key[1])}: stored {found}, the metadata says "
+                         f"{tuple(sizes)} {entry.properties.dtype}")
+    return tensor
+
+
+class DcpFormat(CheckpointFormat):
+    name = "dcp"
+    description = "PyTorch Distributed Checkpoint: .metadata + __*_*.distcp (a checkpoint dir, or a dir of step-N dirs)"
+
+    # Top-level state-dict entries that are training state, not weights: dropped by
+    # --optimizer drop, copied from the newest checkpoint by --optimizer latest.
+    training_state_keys: Tuple[str, ...] = ("optimizer", "optim", "lr_scheduler")
+
+    def __init__(self):
+        self._metadata_cache: Dict[str, object] = {}
+
+    # -- discovery ---------------------------------------------------------------------------
+    @classmethod
+    def recognizes(cls, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, DCP_METADATA)) or bool(cls._checkpoint_subdirs(path))
+
+    @staticmethod
+    def _checkpoint_subdirs(path: str) -> List[str]:
+        try:
+            entries = sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [e for e in entries if trailing_number(e) is not None
+                and os.path.isfile(os.path.join(path, e, DCP_METADATA))]
+
+    def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
+        if len(sources) == 1 and not os.path.isfile(os.path.join(sources[0], DCP_METADATA)):
+            run = sources[0]
+            subdirs = self._checkpoint_subdirs(run)
+            if not subdirs:
+                raise InputError(f"{run}: neither a DCP checkpoint (no {DCP_METADATA}) nor a directory of DCP "
+                                 "checkpoints named with a trailing step number (e.g. step-100)")
+            return sorted_unique([CheckpointRef(trailing_number(e), os.path.abspath(os.path.join(run, e)))
+                                  for e in subdirs])
+        for src in sources:
+            if not os.path.isfile(os.path.join(src, DCP_METADATA)):
+                raise InputError(f"{src}: not a DCP checkpoint directory ({DCP_METADATA} missing; it is written "
+                                 "last, so the checkpoint may be incomplete)")
+        numbers = [trailing_number(src) for src in sources]
+        if any(n is None for n in numbers):
+            numbers = list(range(1, len(sources) + 1))  # no step numbers: the order given is the order
+        return sorted_unique([CheckpointRef(n, os.path.abspath(src)) for n, src in zip(numbers, sources)])
+
+    # -- metadata ----------------------------------------------------------------------------
+    def metadata(self, ckpt: CheckpointRef):
+        if ckpt.path not in self._metadata_cache:
+            self._metadata_cache[ckpt.path] = load_metadata(ckpt.path)
+        return self._metadata_cache[ckpt.path]
+
+    def is_training_state(self, metadata, fqn: str) -> bool:
+        return top_level_key(metadata, fqn) in self.training_state_keys
+
+    def kept_fqns(self, metadata, optimizer_policy: str) -> List[str]:
+        """The newest checkpoint's entries that the output holds."""
+        return [fqn for fqn in metadata.state_dict_metadata
+                if optimizer_policy == "latest" or not self.is_training_state(metadata, fqn)]
+
+    def _item_kind(self, metadata, fqn: str) -> str:
+        entry = metadata.state_dict_metadata[fqn]
+        if (isinstance(entry, dcp_metadata.TensorStorageMetadata) and entry.properties.dtype.is_floating_point
+                and not self.is_training_state(metadata, fqn)):
+            return MERGE
+        return COPY
+
+    def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
+        metadata = self.metadata(checkpoints[-1])
+        entries = metadata.state_dict_metadata.values()
+        tensors = [e for e in entries if isinstance(e, dcp_metadata.TensorStorageMetadata)]
+        return {"tensors": len(tensors), "chunks": sum(len(e.chunks) for e in tensors),
+                "bytes_entries": len(entries) - len(tensors),
+                "files": len({info.relative_path for info in metadata.storage_data.values()})}
+
+    # -- planning (metadata only) ------------------------------------------------------------
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+                   world_size: int = 1) -> List[WorkUnit]:
+        newest_ref = checkpoints[-1]
+        newest = self.metadata(newest_ref)
+        kept = self.kept_fqns(newest, optimizer_policy)
+        merged = [fqn for fqn in kept if self._item_kind(newest, fqn) == MERGE]
+        # Training state under 'latest' comes from the newest only; everything else must match.
+        compared = [fqn for fqn in kept if not self.is_training_state(newest, fqn)]
+        kept_set, merged_set = set(kept), set(merged)
+        problems = storage_problems(newest_ref.path, newest, [k for k in chunk_keys(newest) if k[0] in kept_set])
+        for ckpt in checkpoints[:-1]:
+            try:
+                metadata = self.metadata(ckpt)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            mismatches = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, compared)
+            problems += mismatches
+            if not mismatches:
+                problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(newest) if k[0] in merged_set])
+        problems += self.extra_plan_problems(checkpoints, optimizer_policy)
+        if problems:
+            raise InputError(problems)
+
+        location = storage_index(newest)
+        sizes = chunk_sizes(newest)
+        items = []
+        for fqn, offsets in chunk_keys(newest):
+            if fqn not in kept_set:
+                continue
+            if offsets is None:
+                num_bytes = location[(fqn, None)].length
+            else:
+                num_bytes = math.prod(sizes[(fqn, offsets)]) * newest.state_dict_metadata[fqn].properties.dtype.itemsize
+            items.append((fqn, offsets, self._item_kind(newest, fqn), num_bytes))
+        units = []
+        for k, share in enumerate(balance_items(items, max(world_size, 1), len(checkpoints))):
+            if share:
+                # Stored order of the newest source: reads of each source file run forwards.
+                share.sort(key=lambda it: (location[it[:2]].relative_path, location[it[:2]].offset))
+                units.append(WorkUnit(f"__{k}_0.distcp", sum(it[3] for it in share), MERGE, items=tuple(share)))
+        return units
+
+    def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str) -> List[str]:
+        """Format-specific checks of files besides the DCP ones (none for plain DCP)."""
+        return []
+
+    # -- per-unit work -----------------------------------------------------------------------
+    def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
+        """Rank-local: every byte range this unit reads lies inside an existing source file."""
+        problems = []
+        merged = [it[:2] for it in unit.items if it[2] == MERGE]
+        for ckpt in checkpoints:
+            try:
+                metadata = self.metadata(ckpt)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            keys = [it[:2] for it in unit.items] if ckpt is checkpoints[-1] else merged
+            problems += storage_problems(ckpt.path, metadata, keys)
+        return problems
+
+    def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
+                   context: MergeContext) -> UnitResult:
+        newest = self.metadata(checkpoints[-1])
+        indexes = [storage_index(self.metadata(ckpt)) for ckpt in checkpoints]
+        sizes_of = chunk_sizes(newest)
+        files = _SourceFiles()
+        written: List[tuple] = []
+        counters = {"read": 0, "merged": 0}
+
+        def produce(writer):
+            for fqn, offsets, kind, _ in unit.items:
+                key = (fqn, offsets)
+                start = writer.num_bytes
+                if kind == COPY:
+                    blob = files.read(checkpoints[-1].path, indexes[-1][key])
+                    writer.write(blob)
+                    num_read = len(blob)
+                else:
+                    entry = newest.state_dict_metadata[fqn]
+                    sizes = sizes_of[key]
+                    chunks, num_read = [], 0
+                    for ckpt, index in zip(checkpoints, indexes):
+                        blob = files.read(ckpt.path, index[key])
+                        num_read += len(blob)
+                        chunks.append(_load_chunk(blob, os.path.join(ckpt.path, index[key].relative_path),
+                                                  key, entry, sizes))
+                        del blob
+                    torch.save(weighted_sum(chunks, context.weights, context.device), writer)
+                    counters["merged"] += 1
+                    del chunks
+                written.append((fqn, offsets, start, writer.num_bytes - start))
+                counters["read"] += num_read
+                context.on_progress(num_read)
+
+        try:
+            num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), produce)
+        finally:
+            files.close()
+        return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["merged"],
+                          details={"dcp_storage": written})
+
+    # -- output ------------------------------------------------------------------------------
+    def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef],
+                 results: Sequence[UnitResult], optimizer_policy: str) -> List[UnitResult]:
+        """Coordinator: the output ``.metadata``, the newest's key metadata with new locations."""
+        newest = self.metadata(checkpoints[-1])
+        kept = self.kept_fqns(newest, optimizer_policy)
+        kept_set = set(kept)
+        chunk_position = {}
+        for fqn in kept:
+            entry = newest.state_dict_metadata[fqn]
+            if isinstance(entry, dcp_metadata.TensorStorageMetadata):
+                chunk_position.update({(fqn, tuple(c.offsets)): i for i, c in enumerate(entry.chunks)})
+        storage_data = {}
+        for result in results:
+            for fqn, offsets, offset, length in result.details.get("dcp_storage", ()):
+                index = dcp_metadata.MetadataIndex(fqn, offsets, chunk_position.get((fqn, offsets)))
+                storage_data[index] = dcp_filesystem._StorageInfo(result.relpath, offset, length)
+        expected = {k for k in chunk_keys(newest) if k[0] in kept_set}
+        stored = {(i.fqn, None if i.offset is None else tuple(i.offset)) for i in storage_data}
+        if stored != expected:
+            raise MergeError(f"internal error: the merged files hold {len(stored)} entries, the plan "
+                             f"{len(expected)}; missing e.g. {sorted(expected - stored, key=str)[:3]}")
+        planner_data = newest.planner_data
+        if isinstance(planner_data, dict):
+            planner_data = {k: v for k, v in planner_data.items()
+                            if k in kept_set or k not in newest.state_dict_metadata}
+        storage_meta = newest.storage_meta
+        if storage_meta is not None:  # provenance of the merge lives in pmm_manifest.json
+            storage_meta = dataclasses.replace(storage_meta, checkpoint_id=None, save_id=str(uuid.uuid4()),
+                                               load_id=None)
+        # replace() rebuilds from the dataclass fields only: extra attributes such as
+        # Megatron's cached save plans (all_local_plans) describe the sources' files, not ours.
+        metadata = dataclasses.replace(newest, state_dict_metadata={k: newest.state_dict_metadata[k] for k in kept},
+                                       planner_data=planner_data, storage_data=storage_data,
+                                       storage_meta=storage_meta)
+        blob = pickle.dumps(metadata)
+        num_bytes, sha = write_atomically(os.path.join(staged_dir, DCP_METADATA), lambda f: f.write(blob))
+        return [UnitResult(DCP_METADATA, num_bytes, 0, sha, 0)]
+
+    def output_dirname(self, newest: CheckpointRef) -> str:
+        return ""  # the output root is the merged DCP checkpoint
+
+    def tracker_relpath(self) -> str:
+        return DCP_METADATA
+
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+        # .metadata is DCP's own commit marker: finalize staged it, and the engine moved it into
+        # place after every .distcp file, so the checkpoint is already loadable.
+        if not os.path.isfile(os.path.join(out_root, DCP_METADATA)):
+            raise MergeError(f"{os.path.join(out_root, DCP_METADATA)} was not committed")
+        return DCP_METADATA

@@ -1,0 +1,423 @@
+"""Hugging Face model directories with safetensors weights (``save_pretrained`` layout).
+
+    CKPT/model.safetensors                                   one file, or
+    CKPT/model.safetensors.index.json + the shards it names  (model-00001-of-00004.safetensors ...)
+    CKPT/config.json, generation_config.json, tokenizer files, ...
+
+Sources: several checkpoint directories, or one run directory whose subdirectories are
+checkpoints (``step_1000``, ``checkpoint-2000``, ``global_step3000``, ``step4000-tokens16B``).
+The iteration is read from the directory name (see ``iteration_from_name``).
+
+Validation is per tensor, not per file: every checkpoint must hold the same tensor names with
+the same dtypes and shapes as the newest, however each one is sharded. A unit is one OUTPUT
+shard: the tensors are binned (in the newest checkpoint's storage order) into shards of at most
+``max_shard_bytes``, and into at least ``world_size`` shards when there are enough tensors, so
+every rank has work. Float tensors are averaged; integer and bool tensors and each file's
+``__metadata__`` come from the newest checkpoint, as do config and tokenizer files.
+
+The output root is the model directory: one ``model.safetensors``, or shards
+``model-XXXXX-of-YYYYY.safetensors`` plus ``model.safetensors.index.json``. That last file (the
+index, or the single ``model.safetensors``) is the tracker: it is moved into place after every
+other file, so a reader never finds a partial model.
+"""
+import json
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..atomic import copy_atomically, fsync_directory, write_atomically, write_json_atomically
+from ..errors import InputError
+from ..kernel import weighted_sum
+from ..planner import WorkUnit
+from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
+from .safetensors_io import (FLOAT_DTYPES, QUANTIZED_DTYPES, Header, MappedFiles, encode_header, read_header,
+                             tensor_bytes)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9       # save_pretrained's default "5GB"
+# Training state written next to the weights by the HF Trainer: copied only with --optimizer latest.
+_TRAINING_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state).*\.(pt|pth|bin)$|"
+                             r"^(trainer_state\.json|training_args\.bin)$")
+# Weights in other serialisations are never copied: they would contradict the merged ones.
+_OTHER_WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)$|\.index\.json$")
+_NOT_COPIED = ("pmm_manifest.json",)
+_STEP_NUMBER = re.compile(r"step[-_.]?(\d+)", re.IGNORECASE)
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def iteration_from_name(name: str) -> Optional[int]:
+    """The iteration in a checkpoint directory's name: the number after ``step`` if the name has
+    one (``step_1000``, ``global_step1000``, ``stage1-step1000-tokens4B``), else a trailing
+    number (``checkpoint-1000``, ``iter_0001000``, ``ckpt1000``), else None."""
+    match = _STEP_NUMBER.search(name) or _TRAILING_NUMBER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def shard_name(index: int, count: int) -> str:
+    return SINGLE_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def bin_tensors(sizes: Sequence[Tuple[str, int]], max_shard_bytes: int, min_shards: int) -> List[List[str]]:
+    """Contiguous groups of ``sizes`` (name, bytes), in order: about equal bytes, none above
+    ``max_shard_bytes`` unless a single tensor is, and at least ``min_shards`` groups when
+    there are that many tensors."""
+    if not sizes:
+        return []
+    total = sum(size for _, size in sizes)
+    wanted = max(1, -(-total // max_shard_bytes), min(min_shards, len(sizes)))
+    groups: List[List[Tuple[str, int]]] = [[] for _ in range(wanted)]
+    before = 0
+    for position, (name, size) in enumerate(sizes):
+        # A tensor goes to the group its byte midpoint falls in: contiguous, near-equal groups.
+        slot = int((before + size / 2) * wanted / total) if total else position * wanted // len(sizes)
+        groups[min(slot, wanted - 1)].append((name, size))
+        before += size
+    limited: List[List[Tuple[str, int]]] = []
+    for group in (g for g in groups if g):
+        current, current_bytes = [], 0
+        for name, size in group:
+            if current and current_bytes + size > max_shard_bytes:
+                limited.append(current)
+                current, current_bytes = [], 0
+            current.append((name, size))
+            current_bytes += size
+        limited.append(current)
+    while len(limited) < min(min_shards, len(sizes)):  # a huge tensor took several groups' share
+        splittable = [i for i, g in enumerate(limited) if len(g) > 1]
+        i = max(splittable, key=lambda j: (sum(s for _, s in limited[j]), -j))
+        group, half, running, cut = limited[i], sum(s for _, s in limited[i]) / 2, 0, 1
+        for cut in range(1, len(group)):
+            running += group[cut - 1][1]
+            if running >= half:
+                break
+        limited[i:i + 1] = [group[:cut], group[cut:]]
+    return [[name for name, _ in group] for group in limited]
+
+
+@dataclass
+class _Inventory:
+    """One checkpoint's tensors from its index and headers (no tensor data)."""
+    path: str
+    tensors: Dict[str, Tuple[str, object]] = field(default_factory=dict)  # name -> (file, TensorInfo)
+    headers: Dict[str, Header] = field(default_factory=dict)               # file -> header, storage order
+    index_metadata: Dict[str, object] = field(default_factory=dict)
+    problems: List[str] = field(default_factory=list)
+
+
+class HuggingFaceFormat(CheckpointFormat):
+    name = "hf"
+    description = ("Hugging Face model directories: model.safetensors or model.safetensors.index.json + shards "
+                   "(several checkpoint dirs, or one run dir of step_*/checkpoint-* dirs)")
+
+    def __init__(self, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        if max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.max_shard_bytes = max_shard_bytes
+        self._inventories: Dict[str, _Inventory] = {}
+        self._tracker = INDEX_FILE  # set by finalize: the single model.safetensors when one shard
+
+    # -- discovery ---------------------------------------------------------------------------
+    @classmethod
+    def recognizes(cls, path: str) -> bool:
+        return _is_model_dir(path) or bool(_numbered_model_dirs(path))
+
+    def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
+        if len(sources) == 1:
+            numbered = _numbered_model_dirs(sources[0])
+            if numbered:  # a run directory; weights in the run root itself (a final save) are not part of it
+                return _sorted_unique([CheckpointRef(it, os.path.abspath(p)) for it, p in numbered])
+        refs = []
+        for src in sources:
+            if not _is_model_dir(src):
+                if _numbered_model_dirs(src):
+                    raise InputError(f"{src} is a run directory; give either one run directory or several "
+                                     "checkpoint directories, not a mixture")
+                hint = " (only safetensors weights are supported: found pytorch_model.bin)" if any(
+                    e.startswith("pytorch_model") for e in _listdir(src)) else ""
+                raise InputError(f"{src}: not a Hugging Face model directory: no {SINGLE_FILE} or "
+                                 f"{INDEX_FILE}{hint}, and no subdirectories holding one with a step number in "
+                                 "their name")
+            refs.append(CheckpointRef(self._iteration_of(src), os.path.abspath(src)))
+        return _sorted_unique(refs)
+
+    @staticmethod
+    def _iteration_of(ckpt_dir: str) -> int:
+        name = os.path.basename(os.path.normpath(os.path.abspath(ckpt_dir)))
+        iteration = iteration_from_name(name)
+        if iteration is None:
+            state = os.path.join(ckpt_dir, "trainer_state.json")
+            try:
+                iteration = int(json.load(open(state))["global_step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise InputError(f"{ckpt_dir}: cannot tell its iteration: the directory name has no step number "
+                                 "(step_1000, checkpoint-1000, iter_0001000 ...) and there is no trainer_state.json "
+                                 "with global_step; rename the directory") from None
+        return iteration
+
+    # -- inventory and layout ----------------------------------------------------------------
+    def _inventory(self, ckpt: CheckpointRef) -> _Inventory:
+        if ckpt.path not in self._inventories:
+            self._inventories[ckpt.path] = _read_inventory(ckpt.path)
+        return self._inventories[ckpt.path]
+
+    def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
+        newest = self._inventory(checkpoints[-1])
+        dtypes: Dict[str, int] = {}
+        for _, info in newest.tensors.values():
+            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+        return {"tensors": len(newest.tensors), "files": len(newest.headers),
+                "dtypes": "/".join(f"{d}:{n}" for d, n in sorted(dtypes.items()))}
+
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+                   world_size: int = 1) -> List[WorkUnit]:
+        inventories = [self._inventory(c) for c in checkpoints]
+        newest = inventories[-1]
+        problems = [p for inv in inventories for p in inv.problems]
+        if not newest.problems:
+            if not newest.tensors:
+                problems.append(f"{newest.path}: holds no tensors")
+            problems += [f"{os.path.join(newest.path, file)}: tensor '{name}' has dtype {info.dtype}: quantized "
+                         "weights cannot be averaged without their scales (dequantize first)"
+                         for name, (file, info) in newest.tensors.items() if info.dtype in QUANTIZED_DTYPES]
+            for other in inventories[:-1]:
+                if not other.problems:
+                    problems += _compare(other, newest)
+        if problems:
+            raise InputError(problems)
+        groups = bin_tensors([(name, info.num_bytes) for name, (_, info) in newest.tensors.items()],
+                             self.max_shard_bytes, world_size)
+        units = [WorkUnit(shard_name(i, len(groups)), sum(newest.tensors[n][1].num_bytes for n in group),
+                          items=tuple(group)) for i, group in enumerate(groups)]
+        if optimizer_policy == "latest":
+            units += [WorkUnit(entry, os.path.getsize(os.path.join(newest.path, entry)), action="copy")
+                      for entry in _listdir(newest.path) if _TRAINING_STATE.match(entry)
+                      and os.path.isfile(os.path.join(newest.path, entry))]
+        return units
+
+    # -- per-unit work -----------------------------------------------------------------------
+    def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
+        """The safetensors library's own view of every file this unit reads must agree with the plan."""
+        if unit.action == "copy":
+            return []
+        from safetensors import safe_open
+        newest = self._inventory(checkpoints[-1])
+        problems: List[str] = []
+        for ckpt in checkpoints:
+            inventory = self._inventory(ckpt)
+            if inventory.problems:
+                return inventory.problems
+            for file, names in _by_file(inventory, unit.items).items():
+                path = os.path.join(ckpt.path, file)
+                try:
+                    with safe_open(path, framework="pt") as handle:
+                        for name in names:
+                            piece = handle.get_slice(name)
+                            expected = newest.tensors[name][1]
+                            if (piece.get_dtype(), tuple(piece.get_shape())) != (expected.dtype, expected.shape):
+                                problems.append(f"{path}: tensor '{name}' reads as {piece.get_dtype()} "
+                                                f"{piece.get_shape()}, expected {expected.dtype} {list(expected.shape)}")
+                except Exception as exc:  # SafetensorError, OSError: the library refuses the file
+                    problems.append(f"{path}: safetensors cannot read it: {exc}")
+        return problems
+
+    def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
+                   context: MergeContext) -> UnitResult:
+        target = os.path.join(destination, unit.relpath)
+        if unit.action == "copy":
+            num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath), target)
+            context.on_progress(num_bytes)
+            return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
+        from safetensors import safe_open
+        inventories = [self._inventory(c) for c in checkpoints]
+        newest = inventories[-1]
+        entries = [(name, newest.tensors[name][1].dtype, newest.tensors[name][1].shape) for name in unit.items]
+        metadata = newest.headers[newest.tensors[unit.items[0]][0]].metadata
+        header, order = encode_header(entries, metadata)
+        mapped = MappedFiles()
+        counters = {"read": 0, "merged": 0}
+
+        def produce(writer):
+            with ExitStack() as stack:
+                handles: Dict[str, object] = {}
+
+                def tensor(inventory: _Inventory, name: str):
+                    path = os.path.join(inventory.path, inventory.tensors[name][0])
+                    if path not in handles:
+                        handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                    value = handles[path].get_tensor(name)
+                    return value, mapped.is_mapped(path, value)
+
+                writer.write(header)
+                for name, num_bytes in order:
+                    if newest.tensors[name][1].dtype in FLOAT_DTYPES:
+                        sources, flags = zip(*(tensor(inv, name) for inv in inventories))
+                        result = weighted_sum(sources, context.weights, context.device,
+                                              sources_are_mapped=all(flags))
+                        counters["merged"] += 1
+                        num_read = num_bytes * len(sources)
+                    else:  # integer and bool tensors: the newest checkpoint's, byte for byte
+                        result, _ = tensor(newest, name)
+                        num_read = num_bytes
+                    data = tensor_bytes(result.contiguous())
+                    assert data.nbytes == num_bytes, f"{name}: {data.nbytes} bytes, header says {num_bytes}"
+                    writer.write(data)
+                    counters["read"] += num_read
+                    context.on_progress(num_read)
+
+        num_bytes, sha = write_atomically(target, produce)
+        return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["merged"])
+
+    # -- output ------------------------------------------------------------------------------
+    def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef], results: Sequence[UnitResult],
+                 optimizer_policy: str) -> List[UnitResult]:
+        """Copy the newest checkpoint's config and tokenizer files; write the index (from the
+        staged shards' headers) unless the model is one ``model.safetensors``."""
+        newest = checkpoints[-1]
+        written: List[UnitResult] = []
+        for entry in _config_files(newest.path):
+            num_bytes, sha = copy_atomically(os.path.join(newest.path, entry), os.path.join(staged_dir, entry))
+            written.append(UnitResult(entry, num_bytes, num_bytes, sha, 0))
+        shards = sorted(r.relpath for r in results if r.relpath.endswith(".safetensors"))
+        if shards == [SINGLE_FILE]:
+            self._tracker = SINGLE_FILE
+            return written
+        weight_map: Dict[str, str] = {}
+        total_size = 0
+        for shard in shards:
+            for name, info in read_header(os.path.join(staged_dir, shard)).tensors.items():
+                weight_map[name] = shard
+                total_size += info.num_bytes
+        metadata = dict(self._inventory(newest).index_metadata, total_size=total_size)
+        index = {"metadata": dict(sorted(metadata.items())), "weight_map": dict(sorted(weight_map.items()))}
+        num_bytes, sha = write_json_atomically(os.path.join(staged_dir, INDEX_FILE), index)
+        written.append(UnitResult(INDEX_FILE, num_bytes, 0, sha, 0))
+        self._tracker = INDEX_FILE
+        return written
+
+    def output_dirname(self, newest: CheckpointRef) -> str:
+        return ""  # the output root is the model directory
+
+    def tracker_relpath(self) -> str:
+        """The index, or ``model.safetensors`` when ``finalize`` found a single shard."""
+        return self._tracker
+
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+        # The engine moved the staged tracker in after every other file; make the renames durable.
+        assert os.path.isfile(os.path.join(out_root, self._tracker)), f"{self._tracker} missing from {out_root}"
+        fsync_directory(out_root)
+        return self._tracker
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _listdir(path: str) -> List[str]:
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+
+
+def _is_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, SINGLE_FILE)) or os.path.isfile(os.path.join(path, INDEX_FILE))
+
+
+def _numbered_model_dirs(path: str) -> List[Tuple[int, str]]:
+    found = []
+    for entry in _listdir(path):
+        full = os.path.join(path, entry)
+        iteration = iteration_from_name(entry)
+        if not entry.startswith(".") and iteration is not None and os.path.isdir(full) and _is_model_dir(full):
+            found.append((iteration, full))
+    return found
+
+
+def _sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
+    refs = sorted(refs, key=lambda r: r.iteration)
+    for a, b in zip(refs, refs[1:]):
+        if a.iteration == b.iteration:
+            raise InputError(f"{a.path} and {b.path} are both iteration {a.iteration} (by their names)")
+    return refs
+
+
+def _config_files(ckpt_dir: str) -> List[str]:
+    """Top-level files other than weights and training state: config, generation config,
+    tokenizer files, chat template, custom modeling code, model card."""
+    return [e for e in _listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, e)) and not e.startswith(".")
+            and not _OTHER_WEIGHTS.search(e) and not _TRAINING_STATE.match(e) and e not in _NOT_COPIED]
+
+
+def _read_inventory(ckpt_dir: str) -> _Inventory:
+    inventory = _Inventory(ckpt_dir)
+    if os.path.isfile(os.path.join(ckpt_dir, SINGLE_FILE)):  # as transformers: the single file wins
+        weight_map = None
+        files = [SINGLE_FILE]
+    else:
+        index_path = os.path.join(ckpt_dir, INDEX_FILE)
+        try:
+            index = json.load(open(index_path))
+            weight_map = index["weight_map"]
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            inventory.problems.append(f"{index_path}: not a valid index (expected a JSON object with a "
+                                      f"'weight_map' of tensor name -> file): {exc}")
+            return inventory
+        inventory.index_metadata = {k: v for k, v in (index.get("metadata") or {}).items() if k != "total_size"}
+        files = sorted(set(weight_map.values()))
+    for file in files:
+        path = os.path.join(ckpt_dir, file)
+        if os.path.basename(file) != file or file in (".", ".."):
+            inventory.problems.append(f"{os.path.join(ckpt_dir, INDEX_FILE)}: shard name {file!r} is not a file "
+                                      "name in the checkpoint directory")
+            continue
+        if not os.path.isfile(path):
+            named = sorted(n for n, f in weight_map.items() if f == file) if weight_map else []
+            inventory.problems.append(f"{path}: missing shard (named in {INDEX_FILE} for {len(named)} tensors, "
+                                      f"e.g. '{named[0]}')" if named else f"{path}: missing")
+            continue
+        try:
+            header = read_header(path)
+        except InputError as exc:
+            inventory.problems += exc.problems
+            continue
+        inventory.headers[file] = header
+        for name, info in header.tensors.items():
+            if name in inventory.tensors:
+                inventory.problems.append(f"{path}: tensor '{name}' also in "
+                                          f"{os.path.join(ckpt_dir, inventory.tensors[name][0])}")
+            elif weight_map is not None and weight_map.get(name) != file:
+                inventory.problems.append(f"{path}: tensor '{name}' is not mapped to this file by {INDEX_FILE}")
+            else:
+                inventory.tensors[name] = (file, info)
+    if weight_map is not None:
+        inventory.problems += [f"{os.path.join(ckpt_dir, file)}: tensor '{name}' missing (named in {INDEX_FILE})"
+                               for name, file in weight_map.items()
+                               if file in inventory.headers and name not in inventory.tensors]
+    return inventory
+
+
+def _compare(other: _Inventory, newest: _Inventory) -> List[str]:
+    problems = [f"{other.path}: tensor '{name}' missing (present in the newest checkpoint {newest.path})"
+                for name in newest.tensors if name not in other.tensors]
+    problems += [f"{other.path}: unexpected tensor '{name}' (absent from the newest checkpoint {newest.path})"
+                 for name in other.tensors if name not in newest.tensors]
+    for name, (file, ref) in newest.tensors.items():
+        if name not in other.tensors:
+            continue
+        other_file, info = other.tensors[name]
+        where = os.path.join(other.path, other_file)
+        if info.dtype != ref.dtype:
+            problems.append(f"{where}: tensor '{name}' has dtype {info.dtype}, the newest checkpoint has "
+                            f"{ref.dtype} ({os.path.join(newest.path, file)})")
+        elif info.shape != ref.shape:
+            problems.append(f"{where}: tensor '{name}' has shape {list(info.shape)}, the newest checkpoint has "
+                            f"{list(ref.shape)} ({os.path.join(newest.path, file)})")
+    return problems
+
+
+def _by_file(inventory: _Inventory, names: Sequence[str]) -> Dict[str, List[str]]:
+    grouped: Dict[str, List[str]] = {}
+    for name in names:
+        grouped.setdefault(inventory.tensors[name][0], []).append(name)
+    return grouped

@@ -1,0 +1,169 @@
+"""Megatron-core ``torch_dist`` checkpoints (``--ckpt-format torch_dist``): DCP plus Megatron files.
+
+    RUN/latest_checkpointed_iteration.txt
+    RUN/iter_0001000/metadata.json      # {"sharded_backend": "torch_dist", ...}; Megatron writes it last
+    RUN/iter_0001000/.metadata          # DCP metadata: ShardedTensor keys, global shapes, chunks
+    RUN/iter_0001000/__{rank}_{i}.distcp
+    RUN/iter_0001000/common.pt          # non-sharded state: args, iteration, optimizer param_groups, ...
+
+The sharded part is merged exactly like plain DCP (see ``dcp.py``): chunk by chunk, into one
+``__{k}_0.distcp`` per merging rank, keeping every tensor's global shape and chunking (Megatron
+reshards on load, so the merged checkpoint loads at any TP/PP). ShardedObjects (``_extra_state``,
+``rng_state``) are bytes entries and come from the newest checkpoint. Training state (the
+``optimizer.*`` tensors, ``rng_state`` objects and the ``optimizer`` / ``opt_param_scheduler`` /
+``rng_state`` entries of ``common.pt``) is dropped by ``--optimizer drop`` and copied from the
+newest checkpoint by ``--optimizer latest``. The output is a run directory: ``iter_{N:07d}/``
+(staged, then renamed into place in one step) and the tracker, written last.
+"""
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..atomic import copy_atomically, write_atomically, write_text_atomically
+from ..errors import InputError
+from ..safe_load import safe_load
+from .base import CheckpointRef, UnitResult
+from .dcp import DcpFormat, sorted_unique
+from .megatron import TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, parallel_degrees
+
+CONFIG_FILE = "metadata.json"          # megatron.core.dist_checkpointing.core.CONFIG_FNAME
+COMMON_FILE = "common.pt"              # megatron.core.dist_checkpointing.strategies.common.COMMON_STATE_FNAME
+SHARDED_BACKEND = "torch_dist"
+
+
+def sharded_backend(ckpt_dir: str) -> Optional[str]:
+    """The ``sharded_backend`` named by ``metadata.json``, or None if there is no readable one."""
+    try:
+        with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("sharded_backend") if isinstance(config, dict) else None
+
+
+def is_torch_dist_checkpoint(ckpt_dir: str) -> bool:
+    return sharded_backend(ckpt_dir) == SHARDED_BACKEND
+
+
+class MegatronDistFormat(DcpFormat):
+    name = "megatron-dist"
+    description = ("Megatron-core torch_dist: latest_checkpointed_iteration.txt + iter_*/ with metadata.json, "
+                   ".metadata, __*_*.distcp, common.pt")
+    training_state_keys = tuple(TRAINING_STATE_KEYS)
+
+    # -- discovery ---------------------------------------------------------------------------
+    @classmethod
+    def recognizes(cls, path: str) -> bool:
+        if is_torch_dist_checkpoint(path):
+            return True
+        try:
+            entries = os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return any(_ITER_DIR.match(e) and is_torch_dist_checkpoint(os.path.join(path, e)) for e in entries)
+
+    def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
+        if len(sources) == 1 and not is_torch_dist_checkpoint(sources[0]):
+            return self._discover_run(sources[0])
+        refs = []
+        for src in sources:
+            if not is_torch_dist_checkpoint(src):
+                found = sharded_backend(src)
+                raise InputError(f"{src}: not a Megatron torch_dist checkpoint directory ("
+                                 + (f"{CONFIG_FILE} names sharded_backend {found!r})" if found else
+                                    f"no readable {CONFIG_FILE}; Megatron writes it last, so the checkpoint "
+                                    "may be incomplete)"))
+            refs.append(CheckpointRef(self._iteration_of(src), os.path.abspath(src)))
+        return sorted_unique(refs)
+
+    def _discover_run(self, run_dir: str) -> List[CheckpointRef]:
+        tracker_path = os.path.join(run_dir, TRACKER)
+        newest = None
+        if os.path.isfile(tracker_path):
+            text = open(tracker_path).read().strip()
+            if text == "release":
+                raise InputError(f"{tracker_path} says 'release': a release checkpoint has no history to merge; "
+                                 "pass the checkpoint directories to merge explicitly")
+            try:
+                newest = int(text)
+            except ValueError:
+                raise InputError(f"{tracker_path}: expected an iteration number or 'release', "
+                                 f"found {text[:40]!r}") from None
+        refs = []
+        for entry in sorted(os.listdir(run_dir)):
+            match = _ITER_DIR.match(entry)
+            path = os.path.join(run_dir, entry)
+            # Past the tracker, or without metadata.json: still being written by the trainer.
+            if match and (newest is None or int(match.group(1)) <= newest) and is_torch_dist_checkpoint(path):
+                refs.append(CheckpointRef(int(match.group(1)), os.path.abspath(path)))
+        if newest is not None and not any(ref.iteration == newest for ref in refs):
+            raise InputError(f"{tracker_path} names iteration {newest}, but "
+                             f"{os.path.join(run_dir, f'iter_{newest:07d}')} is not a complete torch_dist checkpoint "
+                             f"(missing, or no {CONFIG_FILE})")
+        if not refs:
+            raise InputError(f"{run_dir}: no torch_dist checkpoints (iter_*/ with {CONFIG_FILE}) found")
+        return refs
+
+    @staticmethod
+    def _iteration_of(ckpt_dir: str) -> int:
+        match = _ITER_DIR.match(os.path.basename(os.path.normpath(ckpt_dir)))
+        if match:
+            return int(match.group(1))
+        iteration = _common_state(ckpt_dir).get("iteration")
+        if not isinstance(iteration, int):
+            raise InputError(f"{os.path.join(ckpt_dir, COMMON_FILE)}: key 'iteration' missing; cannot order this "
+                             "checkpoint (name its directory iter_NNNNNNN)")
+        return iteration
+
+    # -- layout ------------------------------------------------------------------------------
+    def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
+        layout = {"backend": SHARDED_BACKEND}
+        path = os.path.join(checkpoints[-1].path, COMMON_FILE)
+        args = _common_state(checkpoints[-1].path).get("args") if os.path.isfile(path) else None
+        if args is not None:  # the run's layout when saved; the merged checkpoint loads at any
+            layout.update(zip(("saved_tp", "saved_pp", "saved_ep"), parallel_degrees(args)))
+        layout.update(super().layout(checkpoints))
+        return layout
+
+    def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str) -> List[str]:
+        path = os.path.join(checkpoints[-1].path, COMMON_FILE)
+        if not os.path.isfile(path):
+            return [f"{path}: missing file (the common, non-sharded state is taken from the newest checkpoint)"]
+        return []
+
+    # -- output ------------------------------------------------------------------------------
+    def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef],
+                 results: Sequence[UnitResult], optimizer_policy: str) -> List[UnitResult]:
+        written = super().finalize(staged_dir, checkpoints, results, optimizer_policy)  # .metadata
+        newest = checkpoints[-1].path
+        source, target = os.path.join(newest, COMMON_FILE), os.path.join(staged_dir, COMMON_FILE)
+        common = safe_load(source, mmap=False) if optimizer_policy == "drop" else None
+        if isinstance(common, dict) and any(key in self.training_state_keys for key in common):
+            kept = {key: value for key, value in common.items() if key not in self.training_state_keys}
+            num_bytes, sha = write_atomically(target, lambda f: torch.save(kept, f))
+        else:
+            num_bytes, sha = copy_atomically(source, target)
+        written.append(UnitResult(COMMON_FILE, num_bytes, num_bytes, sha, 0))
+        # metadata.json last, as Megatron does: it marks the directory as a complete checkpoint.
+        num_bytes, sha = copy_atomically(os.path.join(newest, CONFIG_FILE), os.path.join(staged_dir, CONFIG_FILE))
+        written.append(UnitResult(CONFIG_FILE, num_bytes, num_bytes, sha, 0))
+        return written
+
+    def output_dirname(self, newest: CheckpointRef) -> str:
+        return f"iter_{newest.iteration:07d}"
+
+    def tracker_relpath(self) -> str:
+        return TRACKER
+
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+        write_text_atomically(os.path.join(out_root, TRACKER), f"{newest.iteration}\n")
+        return TRACKER
+
+
+def _common_state(ckpt_dir: str) -> dict:
+    state = safe_load(os.path.join(ckpt_dir, COMMON_FILE), mmap=False)
+    if not isinstance(state, dict):
+        raise InputError(f"{os.path.join(ckpt_dir, COMMON_FILE)}: expected a dict, found {type(state).__name__}")
+    return state
