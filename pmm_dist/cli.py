@@ -1,9 +1,10 @@
-"""Command line: ``pmm-dist merge ...`` (also ``python -m pmm_dist``, and under torchrun).
+"""Command line: ``pmm-dist merge|verify|inspect ...`` (also ``python -m pmm_dist``, and under torchrun).
 
 A thin layer over ``pmm_dist.merge``: parse flags into MergeOptions, run, print the summary on
 rank 0, and turn errors into a message plus a non-zero exit code on every rank.
 """
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
@@ -15,6 +16,7 @@ from .formats import available_formats
 from .methods import available_methods
 from .report import format_summary
 from .staging import STAGING
+from .verification import describe_run, format_run_description, verify_output
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -99,11 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--timeout-minutes", type=float, default=180.0,
                    help="how long a rank waits for the others at a collective step (default: 180)")
     m.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    v = commands.add_parser("verify", help="check a merged output against its manifest",
+                            description="Check a merged output: manifest and tracker present, every file with its "
+                                        "size and sha256, nothing unlisted, and (when the sources still exist) the "
+                                        "tensor names, shapes and dtypes of the newest source. Exit 0 if all is well, "
+                                        "1 on any mismatch.")
+    v.add_argument("out", help="the --out directory of a merge")
+    v.add_argument("--no-sources", action="store_true", help="do not compare with the source checkpoints")
+
+    i = commands.add_parser("inspect", help="list the checkpoints of a run",
+                            description="List a run's checkpoints: format, parallel layout, iterations, sizes.")
+    i.add_argument("sources", nargs="+", metavar="SOURCE", help="a run directory or checkpoint directories")
+    i.add_argument("--format", default="auto", choices=["auto", *available_formats()])
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "inspect":
+        return _inspect(args)
     if args.local_rank is not None:  # the deepspeed launcher passes --local_rank instead of the env var
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
@@ -137,3 +157,24 @@ def _is_coordinator() -> bool:
         if var in os.environ:
             return int(os.environ[var]) == 0
     return True
+
+
+def _verify(args) -> int:
+    problems = verify_output(args.out, check_sources=not args.no_sources)
+    if problems:
+        print(f"pmm-dist: verify FAILED for {args.out}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"OK: {args.out} matches its manifest")
+    return EXIT_OK
+
+
+def _inspect(args) -> int:
+    try:
+        info = describe_run(args.sources, args.format)
+    except MergeError as exc:
+        print(f"pmm-dist: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(info, indent=2) if args.json else format_run_description(info))
+    return EXIT_OK

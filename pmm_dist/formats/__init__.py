@@ -4,6 +4,7 @@ from typing import Dict, List, Sequence, Type
 from ..errors import MergeError
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
 from .dcp import DcpFormat
+from .deepspeed import DeepSpeedFormat
 from .hf import HuggingFaceFormat
 from .megatron import MegatronLegacyFormat
 from .megatron_dist import MegatronDistFormat
@@ -15,6 +16,7 @@ FORMATS: Dict[str, Type[CheckpointFormat]] = {
     MegatronLegacyFormat.name: MegatronLegacyFormat,
     DcpFormat.name: DcpFormat,  # after megatron-dist: a torch_dist checkpoint is a DCP checkpoint too
     HuggingFaceFormat.name: HuggingFaceFormat,
+    DeepSpeedFormat.name: DeepSpeedFormat,
 }
 
 

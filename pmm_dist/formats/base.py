@@ -13,7 +13,7 @@ engine calls these in this order and never branches on a format's name:
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Sequence
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,6 +102,12 @@ class CheckpointFormat(ABC):
     @abstractmethod
     def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
         """Write the file that makes the output loadable (atomically); returns its relpath."""
+
+    def tensor_inventory(self, checkpoint_dir: str) -> Optional[Dict[str, Tuple[tuple, str]]]:
+        """Every float tensor of a checkpoint (source or merged output) as name -> (shape, dtype),
+        read from metadata where the format allows; used by ``pmm-dist verify``. None if the
+        format cannot list them."""
+        return None
 
     @abstractmethod
     def tracker_relpath(self) -> str:

@@ -112,10 +112,14 @@ class HuggingFaceFormat(CheckpointFormat):
     description = ("Hugging Face model directories: model.safetensors or model.safetensors.index.json + shards "
                    "(several checkpoint dirs, or one run dir of step_*/checkpoint-* dirs)")
 
-    def __init__(self, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        if max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.max_shard_bytes = max_shard_bytes
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    """Largest output shard (a single larger tensor gets a shard of its own)."""
+
+    def __init__(self, max_shard_bytes: Optional[int] = None):
+        if max_shard_bytes is not None:
+            if max_shard_bytes < 1:
+                raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+            self.max_shard_bytes = max_shard_bytes
         self._inventories: Dict[str, _Inventory] = {}
         self._tracker = INDEX_FILE  # set by finalize: the single model.safetensors when one shard
 

@@ -214,6 +214,14 @@ class MegatronLegacyFormat(CheckpointFormat):
         num_bytes, sha = write_atomically(target, lambda f: torch.save(output, f))
         return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["tensors"])
 
+    def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
+        inventory = {}
+        for name in _shard_dirs(checkpoint_dir):
+            for path_key, leaf in _model_leaves(safe_load(os.path.join(checkpoint_dir, name, MODEL_FILE))).items():
+                if is_mergeable(leaf):
+                    inventory[f"{name}/{dotted(path_key)}"] = (tuple(leaf.shape), str(leaf.dtype))
+        return inventory
+
     # -- output ------------------------------------------------------------------------------
     def output_dirname(self, newest: CheckpointRef) -> str:
         return f"iter_{newest.iteration:07d}"

@@ -1,0 +1,455 @@
+"""DeepSpeed checkpoints (``engine.save_checkpoint``): ZeRO stages 0-3, MoE experts, PipelineModule.
+
+    RUN/latest                                                   # the newest tag; DeepSpeed writes it last
+    RUN/global_step{N}/
+        mp_rank_{mp:02d}_model_states.pt                         # ZeRO 0-2 and pipeline stages: `module`
+        zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt       # ZeRO-3: `module` holds placeholders
+        [bf16_]zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt   # ZeRO 1-3 fp32 flat partitions + moments
+        layer_{moe_layer}_expert_{global_id}_mp_rank_{mp:02d}_model_states.pt   # MoE experts
+        expp_rank_{ep}_mp_rank_{mp:02d}_optim_states.pt          # MoE optimizer state without ZeRO
+        layer_{idx:02d}[-model_{tp:02d}]-model_states.pt         # PipelineModule layers
+
+Every weight-bearing file is a unit, merged tensor by tensor; the merged file keeps the newest
+source's non-tensor state (ds_config, param_shapes, global_steps, client state, ...):
+
+- model states: the float tensors of ``module`` (ZeRO 0-2 weights and buffers; ZeRO-3 buffers and
+  empty placeholders) and ``frozen_param_fragments``. ``--optimizer drop`` sets the non-ZeRO
+  ``optimizer`` entry to None, as DeepSpeed itself saves it under ZeRO.
+- expert and pipeline layer files: every float tensor.
+- ZeRO-3 optimizer files: the weights live only here, so the fp32 flat partitions
+  (``fp32_flat_groups``) are merged elementwise, which is exact because every source must have the
+  same partitioning (same ZeRO stage, partition count, param_shapes and flat sizes; anything else is
+  refused). The Adam moments (``optimizer_state_dict.optimizer_state_dict``) are removed under
+  ``--optimizer drop`` and kept from the newest checkpoint under ``--optimizer latest``.
+- ZeRO 1/2 (and bf16-optimizer) optimizer files and MoE ``expp_rank_*`` files hold no weights that
+  ``load_checkpoint(load_module_only=True)`` reads: dropped, or copied unchanged with
+  ``--optimizer latest``.
+"""
+import copy
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..atomic import copy_atomically, write_atomically, write_text_atomically
+from ..errors import InputError
+from ..kernel import is_mergeable, weighted_sum
+from ..planner import WorkUnit
+from ..safe_load import safe_load
+from ..tree import flatten, map_leaves
+from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
+from .megatron import _compare_leaves, _sorted_unique
+
+TRACKER = "latest"
+_TAG_DIR = re.compile(r"^global_step(\d+)$")
+
+# File kinds of a tag directory, by name (DeepSpeed's own naming, see the module docstring).
+MODEL, EXPERT, LAYER, ZERO_OPTIM, EXPERT_OPTIM = "model", "expert", "layer", "zero_optim", "expert_optim"
+_FILE_PATTERNS = (
+    (re.compile(r"^mp_rank_(?P<mp>\d+)_model_states\.pt$"), MODEL),
+    (re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$"), MODEL),
+    (re.compile(r"^(?:layer_(?P<layer>\d+)_)?expert_(?P<expert>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$"), EXPERT),
+    (re.compile(r"^layer_(?P<layer>\d+)(?:-[A-Za-z]+_\d+)*-model_states\.pt$"), LAYER),
+    # "..._mp_rank_00optim_states.pt" (no underscore) is DeepSpeed's old name, which it still loads.
+    (re.compile(r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_?optim_states\.pt$"), ZERO_OPTIM),
+    (re.compile(r"^expp_rank_(?P<ep>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$"), EXPERT_OPTIM),
+)
+_ZERO3_MODEL = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
+# The subtrees whose float tensors are merged, per kind; () is the whole file.
+_MERGED_SUBTREES = {
+    MODEL: (("module",), ("frozen_param_fragments",)),
+    EXPERT: ((),),
+    LAYER: ((),),
+    ZERO_OPTIM: (("optimizer_state_dict", "fp32_flat_groups"),),  # ZeRO-3 only (see plan_units)
+}
+OPTIMIZER_STATE = "optimizer_state_dict"
+ZERO3_MOMENTS = (OPTIMIZER_STATE, "optimizer_state_dict")  # the base optimizer's state inside a ZeRO-3 file
+
+
+def classify(filename: str) -> Optional[str]:
+    """The kind of a file in a tag directory, or None if it is not a DeepSpeed checkpoint file."""
+    for pattern, kind in _FILE_PATTERNS:
+        if pattern.match(filename):
+            return kind
+    return None
+
+
+@dataclass(frozen=True)
+class _Inventory:
+    """What planning needs to know about one checkpoint (a tag directory)."""
+    files: Dict[str, str]            # file name -> kind
+    unknown: Tuple[str, ...]          # entries that are no DeepSpeed checkpoint file
+    reference: str                    # the model-states file read for the metadata below
+    zero_stage: int
+    stage_source: str                 # the file the ZeRO stage was read from
+    dp_world_size: Optional[int]
+    partition_count: object           # from the optimizer file (int, or a list per param group)
+    param_shapes: object
+    num_experts: object
+    bf16: bool
+
+
+class DeepSpeedFormat(CheckpointFormat):
+    name = "deepspeed"
+    description = "DeepSpeed engine.save_checkpoint: latest + global_step*/(mp_rank|zero_pp_rank)_*_states.pt"
+
+    def __init__(self):
+        self._inventories: Dict[str, _Inventory] = {}
+
+    # -- discovery ---------------------------------------------------------------------------
+    @classmethod
+    def recognizes(cls, path: str) -> bool:
+        """A tag directory, or a run directory: ``latest`` next to at least one tag directory."""
+        if _is_tag_dir(path):
+            return True
+        if not os.path.isfile(os.path.join(path, TRACKER)):
+            return False
+        with open(os.path.join(path, TRACKER)) as f:
+            named = f.read(256).strip()
+        if _TAG_DIR.match(named):  # DeepSpeed's default tag, even if its directory is missing (discover says so)
+            return True
+        return bool(named) and _is_tag_dir(os.path.join(path, named))
+
+    def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
+        if len(sources) == 1 and os.path.isfile(os.path.join(sources[0], TRACKER)):
+            return self._discover_run(sources[0])
+        refs = []
+        for src in sources:
+            if os.path.isfile(os.path.join(src, TRACKER)):
+                raise InputError(f"{src} is a run directory (it has '{TRACKER}'); give either one run directory "
+                                 "or several tag directories (global_step*), not a mixture")
+            if not _is_tag_dir(src):
+                raise InputError(f"{src}: not a DeepSpeed checkpoint directory (no *_model_states.pt files)")
+            refs.append(CheckpointRef(self._iteration_of(src), os.path.abspath(src)))
+        return _sorted_unique(refs)
+
+    def _discover_run(self, run_dir: str) -> List[CheckpointRef]:
+        tracker_path = os.path.join(run_dir, TRACKER)
+        tag = open(tracker_path).read().strip()
+        tag_dir = os.path.join(run_dir, tag)
+        if not tag or not os.path.isdir(tag_dir):
+            raise InputError(f"{tracker_path} names tag {tag!r}, but {tag_dir} does not exist "
+                             "(an interrupted save, or a pruned checkpoint?)")
+        match = _TAG_DIR.match(tag)
+        if not match:
+            raise InputError(f"{tracker_path} names tag {tag!r}, which is not of the form global_step<N>: the "
+                             "merge order is unknown; pass the tag directories to merge explicitly")
+        newest = int(match.group(1))
+        refs = []
+        for entry in sorted(os.listdir(run_dir)):
+            found = _TAG_DIR.match(entry)
+            # Tags after the one in `latest` may still be being written by the trainer.
+            if found and int(found.group(1)) <= newest and os.path.isdir(os.path.join(run_dir, entry)):
+                refs.append(CheckpointRef(int(found.group(1)), os.path.abspath(os.path.join(run_dir, entry))))
+        return refs
+
+    @staticmethod
+    def _iteration_of(tag_dir: str) -> int:
+        match = _TAG_DIR.match(os.path.basename(os.path.normpath(tag_dir)))
+        if match:
+            return int(match.group(1))
+        files, _ = _list_files(tag_dir)
+        path = os.path.join(tag_dir, _reference_file(files) or "mp_rank_00_model_states.pt")
+        steps = safe_load(path).get("global_steps")
+        if not isinstance(steps, int):
+            raise InputError(f"{path}: key 'global_steps' missing; cannot order this checkpoint")
+        return steps
+
+    # -- layout ------------------------------------------------------------------------------
+    def _inventory(self, ckpt: CheckpointRef) -> _Inventory:
+        if ckpt.path not in self._inventories:
+            self._inventories[ckpt.path] = _read_inventory(ckpt.path)
+        return self._inventories[ckpt.path]
+
+    def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
+        inv = self._inventory(checkpoints[-1])
+        kinds = list(inv.files.values())
+        return {"zero_stage": inv.zero_stage, "dp": inv.dp_world_size, "bf16": inv.bf16,
+                "mp": len({_mp_rank(name) for name, kind in inv.files.items() if kind == MODEL}),
+                "experts": kinds.count(EXPERT), "pipeline_layers": kinds.count(LAYER), "files": len(kinds)}
+
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+                   world_size: int = 1) -> List[WorkUnit]:
+        newest = checkpoints[-1]
+        problems: List[str] = []
+        reference = self._inventory(newest)
+        for ckpt in checkpoints:
+            inv = self._inventory(ckpt)
+            problems += [f"{os.path.join(ckpt.path, name)}: not a DeepSpeed checkpoint file pmm_dist can merge "
+                         "(move it out of the tag directory)" for name in inv.unknown]
+            if ckpt is newest:
+                problems += [f"{os.path.join(ckpt.path, name)}: missing file ({why})"
+                             for name, why in _missing_rank_files(inv)]
+                continue
+            mismatch = _layout_mismatch(ckpt, inv, newest, reference)
+            if mismatch:
+                problems.append(mismatch)
+                continue
+            problems += [f"{os.path.join(ckpt.path, name)}: missing file (present in the newest checkpoint {newest.path})"
+                         for name in sorted(reference.files.keys() - inv.files.keys())]
+            problems += [f"{os.path.join(ckpt.path, name)}: unexpected file (absent from the newest checkpoint "
+                         f"{newest.path})" for name in sorted(inv.files.keys() - reference.files.keys())]
+        if problems:
+            raise InputError(problems)
+        units = []
+        for name, kind in sorted(reference.files.items()):
+            size = os.path.getsize(os.path.join(newest.path, name))
+            if kind in (MODEL, EXPERT, LAYER) or (kind == ZERO_OPTIM and reference.zero_stage == 3):
+                units.append(WorkUnit(name, size))
+            elif optimizer_policy == "latest":
+                units.append(WorkUnit(name, size, action="copy"))
+        return units
+
+    # -- per-unit work -----------------------------------------------------------------------
+    def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
+        if unit.action == "copy":
+            return []
+        kind = classify(unit.relpath)
+        newest_path = os.path.join(checkpoints[-1].path, unit.relpath)
+        try:
+            newest = safe_load(newest_path)
+        except InputError as exc:
+            return [str(exc)]
+        if not isinstance(newest, dict):
+            return [f"{newest_path}: expected a dict, found {type(newest).__name__}"]
+        if kind == ZERO_OPTIM:
+            problem = _zero3_partitioning_problem(newest_path, newest)
+            if problem:
+                return [problem]
+        reference = _merged_leaves(newest, kind)
+        problems: List[str] = []
+        for ckpt in checkpoints[:-1]:
+            path = os.path.join(ckpt.path, unit.relpath)
+            try:
+                state = safe_load(path)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            if kind == ZERO_OPTIM:
+                problem = _zero3_partitioning_problem(path, state, newest_path, newest)
+                if problem:
+                    problems.append(problem)
+                    continue
+            problems += _compare_leaves(path, _merged_leaves(state, kind), newest_path, reference)
+        return problems
+
+    def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
+                   context: MergeContext) -> UnitResult:
+        target = os.path.join(destination, unit.relpath)
+        if unit.action == "copy":
+            num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath), target)
+            context.on_progress(num_bytes)
+            return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
+        kind = classify(unit.relpath)
+        sources = [safe_load(os.path.join(ckpt.path, unit.relpath)) for ckpt in checkpoints]
+        flat_sources = [_merged_leaves(src, kind) for src in sources]
+        counters = {"read": 0, "tensors": 0}
+
+        def merge(path, leaf):
+            if not is_mergeable(leaf):
+                return leaf
+            stack = [flat[path] for flat in flat_sources]
+            merged = weighted_sum(stack, context.weights, context.device, sources_are_mapped=True)
+            num_read = sum(t.numel() * t.element_size() for t in stack)
+            counters["read"] += num_read
+            counters["tensors"] += 1
+            context.on_progress(num_read)
+            return merged
+
+        output = sources[-1]
+        for subtree in _MERGED_SUBTREES[kind]:
+            output = _replace_subtree(output, subtree, lambda value, path=subtree: map_leaves(value, merge, path))
+        if context.optimizer_policy == "drop":
+            if kind == MODEL and output.get("optimizer") is not None:
+                output = _replace_subtree(output, ("optimizer",), lambda value: None)
+            elif kind == ZERO_OPTIM:
+                output = _remove_subtree(output, ZERO3_MOMENTS)
+        num_bytes, sha = write_atomically(target, lambda f: torch.save(output, f))
+        return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["tensors"])
+
+    # -- output ------------------------------------------------------------------------------
+    def output_dirname(self, newest: CheckpointRef) -> str:
+        return os.path.basename(os.path.normpath(newest.path))  # the newest source's tag
+
+    def tracker_relpath(self) -> str:
+        return TRACKER
+
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+        # DeepSpeed writes the bare tag (no newline) and strips what it reads.
+        write_text_atomically(os.path.join(out_root, TRACKER), self.output_dirname(newest))
+        return TRACKER
+
+
+# -- inventory and layout checks -----------------------------------------------------------------
+def _list_files(tag_dir: str) -> Tuple[Dict[str, str], Tuple[str, ...]]:
+    try:
+        entries = sorted(os.listdir(tag_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}, ()
+    files, unknown = {}, []
+    for entry in entries:
+        kind = classify(entry) if os.path.isfile(os.path.join(tag_dir, entry)) else None
+        if kind:
+            files[entry] = kind
+        else:
+            unknown.append(entry)
+    return files, tuple(unknown)
+
+
+def _is_tag_dir(path: str) -> bool:
+    files, _ = _list_files(path)
+    return any(kind == MODEL for kind in files.values())
+
+
+def _reference_file(files: Dict[str, str]) -> Optional[str]:
+    """The model-states file DeepSpeed itself reads first: mp rank 0 (ZeRO-3: of dp rank 0)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if name in files:
+            return name
+    return None
+
+
+def _mp_rank(name: str) -> int:
+    for pattern, _ in _FILE_PATTERNS:
+        match = pattern.match(name)
+        if match and match.groupdict().get("mp") is not None:
+            return int(match.group("mp"))
+    return 0
+
+
+def _read_inventory(tag_dir: str) -> _Inventory:
+    files, unknown = _list_files(tag_dir)
+    reference = _reference_file(files)
+    if reference is None:
+        raise InputError(f"{os.path.join(tag_dir, 'mp_rank_00_model_states.pt')}: missing file (neither it nor "
+                         "zero_pp_rank_0_mp_rank_00_model_states.pt exists; is this a DeepSpeed tag directory?)")
+    reference_path = os.path.join(tag_dir, reference)
+    state = safe_load(reference_path)
+    if not isinstance(state, dict) or "module" not in state:
+        raise InputError(f"{reference_path}: no 'module' entry (is this a DeepSpeed model-states file?)")
+    optim = sorted(name for name, kind in files.items() if kind == ZERO_OPTIM)
+    zero3 = any(_ZERO3_MODEL.match(name) for name in files)
+    stage, stage_source, partition_count = (3 if zero3 else 0), reference_path, None
+    if optim:
+        stage_source = os.path.join(tag_dir, optim[0])
+        optim_state = safe_load(stage_source).get(OPTIMIZER_STATE)
+        if not isinstance(optim_state, dict):
+            raise InputError(f"{stage_source}: no '{OPTIMIZER_STATE}' entry (is this a DeepSpeed ZeRO file?)")
+        stage = int(optim_state.get("zero_stage", 0))  # the bf16 optimizer without ZeRO records none
+        partition_count = optim_state.get("partition_count")
+    return _Inventory(files=files, unknown=unknown, reference=reference_path, zero_stage=stage,
+                      stage_source=stage_source, dp_world_size=state.get("dp_world_size"),
+                      partition_count=partition_count, param_shapes=_shapes(state.get("param_shapes")),
+                      num_experts=state.get("num_experts"), bf16=any(n.startswith("bf16_") for n in optim))
+
+
+def _shapes(param_shapes):
+    """param_shapes as plain tuples (DeepSpeed saves torch.Size or tuples), for comparison."""
+    if isinstance(param_shapes, list):
+        return [[(name, tuple(shape)) for name, shape in group.items()] for group in param_shapes]
+    return param_shapes
+
+
+def _missing_rank_files(inv: _Inventory) -> List[Tuple[str, str]]:
+    """Rank files the newest checkpoint's own metadata says must exist but do not."""
+    expected: Dict[str, str] = {}
+    mp_ranks = sorted({_mp_rank(name) for name, kind in inv.files.items() if kind == MODEL})
+    mp_ranks = list(range(max(mp_ranks) + 1)) if mp_ranks else [0]
+    dp = inv.dp_world_size if isinstance(inv.dp_world_size, int) else 1
+    optim_prefix = "bf16_" if inv.bf16 else ""
+    for mp in mp_ranks:
+        if inv.zero_stage == 3:
+            for dp_rank in range(dp):
+                expected[f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_model_states.pt"] = \
+                    f"ZeRO-3 with dp_world_size={dp} in {inv.reference}"
+        else:
+            expected[f"mp_rank_{mp:02d}_model_states.pt"] = f"model-parallel ranks 0..{mp_ranks[-1]}"
+        if inv.zero_stage >= 1 or any(kind == ZERO_OPTIM for kind in inv.files.values()):
+            for dp_rank in range(dp):
+                expected[f"{optim_prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"] = \
+                    f"one ZeRO partition per data-parallel rank, dp_world_size={dp} in {inv.reference}"
+        if isinstance(inv.num_experts, list):
+            for layer, num_experts in enumerate(inv.num_experts):
+                for expert in range(int(num_experts)):
+                    expected[f"layer_{layer}_expert_{expert}_mp_rank_{mp:02d}_model_states.pt"] = \
+                        f"num_experts={inv.num_experts} in {inv.reference}"
+    # DeepSpeed still loads optimizer files under their old name "..._mp_rank_00optim_states.pt".
+    return [(name, why) for name, why in sorted(expected.items())
+            if name not in inv.files and name.replace("_optim_states.pt", "optim_states.pt") not in inv.files]
+
+
+def _layout_mismatch(ckpt: CheckpointRef, inv: _Inventory, newest: CheckpointRef, ref: _Inventory) -> Optional[str]:
+    if inv.zero_stage != ref.zero_stage:
+        return (f"{inv.stage_source}: ZeRO stage {inv.zero_stage}, but the newest checkpoint has stage "
+                f"{ref.zero_stage} ({ref.stage_source}); checkpoints of different ZeRO stages are not merged")
+    partitioned = ref.zero_stage >= 1 or ref.partition_count is not None
+    if partitioned and (inv.dp_world_size != ref.dp_world_size or inv.partition_count != ref.partition_count):
+        source = inv.stage_source if inv.partition_count != ref.partition_count else inv.reference
+        return (f"{source}: {inv.dp_world_size} data-parallel partitions (partition_count "
+                f"{inv.partition_count}), but the newest checkpoint has {ref.dp_world_size} (partition_count "
+                f"{ref.partition_count}, {ref.reference}); ZeRO partitions of different partition counts "
+                "do not line up and are not merged")
+    if inv.param_shapes != ref.param_shapes:
+        return (f"{inv.reference}: param_shapes differ from the newest checkpoint's ({ref.reference}): another "
+                "model or parameter order, so the ZeRO flat partitions do not line up")
+    return None
+
+
+def _zero3_partitioning_problem(path: str, state: dict, newest_path: Optional[str] = None,
+                                newest: Optional[dict] = None) -> Optional[str]:
+    """The ZeRO-3 flat partitions of ``state`` can be merged elementwise with the newest's."""
+    optim = state.get(OPTIMIZER_STATE) if isinstance(state, dict) else None
+    if not isinstance(optim, dict) or not isinstance(optim.get("fp32_flat_groups"), (list, tuple)):
+        return f"{path}: no '{OPTIMIZER_STATE}.fp32_flat_groups' (is this a ZeRO-3 optimizer file?)"
+    stage = int(optim.get("zero_stage", 0))
+    if newest is None:
+        return None if stage == 3 else f"{path}: ZeRO stage {stage} in a ZeRO-3 checkpoint"
+    ref = newest[OPTIMIZER_STATE]
+    if stage != int(ref.get("zero_stage", 0)):
+        return f"{path}: ZeRO stage {stage}, but the newest checkpoint has {int(ref['zero_stage'])} ({newest_path})"
+    if optim.get("partition_count") != ref.get("partition_count"):
+        return (f"{path}: partition_count {optim.get('partition_count')}, but the newest checkpoint has "
+                f"{ref.get('partition_count')} ({newest_path}); the flat partitions do not line up")
+    return None
+
+
+# -- merging ------------------------------------------------------------------------------------
+def _get(obj, path: tuple):
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _merged_leaves(state, kind: str) -> Dict[tuple, object]:
+    """Every leaf under the merged subtrees of a file of ``kind``, keyed by its path from the root."""
+    leaves: Dict[tuple, object] = {}
+    for subtree in _MERGED_SUBTREES[kind]:
+        value = _get(state, subtree)
+        if value is not None:
+            leaves.update(flatten(value, subtree))
+    return leaves
+
+
+def _replace_subtree(obj, path: tuple, fn):
+    """A copy of ``obj`` (shallow along ``path`` only) whose subtree at ``path`` is ``fn(subtree)``;
+    ``obj`` itself is left as it is. A path that does not exist is left alone."""
+    if not path:
+        return fn(obj)
+    if not isinstance(obj, dict) or path[0] not in obj:
+        return obj
+    rebuilt = copy.copy(obj)  # keeps the dict type (OrderedDict) and state_dict _metadata
+    rebuilt[path[0]] = _replace_subtree(obj[path[0]], path[1:], fn)
+    return rebuilt
+
+
+def _remove_subtree(obj, path: tuple):
+    """A copy of ``obj`` without the entry at ``path`` (``obj`` itself is left as it is)."""
+    def without(parent):
+        rebuilt = copy.copy(parent)
+        rebuilt.pop(path[-1], None)
+        return rebuilt
+    return _replace_subtree(obj, path[:-1], without) if isinstance(_get(obj, path[:-1]), dict) else obj
