@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge the checkpoints of one pre-training run (PMA: SMA, WMA, EMA or explicit weights), "
                     "rank-locally and shard by shard, into a checkpoint of the same framework and layout.")
     parser.add_argument("--version", action="version", version=f"pmm_dist {__version__}")
+    # `deepspeed --module pmm_dist merge ...` puts --local_rank=N BEFORE the command name.
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -124,8 +127,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _verify(args)
     if args.command == "inspect":
         return _inspect(args)
-    if args.local_rank is not None:  # the deepspeed launcher passes --local_rank instead of the env var
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
+    if local_rank is not None:  # the deepspeed launcher passes --local_rank instead of the env var
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     try:
         options = MergeOptions(
             sources=args.sources, out=args.out, method=args.method, alpha=args.alpha, weights=args.weights,

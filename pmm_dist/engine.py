@@ -12,7 +12,10 @@ Collective steps, each through the exception-robust helper (no rank hangs if ano
 Only plans, verdicts and results cross ranks; tensor data never does.
 """
 import os
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -34,6 +37,9 @@ MANIFEST = "pmm_manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 OPTIMIZER_POLICIES = ("drop", "latest")
 NONFINITE_POLICIES = ("error", "warn", "ignore")
+# Units a rank works on at once: two overlap one unit's writing with the next one's arithmetic,
+# at the price of holding up to two output files in memory.
+UNITS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,37 +292,60 @@ def _prepare(staging: Staging, plan: MergePlan, options: MergeOptions) -> None:
 
 def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: Staging, device: torch.device,
                  on_nonfinite: str, rank: int, show_progress: bool) -> dict:
+    """Merge this rank's units, UNITS_IN_FLIGHT at a time: while one unit's file is being
+    serialised, hashed and fsynced (I/O, the GIL released), the next one is summed."""
     num_sources = len(plan.checkpoints)
     planned = [u.num_bytes * (num_sources if u.action == "merge" else 1) for u in units]
-    bar = progress_bar(sum(planned), enabled=show_progress,
-                       description=f"merging (rank 0 of {len(plan.shares)})")
-    results, resumed = [], 0
-    try:
-        for index, (unit, budget) in enumerate(zip(units, planned)):
-            shown = [0]
+    bar = progress_bar(sum(planned), enabled=show_progress, description=f"merging (rank 0 of {len(plan.shares)})")
+    lock = threading.Lock()
+    resumed = []
 
-            def advance(num_bytes, shown=shown, budget=budget):
-                # Progress in planned bytes: a file's tensors are only part of its size.
+    def merge_one(unit: WorkUnit, budget: int):
+        shown = [0]
+
+        def advance(num_bytes):
+            # Progress in planned bytes: a file's tensors are only part of its size.
+            with lock:
                 step = min(num_bytes, budget - shown[0])
                 if bar is not None and step > 0:
                     bar.update(step)
                 shown[0] += step
 
-            outcome = staging.completed(unit)
-            if outcome is None:
-                context = MergeContext(weights=plan.weights, device=device, optimizer_policy=plan.optimizer_policy,
-                                       on_progress=advance, on_nonfinite=on_nonfinite)
-                outcome = fmt.merge_unit(unit, plan.checkpoints, staging.data_dir, context)
-                staging.mark_done(unit, outcome)
-            else:
-                resumed += 1
-            results.append(outcome)
-            advance(budget)
-            inject(f"unit:{index}", rank)
+        outcome = staging.completed(unit)
+        if outcome is None:
+            context = MergeContext(weights=plan.weights, device=device, optimizer_policy=plan.optimizer_policy,
+                                   on_progress=advance, on_nonfinite=on_nonfinite)
+            outcome = fmt.merge_unit(unit, plan.checkpoints, staging.data_dir, context)
+            staging.mark_done(unit, outcome)
+        else:
+            resumed.append(unit)
+        advance(budget)
+        return outcome
+
+    results = []
+    try:
+        with ThreadPoolExecutor(max_workers=UNITS_IN_FLIGHT, thread_name_prefix="pmm-unit") as pool:
+            pending = deque()
+            for unit, budget in zip(units, planned):
+                pending.append(pool.submit(merge_one, unit, budget))
+                if len(pending) >= UNITS_IN_FLIGHT:
+                    _collect(pending, results, rank)
+            while pending:
+                _collect(pending, results, rank)
     finally:
         if bar is not None:
             bar.close()
-    return {"results": results, "resumed": resumed, "peak_rss": peak_rss_bytes()}
+    return {"results": results, "resumed": len(resumed), "peak_rss": peak_rss_bytes()}
+
+
+def _collect(pending: deque, results: list, rank: int) -> None:
+    try:
+        results.append(pending.popleft().result())
+    except BaseException:
+        for future in pending:  # do not start more work; running units finish, then we raise
+            future.cancel()
+        raise
+    inject(f"unit:{len(results) - 1}", rank)
 
 
 def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, unit_results, staging: Staging,

@@ -6,6 +6,7 @@ memory does not grow with N.
 """
 import ctypes
 import ctypes.util
+import math
 import mmap
 import sys
 from typing import Optional, Sequence
@@ -15,6 +16,7 @@ import torch
 from .errors import InputError
 
 _PAGE = mmap.PAGESIZE
+_MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -45,7 +47,7 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     (an element crossing zero between checkpoints) its error exceeds one ulp of the small
     result; in float64 the result is the correctly rounded weighted sum in practice.
     ``sources_are_mapped``: the sources come from ``torch.load(mmap=True)`` and each block's
-    pages are dropped from this process once added (see ``release_pages``).
+    pages are dropped from this process once added (see ``advise_pages``).
     ``on_nonfinite``: "error" raises InputError naming ``what`` and the offending source in
     ``source_names`` when a NaN/Inf reaches the result, "warn" prints that, "ignore" does not
     look (one isfinite pass over the cached accumulator block, not over the N sources).
@@ -59,6 +61,9 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     for begin in range(0, numel, BLOCK_ELEMENTS):
         end = min(begin + BLOCK_ELEMENTS, numel)
         block = acc[: end - begin]
+        if sources_are_mapped and end < numel:  # ask the kernel to read the next blocks ahead
+            for source in flat_sources:
+                advise_pages(source[end:end + BLOCK_ELEMENTS], _MADV_WILLNEED)
         for index, (source, weight) in enumerate(zip(flat_sources, weights)):
             piece = source[begin:end]
             if device.type != "cpu":
@@ -69,8 +74,10 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
             else:
                 block.add_(piece, alpha=weight)  # mixed-dtype add_: upcast inside the kernel
             if sources_are_mapped:
-                release_pages(source[begin:end])
-        if on_nonfinite != "ignore" and not bool(torch.isfinite(block).all()):
+                advise_pages(source[begin:end], _MADV_DONTNEED)
+        # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of an isfinite pass
+        # (a float64 sum of stored-dtype values cannot overflow by itself).
+        if on_nonfinite != "ignore" and not math.isfinite(block.sum().item()):
             _report_nonfinite(flat_sources, begin, end, on_nonfinite, what, source_names)
             on_nonfinite = "ignore"  # one report per tensor
         result[begin:end].copy_(block)  # the one rounding to the stored dtype
@@ -87,14 +94,15 @@ def _report_nonfinite(flat_sources, begin, end, policy, what, source_names) -> N
     print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
 
 
-def release_pages(tensor: torch.Tensor) -> None:
-    """Drop a memory-mapped source tensor's pages from this process once it has been read.
+def advise_pages(tensor: torch.Tensor, advice: int) -> None:
+    """madvise the whole pages inside a memory-mapped source tensor's bytes.
 
-    The pages stay in the page cache but no longer count towards this rank's resident set,
-    which therefore stays flat in N. Only for tensors of ``torch.load(mmap=True)``: those are
-    private, never-written file mappings whose dropped pages are re-read from the file if
-    touched again (a tied weight sharing the storage); on anonymous memory the same call
-    would zero the data. Only whole pages inside the tensor's own bytes are dropped."""
+    MADV_WILLNEED starts reading the next block from disk while this one is summed.
+    MADV_DONTNEED drops a block's pages from this process once added: they stay in the page
+    cache but no longer count towards this rank's resident set, which therefore stays flat in
+    N. Only for tensors of ``torch.load(mmap=True)``: those are private, never-written file
+    mappings whose dropped pages are re-read from the file if touched again (a tied weight
+    sharing the storage); on anonymous memory DONTNEED would zero the data."""
     if _madvise is None or tensor.device.type != "cpu":
         return
     start = tensor.data_ptr()
@@ -102,5 +110,5 @@ def release_pages(tensor: torch.Tensor) -> None:
     first = (start + _PAGE - 1) // _PAGE * _PAGE
     last = end // _PAGE * _PAGE
     if last > first:
-        _madvise(first, last - first, _MADV_DONTNEED)
+        _madvise(first, last - first, advice)
 

@@ -13,6 +13,7 @@ import io
 import pathlib
 import re
 import signal
+import threading
 import types
 from typing import Any, List
 
@@ -26,6 +27,7 @@ _FRAMEWORK_SAFE_GLOBALS = {
     "deepspeed.": lambda: _deepspeed_safe_globals(),
 }
 _loaded_frameworks: set = set()
+_LOAD_LOCK = threading.RLock()
 
 
 def _numpy_safe_globals() -> List[Any]:
@@ -63,7 +65,9 @@ def safe_load(path, *, mmap: bool = True, map_location="cpu") -> Any:
     """
     for _ in range(len(_FRAMEWORK_SAFE_GLOBALS) + 1):
         try:
-            with torch.serialization.safe_globals(base_safe_globals() + _framework_globals()):
+            # torch's safe_globals context swaps a process-wide list: one loader at a time (with
+            # mmap=True a load only parses the pickle, so the lock is held briefly).
+            with _LOAD_LOCK, torch.serialization.safe_globals(base_safe_globals() + _framework_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except FileNotFoundError:
             raise InputError(f"{path}: file not found") from None

@@ -99,6 +99,8 @@ def saved_args(cfg) -> argparse.Namespace:
 def shard_state(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int) -> Dict[str, object]:
     models = {f"model{c}" if cfg.vp > 1 else "model": model_chunk(cfg, iteration, tp_rank, pp_rank, ep_rank, c)
               for c in range(cfg.vp)}
+    if not cfg.optimizer_state:  # as saved with --no-save-optim --no-save-rng
+        return {"args": saved_args(cfg), "checkpoint_version": 3.0, "iteration": iteration, **models}
     fp32_params = [t.float() for m in models.values() for t in m.values()
                    if isinstance(t, torch.Tensor) and t.is_floating_point()]
     rng = random.Random(iteration)
@@ -123,7 +125,8 @@ def shard_state(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int) -
 
 def generate_run(run_dir: str, *, iterations: Sequence[int], tp: int = 2, pp: int = 2, ep: int = 2, vp: int = 1,
                  num_layers: int = 4, hidden_size: int = 64, ffn_hidden_size: int = 128, num_experts: int = 4,
-                 vocab_size: int = 256, dtype: torch.dtype = torch.bfloat16, distrib_optim: bool = False) -> List[str]:
+                 vocab_size: int = 256, dtype: torch.dtype = torch.bfloat16, distrib_optim: bool = False,
+                 optimizer_state: bool = True) -> List[str]:
     """Write a run directory with one checkpoint per iteration; returns the checkpoint dirs."""
     if num_layers % (pp * vp):
         raise ValueError(f"num_layers {num_layers} must divide by PP*VP = {pp * vp}")
@@ -133,6 +136,7 @@ def generate_run(run_dir: str, *, iterations: Sequence[int], tp: int = 2, pp: in
     cfg = argparse.Namespace(tp=tp, pp=pp, ep=ep, vp=vp, num_layers=num_layers, hidden_size=hidden_size,
                              ffn_hidden_size=ffn_hidden_size, num_experts=num_experts, dtype=dtype,
                              padded_vocab_size=vocab_size, distrib_optim=distrib_optim,
+                             optimizer_state=optimizer_state,
                              interval=(iterations[1] - iterations[0]) if len(iterations) > 1 else 1)
     ckpt_dirs = []
     for iteration in iterations:
@@ -170,12 +174,14 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--distrib-optim", action="store_true", help="also write distrib_optim.pt files")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="weights only, as saved with --no-save-optim --no-save-rng")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     dirs = generate_run(args.run_dir, iterations=[int(x) for x in args.iterations.split(",")], tp=args.tp,
                         pp=args.pp, ep=args.ep, vp=args.vp, num_layers=args.layers, hidden_size=args.hidden,
                         ffn_hidden_size=args.ffn, num_experts=args.experts, vocab_size=args.vocab, dtype=dtype,
-                        distrib_optim=args.distrib_optim)
+                        distrib_optim=args.distrib_optim, optimizer_state=not args.no_optimizer)
     size = sum(os.path.getsize(os.path.join(d, f)) for c in dirs for d, _, fs in os.walk(c) for f in fs)
     print(f"wrote {len(dirs)} checkpoints (TP={args.tp} PP={args.pp} EP={args.ep} VP={args.vp}) "
           f"to {args.run_dir}, {size / 2**20:.1f} MiB")

@@ -29,6 +29,7 @@ import pathlib
 import pickle
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -147,11 +148,14 @@ def _describe_chunks(entry) -> str:
     return f"{len(chunks)} chunk(s) {shown}{', ...' if len(chunks) > 4 else ''}"
 
 
-def compare_metadata(path: str, metadata, newest_path: str, newest, fqns: Iterable[str]) -> List[str]:
+def compare_metadata(path: str, metadata, newest_path: str, newest, fqns: Sequence[str],
+                     ignored=lambda fqn: False) -> List[str]:
     """Problems (each naming checkpoint and key) that make ``metadata`` unmergeable with ``newest``
-    for the keys ``fqns`` of the newest: same keys, kinds, global shapes, dtypes and chunking."""
-    problems = []
+    for the keys ``fqns`` of the newest: same keys, kinds, global shapes, dtypes and chunking.
+    Keys only ``metadata`` has are unexpected unless ``ignored(fqn)``."""
     entries = metadata.state_dict_metadata
+    problems = [f"{path}: unexpected key '{fqn}' (absent from the newest checkpoint {newest_path})"
+                for fqn in entries if fqn not in newest.state_dict_metadata and not ignored(fqn)]
     for fqn in fqns:
         ref = newest.state_dict_metadata[fqn]
         other = entries.get(fqn)
@@ -363,17 +367,21 @@ class DcpFormat(CheckpointFormat):
         # Training state under 'latest' comes from the newest only; everything else must match.
         compared = [fqn for fqn in kept if not self.is_training_state(newest, fqn)]
         kept_set, merged_set = set(kept), set(merged)
-        problems = storage_problems(newest_ref.path, newest, [k for k in chunk_keys(newest) if k[0] in kept_set])
+        # Storage entries are checked here, the files they point into by each rank (check_unit).
+        problems = storage_problems(newest_ref.path, newest, [k for k in chunk_keys(newest) if k[0] in kept_set],
+                                    check_files=False)
         for ckpt in checkpoints[:-1]:
             try:
                 metadata = self.metadata(ckpt)
             except InputError as exc:
                 problems.append(str(exc))
                 continue
-            mismatches = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, compared)
+            mismatches = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, compared,
+                                          ignored=lambda fqn, md=metadata: self.is_training_state(md, fqn))
             problems += mismatches
             if not mismatches:
-                problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(newest) if k[0] in merged_set])
+                problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(newest) if k[0] in merged_set],
+                                             check_files=False)
         problems += self.extra_plan_problems(checkpoints, optimizer_policy)
         if problems:
             raise InputError(problems)
@@ -403,21 +411,25 @@ class DcpFormat(CheckpointFormat):
 
     # -- per-unit work -----------------------------------------------------------------------
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
-        """Rank-local: every byte range this unit reads lies inside an existing source file."""
+        """Rank-local, before anything is written: every byte range this unit reads (all its items
+        from the newest source, its merged chunks from the others) lies inside an existing file."""
         problems = []
         merged = [it[:2] for it in unit.items if it[2] == MERGE]
-        for ckpt in checkpoints:
+        for position, ckpt in enumerate(checkpoints):
             try:
                 metadata = self.metadata(ckpt)
             except InputError as exc:
                 problems.append(str(exc))
                 continue
-            keys = [it[:2] for it in unit.items] if ckpt is checkpoints[-1] else merged
+            keys = [it[:2] for it in unit.items] if position == len(checkpoints) - 1 else merged
             problems += storage_problems(ckpt.path, metadata, keys)
         return problems
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
+        """Items in stored order; a reader thread fetches the next item's byte ranges while this
+        one is merged and written (double buffering: at most two items' source blobs in memory,
+        plus the N loaded chunks of the item being merged)."""
         newest = self.metadata(checkpoints[-1])
         indexes = [storage_index(self.metadata(ckpt)) for ckpt in checkpoints]
         sizes_of = chunk_sizes(newest)
@@ -425,30 +437,39 @@ class DcpFormat(CheckpointFormat):
         written: List[tuple] = []
         counters = {"read": 0, "merged": 0}
 
+        def read(item) -> List[Tuple[int, bytes]]:
+            """(source position, blob): the newest only for a copy, every source for a merge."""
+            key = item[:2]
+            positions = range(len(checkpoints)) if item[2] == MERGE else [len(checkpoints) - 1]
+            return [(i, files.read(checkpoints[i].path, indexes[i][key])) for i in positions]
+
         def produce(writer):
-            for fqn, offsets, kind, _ in unit.items:
-                key = (fqn, offsets)
-                start = writer.num_bytes
-                if kind == COPY:
-                    blob = files.read(checkpoints[-1].path, indexes[-1][key])
-                    writer.write(blob)
-                    num_read = len(blob)
-                else:
-                    entry = newest.state_dict_metadata[fqn]
-                    sizes = sizes_of[key]
-                    chunks, num_read = [], 0
-                    for ckpt, index in zip(checkpoints, indexes):
-                        blob = files.read(ckpt.path, index[key])
-                        num_read += len(blob)
-                        chunks.append(_load_chunk(blob, os.path.join(ckpt.path, index[key].relative_path),
-                                                  key, entry, sizes))
-                        del blob
-                    torch.save(weighted_sum(chunks, context.weights, context.device), writer)
-                    counters["merged"] += 1
-                    del chunks
-                written.append((fqn, offsets, start, writer.num_bytes - start))
-                counters["read"] += num_read
-                context.on_progress(num_read)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
+                pending = reader.submit(read, unit.items[0]) if unit.items else None
+                for position, (fqn, offsets, kind, _) in enumerate(unit.items):
+                    blobs = pending.result()
+                    if position + 1 < len(unit.items):
+                        pending = reader.submit(read, unit.items[position + 1])
+                    key, start = (fqn, offsets), writer.num_bytes
+                    num_read = sum(len(blob) for _, blob in blobs)
+                    if kind == COPY:
+                        writer.write(blobs[0][1])
+                    else:
+                        entry, sizes = newest.state_dict_metadata[fqn], sizes_of[key]
+                        chunks = []
+                        while blobs:  # unpickle each blob, then let it go
+                            i, blob = blobs.pop(0)
+                            chunks.append(_load_chunk(blob, os.path.join(checkpoints[i].path,
+                                                                         indexes[i][key].relative_path),
+                                                      key, entry, sizes))
+                            del blob
+                        torch.save(weighted_sum(chunks, context.weights, context.device), writer)
+                        counters["merged"] += 1
+                        del chunks
+                    del blobs
+                    written.append((fqn, offsets, start, writer.num_bytes - start))
+                    counters["read"] += num_read
+                    context.on_progress(num_read)
 
         try:
             num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), produce)

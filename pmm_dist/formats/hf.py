@@ -15,10 +15,11 @@ shard: the tensors are binned (in the newest checkpoint's storage order) into sh
 every rank has work. Float tensors are averaged; integer and bool tensors and each file's
 ``__metadata__`` come from the newest checkpoint, as do config and tokenizer files.
 
-The output root is the model directory: one ``model.safetensors``, or shards
-``model-XXXXX-of-YYYYY.safetensors`` plus ``model.safetensors.index.json``. That last file (the
-index, or the single ``model.safetensors``) is the tracker: it is moved into place after every
-other file, so a reader never finds a partial model.
+The output root is the model directory: shards ``model-XXXXX-of-YYYYY.safetensors`` (also when
+there is only one), config files, and ``model.safetensors.index.json``, the tracker: written
+last, after the manifest, so a reader (which loads through the index) never finds a partial
+model, and an interrupted merge leaves nothing loadable. A lone ``model.safetensors`` would be
+loadable the moment it appeared, before the other files; hence the index with one shard too.
 """
 import json
 import os
@@ -27,9 +28,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..atomic import copy_atomically, fsync_directory, write_atomically, write_json_atomically
-from ..errors import InputError
-from ..kernel import weighted_sum
+from ..atomic import copy_atomically, write_atomically, write_json_atomically
+from ..errors import InputError, MergeError
 from ..planner import WorkUnit
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
 from .safetensors_io import (FLOAT_DTYPES, QUANTIZED_DTYPES, Header, MappedFiles, encode_header, read_header,
@@ -44,6 +44,7 @@ _TRAINING_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state).*\.(pt|pt
 # Weights in other serialisations are never copied: they would contradict the merged ones.
 _OTHER_WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)$|\.index\.json$")
 _NOT_COPIED = ("pmm_manifest.json",)
+_SHARD_FILE = re.compile(r"^model-\d{5,}-of-\d{5,}\.safetensors$")
 _STEP_NUMBER = re.compile(r"step[-_.]?(\d+)", re.IGNORECASE)
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
@@ -57,7 +58,7 @@ def iteration_from_name(name: str) -> Optional[int]:
 
 
 def shard_name(index: int, count: int) -> str:
-    return SINGLE_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"  # transformers' own naming
 
 
 def bin_tensors(sizes: Sequence[Tuple[str, int]], max_shard_bytes: int, min_shards: int) -> List[List[str]]:
@@ -103,7 +104,6 @@ class _Inventory:
     path: str
     tensors: Dict[str, Tuple[str, object]] = field(default_factory=dict)  # name -> (file, TensorInfo)
     headers: Dict[str, Header] = field(default_factory=dict)               # file -> header, storage order
-    index_metadata: Dict[str, object] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
 
 
@@ -121,7 +121,6 @@ class HuggingFaceFormat(CheckpointFormat):
                 raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
             self.max_shard_bytes = max_shard_bytes
         self._inventories: Dict[str, _Inventory] = {}
-        self._tracker = INDEX_FILE  # set by finalize: the single model.safetensors when one shard
 
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -258,8 +257,9 @@ class HuggingFaceFormat(CheckpointFormat):
                 for name, num_bytes in order:
                     if newest.tensors[name][1].dtype in FLOAT_DTYPES:
                         sources, flags = zip(*(tensor(inv, name) for inv in inventories))
-                        result = weighted_sum(sources, context.weights, context.device,
-                                              sources_are_mapped=all(flags))
+                        paths = [os.path.join(inv.path, inv.tensors[name][0]) for inv in inventories]
+                        result = context.merge_tensor(sources, f"tensor '{name}'", paths,
+                                                      sources_are_mapped=all(flags))
                         counters["merged"] += 1
                         num_read = num_bytes * len(sources)
                     else:  # integer and bool tensors: the newest checkpoint's, byte for byte
@@ -277,42 +277,49 @@ class HuggingFaceFormat(CheckpointFormat):
     # -- output ------------------------------------------------------------------------------
     def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef], results: Sequence[UnitResult],
                  optimizer_policy: str) -> List[UnitResult]:
-        """Copy the newest checkpoint's config and tokenizer files; write the index (from the
-        staged shards' headers) unless the model is one ``model.safetensors``."""
+        """Copy the newest checkpoint's config and tokenizer files (the index comes last, in
+        write_tracker)."""
         newest = checkpoints[-1]
         written: List[UnitResult] = []
         for entry in _config_files(newest.path):
             num_bytes, sha = copy_atomically(os.path.join(newest.path, entry), os.path.join(staged_dir, entry))
             written.append(UnitResult(entry, num_bytes, num_bytes, sha, 0))
-        shards = sorted(r.relpath for r in results if r.relpath.endswith(".safetensors"))
-        if shards == [SINGLE_FILE]:
-            self._tracker = SINGLE_FILE
-            return written
-        weight_map: Dict[str, str] = {}
-        total_size = 0
-        for shard in shards:
-            for name, info in read_header(os.path.join(staged_dir, shard)).tensors.items():
-                weight_map[name] = shard
-                total_size += info.num_bytes
-        metadata = dict(self._inventory(newest).index_metadata, total_size=total_size)
-        index = {"metadata": dict(sorted(metadata.items())), "weight_map": dict(sorted(weight_map.items()))}
-        num_bytes, sha = write_json_atomically(os.path.join(staged_dir, INDEX_FILE), index)
-        written.append(UnitResult(INDEX_FILE, num_bytes, 0, sha, 0))
-        self._tracker = INDEX_FILE
         return written
 
     def output_dirname(self, newest: CheckpointRef) -> str:
         return ""  # the output root is the model directory
 
     def tracker_relpath(self) -> str:
-        """The index, or ``model.safetensors`` when ``finalize`` found a single shard."""
-        return self._tracker
+        return INDEX_FILE
 
     def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
-        # The engine moved the staged tracker in after every other file; make the renames durable.
-        assert os.path.isfile(os.path.join(out_root, self._tracker)), f"{self._tracker} missing from {out_root}"
-        fsync_directory(out_root)
-        return self._tracker
+        """The index, after the shards, config files and manifest are in place (also when a resumed
+        merge finishes an interrupted commit), built from the headers of the shards on disk: what
+        was written, not what was planned."""
+        shards = sorted(e for e in _listdir(out_root) if _SHARD_FILE.match(e))
+        count = len(shards)
+        if not shards or shards != [shard_name(i, count) for i in range(count)]:
+            raise MergeError(f"{out_root}: expected shards model-00001-of-{count:05d}.safetensors ... "
+                             f"model-{count:05d}-of-{count:05d}.safetensors, found {', '.join(shards[:4]) or 'none'}; "
+                             "not writing the index")
+        weight_map: Dict[str, str] = {}
+        total_size = 0
+        for shard in shards:
+            for name, info in read_header(os.path.join(out_root, shard)).tensors.items():
+                weight_map[name] = shard
+                total_size += info.num_bytes
+        metadata = dict(_index_metadata(newest.path), total_size=total_size)
+        index = {"metadata": dict(sorted(metadata.items())), "weight_map": dict(sorted(weight_map.items()))}
+        write_json_atomically(os.path.join(out_root, INDEX_FILE), index)
+        return INDEX_FILE
+
+    def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
+        """Float tensors of a model directory (source or output) from its index and headers."""
+        inventory = _read_inventory(checkpoint_dir)
+        if inventory.problems:
+            raise InputError(inventory.problems)
+        return {name: (info.shape, info.dtype) for name, (_, info) in inventory.tensors.items()
+                if info.dtype in FLOAT_DTYPES}
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -367,7 +374,6 @@ def _read_inventory(ckpt_dir: str) -> _Inventory:
             inventory.problems.append(f"{index_path}: not a valid index (expected a JSON object with a "
                                       f"'weight_map' of tensor name -> file): {exc}")
             return inventory
-        inventory.index_metadata = {k: v for k, v in (index.get("metadata") or {}).items() if k != "total_size"}
         files = sorted(set(weight_map.values()))
     for file in files:
         path = os.path.join(ckpt_dir, file)
@@ -399,6 +405,22 @@ def _read_inventory(ckpt_dir: str) -> _Inventory:
                                for name, file in weight_map.items()
                                if file in inventory.headers and name not in inventory.tensors]
     return inventory
+
+
+def _metadata_of(index: dict) -> Dict[str, object]:
+    """An index's metadata other than total_size (e.g. total_parameters), which is recomputed."""
+    metadata = index.get("metadata") if isinstance(index, dict) else None
+    return {k: v for k, v in metadata.items() if k != "total_size"} if isinstance(metadata, dict) else {}
+
+
+def _index_metadata(ckpt_dir: str) -> Dict[str, object]:
+    if os.path.isfile(os.path.join(ckpt_dir, SINGLE_FILE)):
+        return {}
+    try:
+        with open(os.path.join(ckpt_dir, INDEX_FILE)) as f:
+            return _metadata_of(json.load(f))
+    except (OSError, ValueError):
+        return {}
 
 
 def _compare(other: _Inventory, newest: _Inventory) -> List[str]:
