@@ -39,7 +39,7 @@ def is_mergeable(value) -> bool:
 
 def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], device: torch.device,
                  *, sources_are_mapped: bool = False, on_nonfinite: str = "ignore", what: str = "tensor",
-                 source_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+                 source_names: Optional[Sequence[str]] = None, staged: Optional[bool] = None) -> torch.Tensor:
     """``sum_i weights[i] * sources[i]``, returned on CPU in the newest source's dtype.
 
     Accumulates in float64, block by block, and rounds once to the stored dtype. fp32
@@ -50,7 +50,9 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     pages are dropped from this process once added (see ``advise_pages``).
     ``on_nonfinite``: "error" raises InputError naming ``what`` and the offending source in
     ``source_names`` when a NaN/Inf reaches the result, "warn" prints that, "ignore" does not
-    look (one isfinite pass over the cached accumulator block, not over the N sources).
+    look (one sum over the cached accumulator block, not a pass over the N sources).
+    ``staged``: copy source blocks to ``device`` through the double-buffered stager (default:
+    whenever ``device`` is not the CPU; tests force it on the CPU to exercise that path).
     """
     assert len(sources) == len(weights) and sources
     stored = sources[-1].dtype
@@ -58,6 +60,8 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     numel = flat_sources[0].numel()
     result = torch.empty(numel, dtype=stored)
     acc = torch.empty(min(numel, BLOCK_ELEMENTS), dtype=ACCUMULATOR_DTYPE, device=device)
+    to_device = _Stager(device, stored, acc.numel()) if (device.type != "cpu" if staged is None else staged) \
+        else (lambda piece: piece)
     for begin in range(0, numel, BLOCK_ELEMENTS):
         end = min(begin + BLOCK_ELEMENTS, numel)
         block = acc[: end - begin]
@@ -65,9 +69,7 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
             for source in flat_sources:
                 advise_pages(source[end:end + BLOCK_ELEMENTS], _MADV_WILLNEED)
         for index, (source, weight) in enumerate(zip(flat_sources, weights)):
-            piece = source[begin:end]
-            if device.type != "cpu":
-                piece = piece.to(device, non_blocking=True)
+            piece = to_device(source[begin:end])
             if index == 0:
                 block.copy_(piece)  # upcast first, then scale in the wide type
                 block.mul_(weight)
@@ -82,6 +84,34 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
             on_nonfinite = "ignore"  # one report per tensor
         result[begin:end].copy_(block)  # the one rounding to the stored dtype
     return result.view(sources[-1].shape)
+
+
+class _Stager:
+    """Host-to-device copies of source blocks through two reusable staging buffers.
+
+    On CUDA the buffers are pinned, so ``to(device, non_blocking=True)`` is a true asynchronous
+    DMA: the copy of the next source block overlaps the add of this one, and an event per buffer
+    guards its reuse. Reading memory-mapped pages into a pinned buffer is the one host copy.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, numel: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(numel, dtype=dtype, pin_memory=self.cuda) for _ in range(2)]
+        self.events = [None, None]
+        self.turn = 0
+
+    def __call__(self, piece: torch.Tensor) -> torch.Tensor:
+        turn, self.turn = self.turn, self.turn ^ 1
+        if self.events[turn] is not None:
+            self.events[turn].synchronize()  # the copy that last used this buffer is done
+        staging = self.buffers[turn][: piece.numel()]
+        staging.copy_(piece)
+        on_device = staging.to(self.device, non_blocking=True)
+        if self.cuda:
+            self.events[turn] = torch.cuda.Event()
+            self.events[turn].record()
+        return on_device
 
 
 def _report_nonfinite(flat_sources, begin, end, policy, what, source_names) -> None:
