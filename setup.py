@@ -20,5 +20,5 @@ setup(
         "hf": ["safetensors"],
         "test": ["pytest", "megatron-core", "deepspeed", "mpi4py", "safetensors", "psutil"],
     },
-    entry_points={"console_scripts": ["pmm-dist=pmm_dist.cli:main"]},
+    entry_points={"console_scripts": ["pmm-dist=pmm_dist.cli:entry"]},
 )

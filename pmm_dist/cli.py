@@ -6,6 +6,7 @@ rank 0, and turn errors into a message plus a non-zero exit code on every rank.
 import argparse
 import json
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -43,10 +44,12 @@ Exit status: 0 on success, 1 on a merge error (message names the file and key), 
 
 
 def _int_list(text: str) -> List[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    """Iterations, or checkpoint names ending in one (global_step1000, iter_0001000)."""
+    found = [re.fullmatch(r"(?:[A-Za-z_]+)?0*(\d+)", x.strip()) for x in text.split(",") if x.strip()]
+    if not all(found):
+        raise argparse.ArgumentTypeError(f"expected iterations (or tags like global_step1000) separated by "
+                                         f"commas, got {text!r}")
+    return [int(match.group(1)) for match in found]
 
 
 def _float_list(text: str) -> List[float]:
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use --weights as given instead of normalising them to sum 1")
     m.add_argument("--last", type=int, default=None, help="merge the newest N checkpoints")
     m.add_argument("--interval", type=int, default=None, help="iterations between merged checkpoints")
-    m.add_argument("--iterations", type=_int_list, default=None, help="exact iterations a,b,c to merge")
+    m.add_argument("--iterations", type=_int_list, default=None,
+                   help="exact iterations a,b,c to merge (or tags: global_step1000,...)")
     m.add_argument("--format", default="auto", choices=["auto", *available_formats()],
                    help="checkpoint format (default: detect)")
     m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -154,6 +158,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if is_coordinator and not options.quiet and not options.dry_run:
         print(format_summary(result), flush=True)
     return EXIT_OK
+
+
+def entry() -> None:
+    """Console-script and ``python -m pmm_dist`` entry: exit without interpreter teardown.
+
+    After the last collective the work is done and flushed; a normal interpreter exit with a
+    process group and third-party native threads (gloo; megatron-core, imported for its
+    allow-list) was seen to abort now and then ("terminate called without an active
+    exception", SIGABRT), which would turn a finished merge into a failed exit code."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _is_coordinator() -> bool:

@@ -193,8 +193,7 @@ def cmd_train(opts):
             dist.barrier()
             if dist.get_rank() == 0:
                 print(f"iteration {it}: loss {loss.item():.4f}, saved", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    _finish()
 
 
 def cmd_load(opts):
@@ -223,8 +222,20 @@ def cmd_load(opts):
         dist.barrier()
         if dist.get_rank() == 0:
             print(f"loaded {ckpt_dir} iteration {iteration} strictly; {changed} tensors changed", flush=True)
+    _finish()
+
+
+def _finish():
+    """All ranks are done (every file is written and closed): leave without the gloo teardown.
+
+    Processes that imported megatron.core and hold a gloo group were seen, rarely, to abort at
+    exit with "terminate called without an active exception" (SIGABRT) although all their work
+    was done; skipping the C++ teardown keeps this helper's exit status meaningful.
+    """
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv=None):
