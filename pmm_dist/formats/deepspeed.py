@@ -24,6 +24,13 @@ source's non-tensor state (ds_config, param_shapes, global_steps, client state, 
 - ZeRO 1/2 (and bf16-optimizer) optimizer files and MoE ``expp_rank_*`` files hold no weights that
   ``load_checkpoint(load_module_only=True)`` reads: dropped, or copied unchanged with
   ``--optimizer latest``.
+
+Validation, before anything is written: the selected checkpoints must share one ZeRO stage, one
+partition count (dp_world_size, partition_count) and param_shapes; the newest must hold every rank
+file its own metadata implies (dp_world_size, num_experts, model-parallel ranks 0..N-1); every other
+checkpoint must hold the same files the merge reads (the optimizer files of older ZeRO 0-2
+checkpoints are never read, so pruning them is fine); a file that is no DeepSpeed checkpoint file
+is refused. Tensor names, shapes and dtypes are compared per file by the rank that merges it.
 """
 import copy
 import os
@@ -35,10 +42,10 @@ import torch
 
 from ..atomic import copy_atomically, write_atomically, write_text_atomically
 from ..errors import InputError
-from ..kernel import is_mergeable, weighted_sum
+from ..kernel import is_mergeable
 from ..planner import WorkUnit
 from ..safe_load import safe_load
-from ..tree import flatten, map_leaves
+from ..tree import dotted, flatten, map_leaves
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
 from .megatron import _compare_leaves, _sorted_unique
 
@@ -173,33 +180,48 @@ class DeepSpeedFormat(CheckpointFormat):
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
                    world_size: int = 1) -> List[WorkUnit]:
         newest = checkpoints[-1]
-        problems: List[str] = []
         reference = self._inventory(newest)
-        for ckpt in checkpoints:
-            inv = self._inventory(ckpt)
-            problems += [f"{os.path.join(ckpt.path, name)}: not a DeepSpeed checkpoint file pmm_dist can merge "
-                         "(move it out of the tag directory)" for name in inv.unknown]
-            if ckpt is newest:
-                problems += [f"{os.path.join(ckpt.path, name)}: missing file ({why})"
-                             for name, why in _missing_rank_files(inv)]
+
+        def needed(name: str, of_newest: bool) -> bool:
+            """Files the merge reads: weights everywhere; the newest's optimizer files to copy them.
+            (Pruned optimizer states of older ZeRO 0-2 checkpoints are fine: never read.)"""
+            kind = classify(name)
+            if kind in (MODEL, EXPERT, LAYER) or (kind == ZERO_OPTIM and reference.zero_stage == 3):
+                return True
+            return of_newest and optimizer_policy == "latest"
+
+        # The newest checkpoint is the reference: first its own completeness (from its metadata) ...
+        missing = [(name, why) for name, why in _missing_rank_files(reference) if needed(name, True)]
+        problems = _unknown_entries(newest, reference)
+        problems += [f"{os.path.join(newest.path, name)}: missing file ({why})" for name, why in missing]
+        expected = {name for name in set(reference.files) | {name for name, _ in missing} if needed(name, False)}
+        # ... then every other checkpoint against it.
+        for ckpt in checkpoints[:-1]:
+            try:
+                inv = self._inventory(ckpt)
+            except InputError as exc:  # e.g. a tag directory without its model states: report them all
+                problems += exc.problems
                 continue
-            mismatch = _layout_mismatch(ckpt, inv, newest, reference)
+            problems += _unknown_entries(ckpt, inv)
+            mismatch = _layout_mismatch(inv, reference)
             if mismatch:
                 problems.append(mismatch)
                 continue
+            found = {name for name in inv.files if needed(name, False)}
             problems += [f"{os.path.join(ckpt.path, name)}: missing file (present in the newest checkpoint {newest.path})"
-                         for name in sorted(reference.files.keys() - inv.files.keys())]
+                         for name in sorted(expected - found)]
             problems += [f"{os.path.join(ckpt.path, name)}: unexpected file (absent from the newest checkpoint "
-                         f"{newest.path})" for name in sorted(inv.files.keys() - reference.files.keys())]
+                         f"{newest.path})" for name in sorted(found - expected)]
         if problems:
             raise InputError(problems)
         units = []
-        for name, kind in sorted(reference.files.items()):
-            size = os.path.getsize(os.path.join(newest.path, name))
-            if kind in (MODEL, EXPERT, LAYER) or (kind == ZERO_OPTIM and reference.zero_stage == 3):
-                units.append(WorkUnit(name, size))
-            elif optimizer_policy == "latest":
-                units.append(WorkUnit(name, size, action="copy"))
+        for name in sorted(reference.files):
+            if not needed(name, True):
+                continue
+            kind = classify(name)
+            merged = kind in (MODEL, EXPERT, LAYER) or kind == ZERO_OPTIM and reference.zero_stage == 3
+            units.append(WorkUnit(name, os.path.getsize(os.path.join(newest.path, name)),
+                                  action="merge" if merged else "copy"))
         return units
 
     # -- per-unit work -----------------------------------------------------------------------
@@ -243,7 +265,8 @@ class DeepSpeedFormat(CheckpointFormat):
             context.on_progress(num_bytes)
             return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
         kind = classify(unit.relpath)
-        sources = [safe_load(os.path.join(ckpt.path, unit.relpath)) for ckpt in checkpoints]
+        paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
+        sources = [safe_load(path) for path in paths]
         flat_sources = [_merged_leaves(src, kind) for src in sources]
         counters = {"read": 0, "tensors": 0}
 
@@ -251,7 +274,7 @@ class DeepSpeedFormat(CheckpointFormat):
             if not is_mergeable(leaf):
                 return leaf
             stack = [flat[path] for flat in flat_sources]
-            merged = weighted_sum(stack, context.weights, context.device, sources_are_mapped=True)
+            merged = context.merge_tensor(stack, f"key '{dotted(path)}'", paths)
             num_read = sum(t.numel() * t.element_size() for t in stack)
             counters["read"] += num_read
             counters["tensors"] += 1
@@ -268,6 +291,21 @@ class DeepSpeedFormat(CheckpointFormat):
                 output = _remove_subtree(output, ZERO3_MOMENTS)
         num_bytes, sha = write_atomically(target, lambda f: torch.save(output, f))
         return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["tensors"])
+
+    def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
+        """The float tensors that carry weights: those merged (ZeRO 1/2 optimizer files excluded)."""
+        inventory = {}
+        files, _ = _list_files(checkpoint_dir)
+        for name, kind in sorted(files.items()):
+            if kind not in _MERGED_SUBTREES:
+                continue
+            state = safe_load(os.path.join(checkpoint_dir, name))
+            if kind == ZERO_OPTIM and _zero3_partitioning_problem(name, state):
+                continue  # ZeRO 1/2: no weights that a module-only load reads
+            for path, leaf in _merged_leaves(state, kind).items():
+                if is_mergeable(leaf):
+                    inventory[f"{name}/{dotted(path)}"] = (tuple(leaf.shape), str(leaf.dtype))
+        return inventory
 
     # -- output ------------------------------------------------------------------------------
     def output_dirname(self, newest: CheckpointRef) -> str:
@@ -331,7 +369,11 @@ def _read_inventory(tag_dir: str) -> _Inventory:
         raise InputError(f"{reference_path}: no 'module' entry (is this a DeepSpeed model-states file?)")
     optim = sorted(name for name, kind in files.items() if kind == ZERO_OPTIM)
     zero3 = any(_ZERO3_MODEL.match(name) for name in files)
-    stage, stage_source, partition_count = (3 if zero3 else 0), reference_path, None
+    # The optimizer files record the stage; without them (all missing: reported as missing files),
+    # the saved ds_config, else the file names.
+    stage, stage_source, partition_count = _config_stage(state.get("ds_config")), reference_path, None
+    if stage is None:
+        stage = 3 if zero3 else 0
     if optim:
         stage_source = os.path.join(tag_dir, optim[0])
         optim_state = safe_load(stage_source).get(OPTIMIZER_STATE)
@@ -343,6 +385,17 @@ def _read_inventory(tag_dir: str) -> _Inventory:
                       stage_source=stage_source, dp_world_size=state.get("dp_world_size"),
                       partition_count=partition_count, param_shapes=_shapes(state.get("param_shapes")),
                       num_experts=state.get("num_experts"), bf16=any(n.startswith("bf16_") for n in optim))
+
+
+def _config_stage(ds_config) -> Optional[int]:
+    """The ZeRO stage of a saved ds_config (a dict; a config given as a path is not saved)."""
+    if not isinstance(ds_config, dict):
+        return None
+    zero = ds_config.get("zero_optimization", {})
+    try:
+        return int(zero.get("stage", 0)) if isinstance(zero, dict) else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _shapes(param_shapes):
@@ -380,17 +433,22 @@ def _missing_rank_files(inv: _Inventory) -> List[Tuple[str, str]]:
             if name not in inv.files and name.replace("_optim_states.pt", "optim_states.pt") not in inv.files]
 
 
-def _layout_mismatch(ckpt: CheckpointRef, inv: _Inventory, newest: CheckpointRef, ref: _Inventory) -> Optional[str]:
+def _unknown_entries(ckpt: CheckpointRef, inv: _Inventory) -> List[str]:
+    return [f"{os.path.join(ckpt.path, name)}: not a DeepSpeed checkpoint file pmm_dist can merge (move it out "
+            "of the tag directory)" for name in inv.unknown]
+
+
+def _layout_mismatch(inv: _Inventory, ref: _Inventory) -> Optional[str]:
     if inv.zero_stage != ref.zero_stage:
         return (f"{inv.stage_source}: ZeRO stage {inv.zero_stage}, but the newest checkpoint has stage "
                 f"{ref.zero_stage} ({ref.stage_source}); checkpoints of different ZeRO stages are not merged")
     partitioned = ref.zero_stage >= 1 or ref.partition_count is not None
-    if partitioned and (inv.dp_world_size != ref.dp_world_size or inv.partition_count != ref.partition_count):
-        source = inv.stage_source if inv.partition_count != ref.partition_count else inv.reference
-        return (f"{source}: {inv.dp_world_size} data-parallel partitions (partition_count "
-                f"{inv.partition_count}), but the newest checkpoint has {ref.dp_world_size} (partition_count "
-                f"{ref.partition_count}, {ref.reference}); ZeRO partitions of different partition counts "
-                "do not line up and are not merged")
+    counts_differ = None not in (inv.partition_count, ref.partition_count) and inv.partition_count != ref.partition_count
+    if partitioned and (inv.dp_world_size != ref.dp_world_size or counts_differ):
+        source, ref_source = (inv.stage_source, ref.stage_source) if counts_differ else (inv.reference, ref.reference)
+        return (f"{source}: dp_world_size {inv.dp_world_size}, partition_count {inv.partition_count}, but the "
+                f"newest checkpoint has dp_world_size {ref.dp_world_size}, partition_count {ref.partition_count} "
+                f"({ref_source}); ZeRO partitions of different partition counts do not line up and are not merged")
     if inv.param_shapes != ref.param_shapes:
         return (f"{inv.reference}: param_shapes differ from the newest checkpoint's ({ref.reference}): another "
                 "model or parameter order, so the ZeRO flat partitions do not line up")

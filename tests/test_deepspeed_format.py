@@ -1,0 +1,183 @@
+"""The DeepSpeed format's discovery, detection and planning, on small hand-made tag directories.
+
+The files here only have the shape of DeepSpeed's (the keys planning reads); what DeepSpeed
+really writes and loads is proven in tests/test_deepspeed_real.py against the real engine.
+"""
+import os
+
+import pytest
+import torch
+
+import pmm_dist
+from pmm_dist.errors import InputError, MergeError
+from pmm_dist.formats import resolve_format
+from pmm_dist.formats.deepspeed import (EXPERT, EXPERT_OPTIM, LAYER, MODEL, ZERO_OPTIM, DeepSpeedFormat,
+                                        classify)
+from pmm_dist.synthetic import generate_run
+
+from .helpers import trusted_load
+
+
+def _save(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(obj, path)
+
+
+def make_checkpoint(run, step, *, stage=2, dp=2, bf16=False, num_experts=None, extra=()):
+    """A tag directory shaped like DeepSpeed's for a 2-tensor model (values depend on ``step``)."""
+    tag = os.path.join(run, f"global_step{step}")
+    weight = torch.full((4, 3), float(step))
+    module = {"w": torch.empty(0) if stage == 3 else weight, "b": torch.full((3,), -float(step))}
+    states = {"module": module, "buffer_names": [], "optimizer": None,
+              "param_shapes": [{"w": torch.Size([4, 3]), "b": torch.Size([3])}] if stage else None,
+              "global_steps": step, "dp_world_size": dp, "mp_world_size": 1, "ds_config": {"zero_optimization": {"stage": stage}}}
+    if num_experts:
+        states["num_experts"] = [num_experts]
+        for expert in range(num_experts):
+            _save(os.path.join(tag, f"layer_0_expert_{expert}_mp_rank_00_model_states.pt"),
+                  {f"moe.experts.{expert}.w": torch.full((2,), float(step + expert))})
+    prefix = "bf16_" if bf16 else ""
+    for dp_rank in range(dp if stage else 0):
+        flat = torch.full((8,), float(step + dp_rank))
+        optim = {"zero_stage": stage, "partition_count": dp if stage == 3 else [dp]}
+        optim["fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"] = [flat]
+        optim["optimizer_state_dict" if stage == 3 else "base_optimizer_state"] = {"state": {0: {"exp_avg": flat * 0}}}
+        _save(os.path.join(tag, f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt"),
+              {"optimizer_state_dict": optim, "ds_config": states["ds_config"]})
+        if stage == 3:
+            _save(os.path.join(tag, f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"), states)
+    if stage != 3:
+        _save(os.path.join(tag, "mp_rank_00_model_states.pt"), states)
+    for name in extra:
+        _save(os.path.join(tag, name), {"weight": torch.ones(2) * step})
+    return tag
+
+
+def make_run(run, steps, latest=None, **kwargs):
+    for step in steps:
+        make_checkpoint(run, step, **kwargs)
+    with open(os.path.join(run, "latest"), "w") as f:
+        f.write(latest or f"global_step{steps[-1]}")
+    return run
+
+
+def test_classify_deepspeed_file_names():
+    assert classify("mp_rank_00_model_states.pt") == MODEL
+    assert classify("zero_pp_rank_13_mp_rank_01_model_states.pt") == MODEL
+    assert classify("zero_pp_rank_3_mp_rank_00_optim_states.pt") == ZERO_OPTIM
+    assert classify("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt") == ZERO_OPTIM
+    assert classify("zero_pp_rank_3_mp_rank_00optim_states.pt") == ZERO_OPTIM  # DeepSpeed's old name
+    assert classify("layer_2_expert_17_mp_rank_00_model_states.pt") == EXPERT
+    assert classify("expert_5_mp_rank_00_model_states.pt") == EXPERT  # old MoE name (no layer id)
+    assert classify("expp_rank_1_mp_rank_00_optim_states.pt") == EXPERT_OPTIM
+    assert classify("layer_03-model_states.pt") == LAYER
+    assert classify("layer_03-model_01-model_states.pt") == LAYER
+    for other in ("latest", "zero_to_fp32.py", "model_optim_rng.pt", "mp_rank_00_model_states.pt.tmp"):
+        assert classify(other) is None
+
+
+def test_discovers_tags_up_to_latest(tmp_path):
+    run = make_run(str(tmp_path / "run"), [10, 20, 30, 40], latest="global_step30")
+    refs = DeepSpeedFormat().discover([run])
+    # global_step40 is newer than `latest`: maybe still being written, never merged
+    assert [r.iteration for r in refs] == [10, 20, 30]
+    assert refs[-1].path == os.path.join(run, "global_step30")
+
+
+def test_explicit_tag_directories_are_ordered_and_may_have_custom_tags(tmp_path):
+    run = str(tmp_path / "run")
+    a, b = make_checkpoint(run, 20), make_checkpoint(run, 10)
+    custom = os.path.join(run, "before_decay")
+    os.rename(make_checkpoint(run, 30), custom)
+    refs = DeepSpeedFormat().discover([custom, a, b])
+    assert [r.iteration for r in refs] == [10, 20, 30]  # the custom tag is ordered by its global_steps
+    assert DeepSpeedFormat().output_dirname(refs[-1]) == "before_decay"
+
+
+def test_discovery_errors_name_the_file(tmp_path):
+    run = make_run(str(tmp_path / "run"), [10, 20])
+    with pytest.raises(InputError, match="run directory"):
+        DeepSpeedFormat().discover([run, os.path.join(run, "global_step10")])
+    with open(os.path.join(run, "latest"), "w") as f:
+        f.write("final")
+    os.rename(os.path.join(run, "global_step20"), os.path.join(run, "final"))
+    with pytest.raises(InputError, match="not of the form global_step"):
+        DeepSpeedFormat().discover([run])
+    with pytest.raises(InputError, match="not a DeepSpeed checkpoint directory"):
+        DeepSpeedFormat().discover([str(tmp_path)])
+
+
+def test_auto_detection_keeps_formats_apart(tmp_path):
+    ds_run = make_run(str(tmp_path / "ds"), [10, 20])
+    assert resolve_format("auto", [ds_run]).name == "deepspeed"
+    assert resolve_format("auto", [os.path.join(ds_run, "global_step10")]).name == "deepspeed"
+    megatron_run = str(tmp_path / "megatron")
+    generate_run(megatron_run, iterations=[1, 2], tp=1, pp=1, ep=1, num_layers=1, hidden_size=8,
+                 ffn_hidden_size=16, vocab_size=16)
+    assert resolve_format("auto", [megatron_run]).name == "megatron"
+    with pytest.raises(MergeError, match="could not detect"):
+        resolve_format("auto", [str(tmp_path)])
+
+
+def _relpaths(units):
+    return {(u.relpath, u.action) for u in units}
+
+
+def test_zero12_optimizer_files_are_dropped_or_copied(tmp_path):
+    run = make_run(str(tmp_path / "run"), [10, 20], stage=2, bf16=True)
+    fmt = DeepSpeedFormat()
+    refs = fmt.discover([run])
+    assert _relpaths(fmt.plan_units(refs, "drop", 1)) == {("mp_rank_00_model_states.pt", "merge")}
+    assert _relpaths(fmt.plan_units(refs, "latest", 1)) == {
+        ("mp_rank_00_model_states.pt", "merge"),
+        ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "copy"),
+        ("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "copy")}
+    assert fmt.layout(refs) == {"zero_stage": 2, "dp": 2, "bf16": True, "mp": 1, "experts": 0,
+                                "pipeline_layers": 0, "files": 3}
+
+
+def test_zero3_optimizer_files_are_always_merged(tmp_path):
+    run = make_run(str(tmp_path / "run"), [10, 20], stage=3, dp=2)
+    fmt = DeepSpeedFormat()
+    refs = fmt.discover([run])
+    for policy in ("drop", "latest"):
+        units = fmt.plan_units(refs, policy, 4)
+        assert {u.action for u in units} == {"merge"}
+        assert {u.relpath for u in units} == {f"zero_pp_rank_{d}_mp_rank_00_{k}_states.pt"
+                                              for d in range(2) for k in ("model", "optim")}
+
+
+def test_zero3_merge_of_flat_partitions_and_moments(tmp_path):
+    run = make_run(str(tmp_path / "run"), [10, 20, 30], stage=3, dp=2)
+    for policy in ("drop", "latest"):
+        out = str(tmp_path / f"out_{policy}")
+        pmm_dist.merge(sources=[run], out=out, method="wma", optimizer=policy, device="cpu", quiet=True)
+        optim = trusted_load(os.path.join(out, "global_step30", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        optim = optim["optimizer_state_dict"]
+        expected = (1 * 11 + 2 * 21 + 3 * 31) / 6  # wma of step + dp_rank
+        assert torch.allclose(optim["fp32_flat_groups"][0], torch.full((8,), expected))
+        assert ("optimizer_state_dict" in optim) == (policy == "latest")
+        assert optim["zero_stage"] == 3 and optim["partition_count"] == 2
+
+
+def test_unknown_files_and_missing_experts_are_refused(tmp_path):
+    run = make_run(str(tmp_path / "run"), [10, 20], stage=1, num_experts=2)
+    fmt = DeepSpeedFormat()
+    assert fmt.plan_units(fmt.discover([run]), "drop", 1)  # complete: fine
+    stray = os.path.join(run, "global_step10", "notes.txt")
+    open(stray, "w").close()
+    os.remove(os.path.join(run, "global_step20", "layer_0_expert_1_mp_rank_00_model_states.pt"))
+    with pytest.raises(InputError) as info:
+        DeepSpeedFormat().plan_units(fmt.discover([run]), "drop", 1)
+    message = str(info.value)
+    assert f"{stray}: not a DeepSpeed checkpoint file" in message
+    assert "global_step20/layer_0_expert_1_mp_rank_00_model_states.pt: missing file (num_experts=[2]" in message
+
+
+def test_dry_run_prints_the_layout(tmp_path, capsys):
+    run = make_run(str(tmp_path / "run"), [10, 20, 30], stage=3, dp=2, extra=["layer_00-model_states.pt"])
+    pmm_dist.merge(sources=[run], out=str(tmp_path / "out"), dry_run=True, last=2, device="cpu")
+    printed = capsys.readouterr().out
+    assert "zero_stage=3" in printed and "pipeline_layers=1" in printed
+    assert "global_step20" in printed and "global_step10" not in printed  # --last 2
+    assert not os.path.exists(tmp_path / "out")
