@@ -86,6 +86,42 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     return result.view(sources[-1].shape)
 
 
+class Accumulator:
+    """The weighted sum of ``weighted_sum``, fed one whole source at a time.
+
+    For formats that can only read a stored chunk whole (a DCP blob): memory is one float64
+    copy of the tensor plus the one source being added, whatever N. Element by element the
+    arithmetic (first source copied and scaled, the others added with their weight, one
+    rounding at the end) is the same as ``weighted_sum``'s, so results are identical.
+    """
+
+    def __init__(self, shape, device: torch.device, *, on_nonfinite: str = "ignore", what: str = "tensor"):
+        self.acc = torch.empty(shape, dtype=ACCUMULATOR_DTYPE, device=device)
+        self.device, self.on_nonfinite, self.what = device, on_nonfinite, what
+        self.count = 0
+        self.stored = None
+
+    def add(self, source: torch.Tensor, weight: float, name: str) -> None:
+        src = source if self.device.type == "cpu" else source.to(self.device)
+        if self.count == 0:
+            self.acc.copy_(src)
+            self.acc.mul_(weight)
+        else:
+            self.acc.add_(src, alpha=weight)
+        self.count += 1
+        self.stored = source.dtype
+        if self.on_nonfinite != "ignore" and not math.isfinite(self.acc.sum().item()):
+            message = f"non-finite values (NaN/Inf) in {self.what} of {name} (--on-nonfinite error|warn|ignore)"
+            if self.on_nonfinite == "error":
+                raise InputError(message)
+            print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
+            self.on_nonfinite = "ignore"  # one report per tensor
+
+    def result(self) -> torch.Tensor:
+        assert self.count, "no source was added"
+        return self.acc.to(self.stored).cpu()
+
+
 class _Stager:
     """Host-to-device copies of source blocks through two reusable staging buffers.
 

@@ -17,7 +17,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..kernel import weighted_sum
+from ..kernel import Accumulator, weighted_sum
 from ..planner import WorkUnit
 
 
@@ -43,6 +43,11 @@ class MergeContext:
         non-finite policy; ``what`` and ``source_names`` name the tensor and files in errors."""
         return weighted_sum(sources, self.weights, self.device, sources_are_mapped=sources_are_mapped,
                             on_nonfinite=self.on_nonfinite, what=what, source_names=source_names)
+
+    def accumulator(self, shape, what: str) -> Accumulator:
+        """For sources read one whole chunk at a time: add ``(source, weights[i], name)`` in
+        checkpoint order, then take ``result()`` (same numbers as ``merge_tensor``)."""
+        return Accumulator(shape, self.device, on_nonfinite=self.on_nonfinite, what=what)
 
 
 @dataclass(frozen=True)

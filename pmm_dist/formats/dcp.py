@@ -7,7 +7,7 @@ Planning reads only the ``.metadata`` of every source: the newest checkpoint's k
 shapes, dtypes and chunk lists are the reference every other source must match. The units are
 the stored chunks, binned byte-balanced into one output file per rank, ``__{k}_0.distcp``
 (``WorkUnit.items``). A rank reads exactly its chunks' byte ranges from the N sources (pread;
-never whole files), merges float chunks with ``kernel.weighted_sum`` and copies everything else
+never whole files), merges float chunks (``MergeContext.merge_tensor``) and copies everything else
 (integer tensors, bytes entries) byte for byte from the newest source. The coordinator then
 writes the output ``.metadata``: the newest checkpoint's key metadata (same chunking) with new
 storage locations. ``.metadata`` is the checkpoint's commit marker, so it is written last.
@@ -22,13 +22,14 @@ DCP checkpoint (``dcp.load(state_dict, checkpoint_id=OUT)``).
 metadata dataclasses, ``torch.Size``, torch dtypes/layouts and paths; anything else is refused.
 """
 import dataclasses
+import hashlib
+import heapq
 import io
 import math
 import os
 import pathlib
 import pickle
 import re
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -39,7 +40,6 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from ..atomic import write_atomically
 from ..errors import InputError, MergeError
-from ..kernel import weighted_sum
 from ..planner import WorkUnit
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
 
@@ -196,12 +196,12 @@ def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_fi
             problems.append(f"{where}: key '{name}' has no storage entry")
             continue
         rel = info.relative_path
-        if not isinstance(rel, str) or os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
+        if not isinstance(rel, str) or os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
             problems.append(f"{where}: key '{name}' is stored at {rel!r}, outside the checkpoint directory")
             continue
         if getattr(info, "transform_descriptors", None):
-            problems.append(f"{where}: key '{name}' is stored with stream transforms {list(info.transform_descriptors)} "
-                            "(e.g. compression), which pmm_dist does not support")
+            problems.append(f"{where}: key '{name}' is stored with stream transforms "
+                            f"{list(info.transform_descriptors)} (e.g. compression), which pmm_dist does not support")
             continue
         if not check_files:
             continue
@@ -224,11 +224,11 @@ def balance_items(items: Sequence[tuple], num_bins: int, num_sources: int) -> Li
         return max(item[3], 1) * (num_sources if item[2] == MERGE else 1)
 
     bins: List[List[tuple]] = [[] for _ in range(num_bins)]
-    loads = [0] * num_bins
+    loads = [(0, k) for k in range(num_bins)]  # a heap: (load, bin), ties to the lower bin
     for item in sorted(items, key=lambda it: (-cost(it), it[0], it[1] or ())):
-        k = min(range(num_bins), key=lambda b: (loads[b], b))
+        load, k = heapq.heappop(loads)
         bins[k].append(item)
-        loads[k] += cost(item)
+        heapq.heappush(loads, (load + cost(item), k))
     return bins
 
 
@@ -357,6 +357,15 @@ class DcpFormat(CheckpointFormat):
                 "bytes_entries": len(entries) - len(tensors),
                 "files": len({info.relative_path for info in metadata.storage_data.values()})}
 
+    def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
+        """The float tensors that take part in a merge (training state excluded: it may be
+        dropped), with global shapes and dtypes, from ``.metadata`` alone."""
+        metadata = load_metadata(checkpoint_dir)
+        return {fqn: (tuple(entry.size), str(entry.properties.dtype))
+                for fqn, entry in metadata.state_dict_metadata.items()
+                if isinstance(entry, dcp_metadata.TensorStorageMetadata) and entry.properties.dtype.is_floating_point
+                and not self.is_training_state(metadata, fqn)}
+
     # -- planning (metadata only) ------------------------------------------------------------
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
                    world_size: int = 1) -> List[WorkUnit]:
@@ -427,49 +436,54 @@ class DcpFormat(CheckpointFormat):
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
-        """Items in stored order; a reader thread fetches the next item's byte ranges while this
-        one is merged and written (double buffering: at most two items' source blobs in memory,
-        plus the N loaded chunks of the item being merged)."""
+        """Items in stored order, each merged source by source into a float64 accumulator; a
+        reader thread fetches the next blob while one is added. In memory at once: the
+        accumulator, the blob being added and the one being read: flat in N."""
         newest = self.metadata(checkpoints[-1])
         indexes = [storage_index(self.metadata(ckpt)) for ckpt in checkpoints]
         sizes_of = chunk_sizes(newest)
         files = _SourceFiles()
         written: List[tuple] = []
         counters = {"read": 0, "merged": 0}
+        last = len(checkpoints) - 1
+        # Every blob to read, in order: all sources of a merged item, the newest of a copied one.
+        reads = [(position, i) for position, item in enumerate(unit.items)
+                 for i in (range(len(checkpoints)) if item[2] == MERGE else [last])]
 
-        def read(item) -> List[Tuple[int, bytes]]:
-            """(source position, blob): the newest only for a copy, every source for a merge."""
-            key = item[:2]
-            positions = range(len(checkpoints)) if item[2] == MERGE else [len(checkpoints) - 1]
-            return [(i, files.read(checkpoints[i].path, indexes[i][key])) for i in positions]
+        def read(task) -> bytes:
+            position, i = task
+            return files.read(checkpoints[i].path, indexes[i][tuple(unit.items[position][:2])])
 
         def produce(writer):
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
-                pending = reader.submit(read, unit.items[0]) if unit.items else None
-                for position, (fqn, offsets, kind, _) in enumerate(unit.items):
-                    blobs = pending.result()
-                    if position + 1 < len(unit.items):
-                        pending = reader.submit(read, unit.items[position + 1])
-                    key, start = (fqn, offsets), writer.num_bytes
-                    num_read = sum(len(blob) for _, blob in blobs)
+                pending = reader.submit(read, reads[0]) if reads else None
+                accumulator = None
+                for step, (position, i) in enumerate(reads):
+                    blob = pending.result()
+                    if step + 1 < len(reads):
+                        pending = reader.submit(read, reads[step + 1])
+                    fqn, offsets, kind, _ = unit.items[position]
+                    key = (fqn, offsets)
+                    counters["read"] += len(blob)
+                    context.on_progress(len(blob))
                     if kind == COPY:
-                        writer.write(blobs[0][1])
-                    else:
-                        entry, sizes = newest.state_dict_metadata[fqn], sizes_of[key]
-                        chunks = []
-                        while blobs:  # unpickle each blob, then let it go
-                            i, blob = blobs.pop(0)
-                            chunks.append(_load_chunk(blob, os.path.join(checkpoints[i].path,
-                                                                         indexes[i][key].relative_path),
-                                                      key, entry, sizes))
-                            del blob
-                        torch.save(weighted_sum(chunks, context.weights, context.device), writer)
+                        start = writer.num_bytes
+                        writer.write(blob)
+                        written.append((fqn, offsets, start, writer.num_bytes - start))
+                        continue
+                    path = os.path.join(checkpoints[i].path, indexes[i][key].relative_path)
+                    chunk = _load_chunk(blob, path, key, newest.state_dict_metadata[fqn], sizes_of[key])
+                    del blob
+                    if i == 0:
+                        accumulator = context.accumulator(chunk.shape, f"key '{fqn}' (chunk at {list(offsets)})")
+                    accumulator.add(chunk, context.weights[i], path)
+                    del chunk
+                    if i == last:
+                        start = writer.num_bytes
+                        torch.save(accumulator.result(), writer)
+                        written.append((fqn, offsets, start, writer.num_bytes - start))
                         counters["merged"] += 1
-                        del chunks
-                    del blobs
-                    written.append((fqn, offsets, start, writer.num_bytes - start))
-                    counters["read"] += num_read
-                    context.on_progress(num_read)
+                        accumulator = None
 
         try:
             num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), produce)
@@ -490,9 +504,15 @@ class DcpFormat(CheckpointFormat):
             entry = newest.state_dict_metadata[fqn]
             if isinstance(entry, dcp_metadata.TensorStorageMetadata):
                 chunk_position.update({(fqn, tuple(c.offsets)): i for i, c in enumerate(entry.chunks)})
+        # The key strings of the newest metadata, so that pickle shares them between its two
+        # tables however the results reached us (gathered, or read back as JSON on --resume):
+        # the same merge always writes the same bytes.
+        canonical = {fqn: fqn for fqn in kept}
         storage_data = {}
         for result in results:
             for fqn, offsets, offset, length in result.details.get("dcp_storage", ()):
+                fqn = canonical[fqn]
+                offsets = None if offsets is None else tuple(offsets)  # a list after a JSON round trip
                 index = dcp_metadata.MetadataIndex(fqn, offsets, chunk_position.get((fqn, offsets)))
                 storage_data[index] = dcp_filesystem._StorageInfo(result.relpath, offset, length)
         expected = {k for k in chunk_keys(newest) if k[0] in kept_set}
@@ -506,7 +526,10 @@ class DcpFormat(CheckpointFormat):
                             if k in kept_set or k not in newest.state_dict_metadata}
         storage_meta = newest.storage_meta
         if storage_meta is not None:  # provenance of the merge lives in pmm_manifest.json
-            storage_meta = dataclasses.replace(storage_meta, checkpoint_id=None, save_id=str(uuid.uuid4()),
+            # A content-derived save id, not a random one: a resumed merge writes the same
+            # bytes as an uninterrupted one.
+            content = hashlib.sha256("".join(sorted(r.sha256 for r in results)).encode()).hexdigest()
+            storage_meta = dataclasses.replace(storage_meta, checkpoint_id=None, save_id=f"pmm-{content[:32]}",
                                                load_id=None)
         # replace() rebuilds from the dataclass fields only: extra attributes such as
         # Megatron's cached save plans (all_local_plans) describe the sources' files, not ours.

@@ -1,0 +1,188 @@
+"""Real megatron-core GPTModel saved and loaded with ``dist_checkpointing`` (torch_dist), CPU/gloo.
+
+For tests/test_megatron_dist_real.py. Launch with torchrun; the tensor-parallel size equals the
+number of processes (1 or 2).
+
+  train RUN --iterations 2,4,6 [--seed S]
+      Trains a tiny SwiGLU GPTModel (bf16 weights, fp32 norms) with Adam at TP=2 and saves, at
+      each listed iteration, a state dict shaped like Megatron-LM's ``save_checkpoint`` with
+      ``--ckpt-format torch_dist`` through ``dist_checkpointing.save`` into RUN/iter_{it:07d}/
+      ('model' sharded tensors, 'optimizer' as megatron-core ShardedTensors, 'rng_state' and a
+      per-iteration ``_extra_state`` as ShardedObjects, args / iteration / scheduler as common
+      state); rank 0 then writes RUN/latest_checkpointed_iteration.txt.
+
+  load --checkpoint CKPT_DIR:DUMP_FILE [--checkpoint ...] [--seed S]
+      For each --checkpoint: builds a FRESH GPTModel (another seed) at TP = world size, loads
+      CKPT_DIR with ``dist_checkpointing.load(model.sharded_state_dict())`` (Megatron reshards
+      on load), ``load_state_dict(strict=True)``, and writes rank-local tensors to
+      DUMP_FILE.rank{r}.pt together with the loaded common state and the ``_extra_state`` bytes.
+"""
+import argparse
+import io
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# megatron-core 0.16.1 on CPU: these CUDA calls are made on the save / rng paths.
+torch.cuda.synchronize = lambda *a, **k: None
+torch.cuda.current_device = lambda: "cpu"
+
+NUM_LAYERS = 2
+HIDDEN = 64
+HEADS = 4
+FFN_HIDDEN = 128
+VOCAB = 128
+SEQ = 16
+MICRO_BATCH = 4
+EXTRA_STATE_KEY = "decoder.final_layernorm._extra_state"
+
+
+def init_parallel():
+    from megatron.core import parallel_state
+
+    dist.init_process_group("gloo")
+    tp = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return tp, parallel_state.get_tensor_model_parallel_rank()
+
+
+def build_model(seed, tp):
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+    config = TransformerConfig(
+        num_layers=NUM_LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN, num_attention_heads=HEADS,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, gated_linear_unit=True,
+        activation_func=F.silu, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+        use_cpu_initialization=True, perform_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=0.02)
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                     max_sequence_length=SEQ, pre_process=True, post_process=True,
+                     share_embeddings_and_output_weights=False, position_embedding_type="rope")
+    return model  # bf16 linear layers, fp32 norms (megatron-core's local-spec LayerNorm)
+
+
+def optimizer_sharded_state(optimizer, model_sharded):
+    """What megatron-core's FP32Optimizer.sharded_state_dict produces for a torch Adam."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map, optim_state_to_sharding_state)
+
+    state = optimizer.state_dict()
+    id_map = get_param_id_to_sharded_param_map(
+        model_sharded, (p for group in optimizer.param_groups for p in group["params"]))
+    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+    return state
+
+
+def extra_state_object(payload: bytes, tp_rank, tp):
+    """A ShardedObject like Transformer Engine's ``_extra_state`` (replicated across TP)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(EXTRA_STATE_KEY, io.BytesIO(payload), (1,), (0,), replica_id=tp_rank)
+
+
+def batch(generator):
+    tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=generator)
+    position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, SEQ).contiguous()
+    attention_mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    return tokens[:, :-1].contiguous(), position_ids, attention_mask, tokens[:, 1:].contiguous()
+
+
+def cmd_train(opts):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    tp, tp_rank = init_parallel()
+    iterations = sorted(int(x) for x in opts.iterations.split(","))
+    model = build_model(opts.seed, tp)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    generator = torch.Generator().manual_seed(1234)
+    for it in range(1, iterations[-1] + 1):
+        input_ids, position_ids, attention_mask, labels = batch(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids, position_ids, attention_mask, labels=labels).float().mean()
+        loss.backward()
+        optimizer.step()
+        if it not in iterations:
+            continue
+        model_sharded = model.sharded_state_dict()
+        model_sharded[EXTRA_STATE_KEY] = extra_state_object(f"te-{it}".encode(), tp_rank, tp)
+        state = {
+            "args": argparse.Namespace(tensor_model_parallel_size=tp, num_layers=NUM_LAYERS, ckpt_format="torch_dist"),
+            "checkpoint_version": 3.0,
+            "iteration": it,
+            "model": model_sharded,
+            "optimizer": optimizer_sharded_state(optimizer, model_sharded),
+            "opt_param_scheduler": {"num_steps": it * MICRO_BATCH, "max_lr": 1e-2},
+            "rng_state": ShardedObject("rng_state", [{"torch_rng_state": torch.get_rng_state(), "it": it}],
+                                       (1, tp), (0, tp_rank), replica_id=0),
+            "num_floating_point_operations_so_far": float(it),
+        }
+        ckpt_dir = os.path.join(opts.run, f"iter_{it:07d}")
+        if dist.get_rank() == 0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(state, ckpt_dir)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            with open(os.path.join(opts.run, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write(str(it))
+            print(f"iteration {it}: loss {loss.item():.4f}, saved", flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def cmd_load(opts):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    tp, tp_rank = init_parallel()
+    for spec in opts.checkpoint:
+        ckpt_dir, dump_file = spec.rsplit(":", 1)
+        model = build_model(opts.seed, tp)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        request = {"model": model.sharded_state_dict(),
+                   "extra": ShardedObject(EXTRA_STATE_KEY, None, (1,), (0,), replica_id=tp_rank)}
+        loaded = dist_checkpointing.load(request, ckpt_dir)
+        model.load_state_dict(loaded["model"], strict=True)
+        after = model.state_dict()
+        torch.save({
+            "tensors": {k: v.detach().clone() for k, v in after.items() if torch.is_tensor(v)},
+            "changed_by_load": sorted(k for k, v in before.items() if not torch.equal(v, after[k])),
+            "common_keys": sorted(k for k in loaded if k not in ("model", "extra")),
+            "iteration": loaded.get("iteration"),
+            "has_optimizer_common": "optimizer" in loaded,
+            "extra_state": loaded["extra"].getvalue(),
+        }, f"{dump_file}.rank{tp_rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train")
+    p.add_argument("run")
+    p.add_argument("--iterations", default="2,4,6")
+    p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser("load")
+    p.add_argument("--checkpoint", action="append", required=True, help="CKPT_DIR:DUMP_FILE")
+    p.add_argument("--seed", type=int, default=777)
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    {"train": cmd_train, "load": cmd_load}[opts.cmd](opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
