@@ -148,18 +148,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    return _TORCH_TO_NAME[dtype]
-
-
-_TORCH_TO_NAME = {
-    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
-    torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
 class MappedFiles:
     """Which tensors returned by ``safe_open(...).get_tensor`` are views of a file mapping.
 
@@ -198,3 +186,4 @@ def _inside_file_mapping(tensor: torch.Tensor, path: str) -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
