@@ -8,12 +8,12 @@ and peak RSS.
 """
 import json
 import os
-import resource
 import sys
 import time
 
 import torch
 
+from pmm_dist.report import peak_rss_bytes
 from pmm_dist.safe_load import safe_load
 
 
@@ -40,8 +40,7 @@ def naive_average(run_dir: str, out_dir: str, iterations) -> dict:
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         del states, averaged
-    return {"seconds": time.perf_counter() - started,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes()}
 
 
 if __name__ == "__main__":

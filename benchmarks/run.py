@@ -49,10 +49,11 @@ def make_run(run_dir: str, num_checkpoints: int, bytes_per_checkpoint: float) ->
     if os.path.isfile(os.path.join(run_dir, "latest_checkpointed_iteration.txt")):
         return iterations
     shutil.rmtree(run_dir, ignore_errors=True)
-    hidden = 256
-    while _model_bytes(hidden * 2) <= bytes_per_checkpoint:
-        hidden *= 2
-    generate_run(run_dir, iterations=[iterations[0]], tp=2, pp=2, ep=1, num_layers=4, hidden_size=hidden,
+    hidden = 2048 if bytes_per_checkpoint >= 0.5 * GB else 512
+    embeddings = 2 * 2 * 8192 * hidden  # input and output embedding, bf16
+    per_layer = 2 * 16 * hidden * hidden  # qkv, proj, SwiGLU fc1 (2 x 4h) and fc2, bf16
+    num_layers = max(2, 2 * round((bytes_per_checkpoint - embeddings) / per_layer / 2))  # even: PP=2
+    generate_run(run_dir, iterations=[iterations[0]], tp=2, pp=2, ep=1, num_layers=num_layers, hidden_size=hidden,
                  ffn_hidden_size=4 * hidden, num_experts=0, vocab_size=8192, optimizer_state=False)
     first = os.path.join(run_dir, f"iter_{iterations[0]:07d}")
     for it in iterations[1:]:
@@ -60,11 +61,6 @@ def make_run(run_dir: str, num_checkpoints: int, bytes_per_checkpoint: float) ->
     with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(iterations[-1]))
     return iterations
-
-
-def _model_bytes(hidden: int) -> int:
-    per_layer = 3 * hidden * hidden + hidden * hidden + 2 * 4 * hidden * hidden + hidden * 4 * hidden
-    return 2 * (4 * per_layer + 2 * 8192 * hidden)
 
 
 def input_files(run_dir: str) -> list:

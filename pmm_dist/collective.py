@@ -9,7 +9,7 @@ import os
 import pickle
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 import torch.distributed as dist
 

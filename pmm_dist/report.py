@@ -7,7 +7,18 @@ from tqdm import tqdm
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB)."""
+    """This process's peak resident set size.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own memory.
+    getrusage's ru_maxrss survives exec, so a rank started by a large parent (a launcher, a
+    benchmark driver) would report the parent's peak instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage * 1024 if sys.platform != "darwin" else usage
 

@@ -42,6 +42,7 @@ from ..atomic import write_atomically
 from ..errors import InputError, MergeError
 from ..planner import WorkUnit
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
+from .common import sorted_unique
 
 DCP_METADATA = ".metadata"
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -235,14 +236,6 @@ def balance_items(items: Sequence[tuple], num_bins: int, num_sources: int) -> Li
 def trailing_number(path: str) -> Optional[int]:
     match = _TRAILING_NUMBER.search(os.path.basename(os.path.normpath(path)))
     return int(match.group(1)) if match else None
-
-
-def sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
-    refs = sorted(refs, key=lambda r: r.iteration)
-    for a, b in zip(refs, refs[1:]):
-        if a.iteration == b.iteration:
-            raise InputError(f"{a.path} and {b.path} are both iteration {a.iteration}")
-    return refs
 
 
 class _SourceFiles:

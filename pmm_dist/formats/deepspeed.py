@@ -40,14 +40,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..atomic import copy_atomically, write_atomically, write_text_atomically
+from ..atomic import write_atomically, write_text_atomically
 from ..errors import InputError
 from ..kernel import is_mergeable
 from ..planner import WorkUnit
 from ..safe_load import safe_load
 from ..tree import dotted, flatten, map_leaves
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .megatron import _compare_leaves, _sorted_unique
+from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints
 
 TRACKER = "latest"
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
@@ -120,17 +120,8 @@ class DeepSpeedFormat(CheckpointFormat):
         return bool(named) and _is_tag_dir(os.path.join(path, named))
 
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
-        if len(sources) == 1 and os.path.isfile(os.path.join(sources[0], TRACKER)):
-            return self._discover_run(sources[0])
-        refs = []
-        for src in sources:
-            if os.path.isfile(os.path.join(src, TRACKER)):
-                raise InputError(f"{src} is a run directory (it has '{TRACKER}'); give either one run directory "
-                                 "or several tag directories (global_step*), not a mixture")
-            if not _is_tag_dir(src):
-                raise InputError(f"{src}: not a DeepSpeed checkpoint directory (no *_model_states.pt files)")
-            refs.append(CheckpointRef(self._iteration_of(src), os.path.abspath(src)))
-        return _sorted_unique(refs)
+        return discover_run_or_checkpoints(sources, TRACKER, self._discover_run, _is_tag_dir, self._iteration_of,
+                                           "DeepSpeed checkpoint directory (no *_model_states.pt files)")
 
     def _discover_run(self, run_dir: str) -> List[CheckpointRef]:
         tracker_path = os.path.join(run_dir, TRACKER)
@@ -254,32 +245,18 @@ class DeepSpeedFormat(CheckpointFormat):
                 if problem:
                     problems.append(problem)
                     continue
-            problems += _compare_leaves(path, _merged_leaves(state, kind), newest_path, reference)
+            problems += compare_leaves(path, _merged_leaves(state, kind), newest_path, reference)
         return problems
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
         target = os.path.join(destination, unit.relpath)
         if unit.action == "copy":
-            num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath), target)
-            context.on_progress(num_bytes)
-            return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
+            return copy_newest(unit, checkpoints, destination, context)
         kind = classify(unit.relpath)
         paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
         sources = [safe_load(path) for path in paths]
-        flat_sources = [_merged_leaves(src, kind) for src in sources]
-        counters = {"read": 0, "tensors": 0}
-
-        def merge(path, leaf):
-            if not is_mergeable(leaf):
-                return leaf
-            stack = [flat[path] for flat in flat_sources]
-            merged = context.merge_tensor(stack, f"key '{dotted(path)}'", paths)
-            num_read = sum(t.numel() * t.element_size() for t in stack)
-            counters["read"] += num_read
-            counters["tensors"] += 1
-            context.on_progress(num_read)
-            return merged
+        merge = LeafMerger([_merged_leaves(src, kind) for src in sources], paths, context)
 
         output = sources[-1]
         for subtree in _MERGED_SUBTREES[kind]:
@@ -290,7 +267,7 @@ class DeepSpeedFormat(CheckpointFormat):
             elif kind == ZERO_OPTIM:
                 output = _remove_subtree(output, ZERO3_MOMENTS)
         num_bytes, sha = write_atomically(target, lambda f: torch.save(output, f))
-        return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["tensors"])
+        return UnitResult(unit.relpath, num_bytes, merge.num_bytes_read, sha, merge.num_tensors)
 
     def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
         """The float tensors that carry weights: those merged (ZeRO 1/2 optimizer files excluded)."""

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..atomic import copy_atomically, write_atomically, write_json_atomically
 from ..errors import InputError, MergeError
 from ..planner import WorkUnit
+from .common import copy_newest, sorted_unique
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
 from .safetensors_io import (FLOAT_DTYPES, QUANTIZED_DTYPES, Header, MappedFiles, encode_header, read_header,
                              tensor_bytes)
@@ -136,7 +137,7 @@ class HuggingFaceFormat(CheckpointFormat):
         if len(sources) == 1:
             numbered = _numbered_model_dirs(sources[0])
             if numbered:  # a run directory; weights in the run root itself (a final save) are not part of it
-                return _sorted_unique([CheckpointRef(it, os.path.abspath(p)) for it, p in numbered])
+                return sorted_unique([CheckpointRef(it, os.path.abspath(p)) for it, p in numbered])
         refs = []
         for src in sources:
             if not _is_model_dir(src):
@@ -149,7 +150,7 @@ class HuggingFaceFormat(CheckpointFormat):
                                  f"{INDEX_FILE}{hint}, and no subdirectories holding one with a step number in "
                                  "their name")
             refs.append(CheckpointRef(self._iteration_of(src), os.path.abspath(src)))
-        return _sorted_unique(refs)
+        return sorted_unique(refs)
 
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
@@ -236,9 +237,7 @@ class HuggingFaceFormat(CheckpointFormat):
                    context: MergeContext) -> UnitResult:
         target = os.path.join(destination, unit.relpath)
         if unit.action == "copy":
-            num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath), target)
-            context.on_progress(num_bytes)
-            return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
+            return copy_newest(unit, checkpoints, destination, context)
         from safetensors import safe_open
         inventories = [self._inventory(c) for c in checkpoints]
         newest = inventories[-1]
@@ -348,14 +347,6 @@ def _numbered_model_dirs(path: str) -> List[Tuple[int, str]]:
         if not entry.startswith(".") and iteration is not None and os.path.isdir(full) and _is_model_dir(full):
             found.append((iteration, full))
     return found
-
-
-def _sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
-    refs = sorted(refs, key=lambda r: r.iteration)
-    for a, b in zip(refs, refs[1:]):
-        if a.iteration == b.iteration:
-            raise InputError(f"{a.path} and {b.path} are both iteration {a.iteration} (by their names)")
-    return refs
 
 
 def _config_files(ckpt_dir: str) -> List[str]:

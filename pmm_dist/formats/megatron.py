@@ -14,13 +14,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..atomic import write_atomically, write_text_atomically, copy_atomically
+from ..atomic import write_atomically, write_text_atomically
 from ..errors import InputError
 from ..kernel import is_mergeable
 from ..planner import WorkUnit
 from ..safe_load import safe_load
 from ..tree import dotted, flatten, map_leaves
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
+from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -48,11 +49,38 @@ def parallel_degrees(args) -> Tuple[int, int, int]:
                  ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
 
 
+def read_tracker(tracker_path: str) -> int:
+    """The iteration a Megatron tracker names ('release' has no history to merge)."""
+    text = open(tracker_path).read().strip()
+    if text == "release":
+        raise InputError(f"{tracker_path} says 'release': a release checkpoint has no history to merge; "
+                         "pass the checkpoint directories to merge explicitly")
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{tracker_path}: expected an iteration number or 'release', found {text[:40]!r}") from None
+
+
 def model_keys(state: dict) -> List[str]:
     return [key for key in state if isinstance(key, str) and _MODEL_KEY.match(key)]
 
 
-class MegatronLegacyFormat(CheckpointFormat):
+class IterationTracker:
+    """Megatron's output convention, shared by the legacy and torch_dist formats:
+    ``OUT/iter_{N:07d}/`` and ``OUT/latest_checkpointed_iteration.txt`` written last."""
+
+    def output_dirname(self, newest: CheckpointRef) -> str:
+        return f"iter_{newest.iteration:07d}"
+
+    def tracker_relpath(self) -> str:
+        return TRACKER
+
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+        write_text_atomically(os.path.join(out_root, TRACKER), f"{newest.iteration}\n")
+        return TRACKER
+
+
+class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
     name = "megatron"
     description = "Megatron-LM legacy torch format: latest_checkpointed_iteration.txt + iter_*/mp_rank_*/model_optim_rng.pt"
 
@@ -62,28 +90,13 @@ class MegatronLegacyFormat(CheckpointFormat):
         return os.path.isfile(os.path.join(path, TRACKER)) or bool(_shard_dirs(path))
 
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
-        if len(sources) == 1 and os.path.isfile(os.path.join(sources[0], TRACKER)):
-            return self._discover_run(sources[0])
-        refs = []
-        for src in sources:
-            if os.path.isfile(os.path.join(src, TRACKER)):
-                raise InputError(f"{src} is a run directory; give either one run directory or several "
-                                 "checkpoint directories (iter_*), not a mixture")
-            if not _shard_dirs(src):
-                raise InputError(f"{src}: not a Megatron checkpoint directory (no mp_rank_* directories)")
-            refs.append(CheckpointRef(self._iteration_of(src), os.path.abspath(src)))
-        return _sorted_unique(refs)
+        return discover_run_or_checkpoints(sources, TRACKER, self._discover_run, lambda p: bool(_shard_dirs(p)),
+                                           self._iteration_of, "Megatron checkpoint directory (no mp_rank_* "
+                                           "directories)")
 
     def _discover_run(self, run_dir: str) -> List[CheckpointRef]:
         tracker_path = os.path.join(run_dir, TRACKER)
-        text = open(tracker_path).read().strip()
-        if text == "release":
-            raise InputError(f"{tracker_path} says 'release': a release checkpoint has no history to "
-                             "merge; pass the checkpoint directories to merge explicitly")
-        try:
-            newest = int(text)
-        except ValueError:
-            raise InputError(f"{tracker_path}: expected an iteration number or 'release', found {text[:40]!r}") from None
+        newest = read_tracker(tracker_path)
         refs = []
         for entry in sorted(os.listdir(run_dir)):
             match = _ITER_DIR.match(entry)
@@ -179,40 +192,25 @@ class MegatronLegacyFormat(CheckpointFormat):
             except InputError as exc:
                 problems.append(str(exc))
                 continue
-            problems += _compare_leaves(path, leaves, newest_path, reference)
+            problems += compare_leaves(path, leaves, newest_path, reference)
         return problems
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
         target = os.path.join(destination, unit.relpath)
         if unit.action == "copy":
-            num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath), target)
-            context.on_progress(num_bytes)
-            return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
+            return copy_newest(unit, checkpoints, destination, context)
         paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
         sources = [safe_load(path) for path in paths]
         newest = sources[-1]
-        flat_sources = [_model_leaves(src) for src in sources]
-        counters = {"read": 0, "tensors": 0}
-
-        def merge(path, leaf):
-            if not is_mergeable(leaf):
-                return leaf
-            stack = [flat[path] for flat in flat_sources]
-            merged = context.merge_tensor(stack, f"key '{dotted(path)}'", paths)
-            num_read = sum(t.numel() * t.element_size() for t in stack)
-            counters["read"] += num_read
-            counters["tensors"] += 1
-            context.on_progress(num_read)
-            return merged
-
+        merge = LeafMerger([_model_leaves(src) for src in sources], paths, context)
         output = {}
         for key, value in newest.items():
             if key in TRAINING_STATE_KEYS and context.optimizer_policy == "drop":
                 continue
             output[key] = map_leaves(value, merge, (key,)) if key in model_keys(newest) else value
         num_bytes, sha = write_atomically(target, lambda f: torch.save(output, f))
-        return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["tensors"])
+        return UnitResult(unit.relpath, num_bytes, merge.num_bytes_read, sha, merge.num_tensors)
 
     def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
         inventory = {}
@@ -221,18 +219,6 @@ class MegatronLegacyFormat(CheckpointFormat):
                 if is_mergeable(leaf):
                     inventory[f"{name}/{dotted(path_key)}"] = (tuple(leaf.shape), str(leaf.dtype))
         return inventory
-
-    # -- output ------------------------------------------------------------------------------
-    def output_dirname(self, newest: CheckpointRef) -> str:
-        return f"iter_{newest.iteration:07d}"
-
-    def tracker_relpath(self) -> str:
-        return TRACKER
-
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
-        write_text_atomically(os.path.join(out_root, TRACKER), f"{newest.iteration}\n")
-        return TRACKER
-
 
 def _shard_dirs(path: str) -> List[str]:
     try:
@@ -249,35 +235,6 @@ def _model_leaves(state) -> Dict[tuple, object]:
     for key in model_keys(state):
         leaves.update(flatten(state[key], (key,)))
     return leaves
-
-
-def _compare_leaves(path: str, leaves: Dict[tuple, object], newest_path: str,
-                    reference: Dict[tuple, object]) -> List[str]:
-    problems = []
-    for key in sorted(map(dotted, reference.keys() - leaves.keys())):
-        problems.append(f"{path}: key '{key}' missing (present in the newest checkpoint {newest_path})")
-    for key in sorted(map(dotted, leaves.keys() - reference.keys())):
-        problems.append(f"{path}: unexpected key '{key}' (absent from the newest checkpoint {newest_path})")
-    for path_key in sorted(reference.keys() & leaves.keys(), key=dotted):
-        ref, other, key = reference[path_key], leaves[path_key], dotted(path_key)
-        if not is_mergeable(ref):
-            continue  # taken from the newest checkpoint, never averaged
-        if not isinstance(other, torch.Tensor):
-            problems.append(f"{path}: key '{key}' is {type(other).__name__}, the newest checkpoint has a tensor")
-        elif other.dtype != ref.dtype:
-            problems.append(f"{path}: key '{key}' has dtype {other.dtype}, the newest checkpoint has {ref.dtype}")
-        elif other.shape != ref.shape:
-            problems.append(f"{path}: key '{key}' has shape {tuple(other.shape)}, "
-                            f"the newest checkpoint has {tuple(ref.shape)}")
-    return problems
-
-
-def _sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
-    refs = sorted(refs, key=lambda r: r.iteration)
-    for a, b in zip(refs, refs[1:]):
-        if a.iteration == b.iteration:
-            raise InputError(f"{a.path} and {b.path} are both iteration {a.iteration}")
-    return refs
 
 
 def _fmt(degrees) -> str:

@@ -21,12 +21,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..atomic import copy_atomically, write_atomically, write_text_atomically
+from ..atomic import copy_atomically, write_atomically
 from ..errors import InputError
 from ..safe_load import safe_load
 from .base import CheckpointRef, UnitResult
-from .dcp import DcpFormat, sorted_unique
-from .megatron import TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, parallel_degrees
+from .common import sorted_unique
+from .dcp import DcpFormat
+from .megatron import TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, IterationTracker, parallel_degrees, read_tracker
 
 CONFIG_FILE = "metadata.json"          # megatron.core.dist_checkpointing.core.CONFIG_FNAME
 COMMON_FILE = "common.pt"              # megatron.core.dist_checkpointing.strategies.common.COMMON_STATE_FNAME
@@ -47,7 +48,7 @@ def is_torch_dist_checkpoint(ckpt_dir: str) -> bool:
     return sharded_backend(ckpt_dir) == SHARDED_BACKEND
 
 
-class MegatronDistFormat(DcpFormat):
+class MegatronDistFormat(IterationTracker, DcpFormat):
     name = "megatron-dist"
     description = ("Megatron-core torch_dist: latest_checkpointed_iteration.txt + iter_*/ with metadata.json, "
                    ".metadata, __*_*.distcp, common.pt")
@@ -80,17 +81,7 @@ class MegatronDistFormat(DcpFormat):
 
     def _discover_run(self, run_dir: str) -> List[CheckpointRef]:
         tracker_path = os.path.join(run_dir, TRACKER)
-        newest = None
-        if os.path.isfile(tracker_path):
-            text = open(tracker_path).read().strip()
-            if text == "release":
-                raise InputError(f"{tracker_path} says 'release': a release checkpoint has no history to merge; "
-                                 "pass the checkpoint directories to merge explicitly")
-            try:
-                newest = int(text)
-            except ValueError:
-                raise InputError(f"{tracker_path}: expected an iteration number or 'release', "
-                                 f"found {text[:40]!r}") from None
+        newest = read_tracker(tracker_path) if os.path.isfile(tracker_path) else None
         refs = []
         for entry in sorted(os.listdir(run_dir)):
             match = _ITER_DIR.match(entry)
@@ -150,16 +141,6 @@ class MegatronDistFormat(DcpFormat):
         num_bytes, sha = copy_atomically(os.path.join(newest, CONFIG_FILE), os.path.join(staged_dir, CONFIG_FILE))
         written.append(UnitResult(CONFIG_FILE, num_bytes, num_bytes, sha, 0))
         return written
-
-    def output_dirname(self, newest: CheckpointRef) -> str:
-        return f"iter_{newest.iteration:07d}"
-
-    def tracker_relpath(self) -> str:
-        return TRACKER
-
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
-        write_text_atomically(os.path.join(out_root, TRACKER), f"{newest.iteration}\n")
-        return TRACKER
 
 
 def _common_state(ckpt_dir: str) -> dict:
