@@ -9,7 +9,8 @@ Measures, on a synthetic Megatron-LM run (TP=2, PP=2 -> 4 shard files per checkp
   (fsynced), timed on the same files in the same run;
 - pmm_dist at each rank count (engine time from its manifest, and wall time with start-up);
 - the naive baseline (benchmarks/baselines.py: load every checkpoint whole, sum in fp32, save);
-- mergekit `linear` on the same tensors in safetensors form, when mergekit is installed;
+- mergekit `linear` against pmm_dist --format hf on safetensors checkpoints, when mergekit is
+  installed (benchmarks/hf_vs_mergekit.py);
 - peak RSS per rank against the budget "largest output file + 2 x largest tensor in fp32 +
   0.5 GiB", and its flatness in N (N=2 vs N=16); metadata bytes exchanged per tensor;
 - with --cold, the same after dropping the page cache (as when the data exceeds RAM).
@@ -17,6 +18,7 @@ Writes benchmarks/results/<date>-<name>.{json,md,png}.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -186,9 +188,7 @@ def main(argv=None) -> int:
         report["naive"] = naive
         print(f"naive torch.load/average/save: {naive['seconds']:.2f} s, peak RSS {naive['peak_rss_bytes'] / 2**30:.2f} "
               f"GiB; pmm_dist 1 rank is {naive['pmm_speedup']:.2f}x faster", flush=True)
-    mergekit = _maybe_mergekit(run_dir, iterations, args.work)
-    if mergekit:
-        report["mergekit"] = mergekit
+    report["mergekit"] = _maybe_mergekit(args)
     if args.cold:
         report["cold"] = _cold(run_dir, files, output_bytes, args.work)
     report["n_sweep"] = _n_sweep(args)
@@ -227,13 +227,17 @@ def _n_sweep(args) -> list:
     return rows
 
 
-def _maybe_mergekit(run_dir, iterations, work):
-    """mergekit `linear` vs pmm_dist --format hf on the same tensors as safetensors folders."""
-    try:
-        from benchmarks.hf_peer import compare_with_mergekit
-    except ImportError:
-        return None
-    return compare_with_mergekit(run_dir, iterations, work)
+def _maybe_mergekit(args) -> dict:
+    """mergekit `linear` vs pmm_dist --format hf on the same safetensors checkpoints, when
+    mergekit is installed (benchmarks/hf_vs_mergekit.py, run as its own process)."""
+    if importlib.util.find_spec("mergekit") is None:
+        return {}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.hf_vs_mergekit", "--repeats", "1" if args.quick else "3",
+                           "--checkpoints", str(args.checkpoints), "--work", os.path.join(args.work, "hf")],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    text = proc.stdout.strip() if proc.returncode == 0 else f"failed: {proc.stderr.strip()[-500:]}"
+    print(text, flush=True)
+    return {"text": text}
 
 
 def _write_reports(report: dict, args) -> None:
@@ -270,15 +274,12 @@ def markdown_report(report: dict) -> str:
         n = report["naive"]
         lines.append(f"| naive torch.load + fp32 sum + save | {n['seconds']:.2f} | {n['gbps']:.2f} | "
                      f"{roof['seconds'] / n['seconds']:.2f} | {n['peak_rss_bytes'] / 2**30:.2f} | | |")
-    if report.get("mergekit"):
-        k = report["mergekit"]
-        lines.append(f"| mergekit linear (safetensors) | {k['mergekit_seconds']:.2f} | | | | | |")
-        lines.append(f"| pmm_dist --format hf, 1 rank (same safetensors) | {k['pmm_seconds']:.2f} | | | | | |")
     lines.append("")
     if "naive" in report:
         lines.append(f"pmm_dist (1 rank) vs naive: **{report['naive']['pmm_speedup']:.2f}x** faster.")
     if report.get("mergekit"):
-        lines.append(f"pmm_dist vs mergekit linear: **{report['mergekit']['speedup']:.2f}x** faster.")
+        lines += ["", "mergekit `linear` vs `pmm_dist --format hf` on the same safetensors checkpoints "
+                  "(benchmarks/hf_vs_mergekit.py, seconds):", "", "```", report["mergekit"]["text"], "```"]
     if report.get("cold") and "skipped" not in report["cold"]:
         c = report["cold"]
         lines.append(f"Cold page cache: roofline {c['roofline_seconds']:.2f} s, pmm_dist 1 rank {c['pmm_seconds']:.2f} s "
