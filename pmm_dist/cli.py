@@ -38,7 +38,13 @@ examples:
   torchrun --standalone --nproc-per-node 8 -m pmm_dist merge /ckpt/run --out /ckpt/run_sma --last 10
   pmm-dist merge /ckpt/run/iter_0009000 /ckpt/run/iter_0010000 --out /tmp/avg --dry-run
 
-Load the result in Megatron-LM with:  --load OUT --finetune --no-load-optim --no-load-rng
+loading the result (same parallel layout as the sources; see README.md):
+  Megatron-LM (torch, torch_dist):  --load OUT --finetune --no-load-optim --no-load-rng
+  DeepSpeed:  engine.load_checkpoint(OUT, load_module_only=True, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False)
+  PyTorch DCP: dcp.load(state, checkpoint_id=OUT);  Hugging Face: from_pretrained(OUT)
+
+after a crash or kill: re-run the same command with --resume (finished files are kept).
 Exit status: 0 on success, 1 on a merge error (message names the file and key), 2 on bad usage.
 """
 
