@@ -11,6 +11,7 @@ and its output compared byte for byte with the uninterrupted reference. Prints
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,11 +55,12 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(command(run_dir, ref, 1) + ["--overwrite"], check=True, env=env)
     expected = digest(ref)
-    points = ["plan@0", "validate@1", "unit:0@0", "unit:1@1", "unit:2@0", "unit:3@1", "commit:moved@0",
-              "commit:manifest@0"]
+    points = ["plan@0", "validate@1", "unit:0@0", "unit:1@1", "unit:2@0", "unit:3@1", "commit:recorded@0",
+              "commit:moved@0", "commit:manifest@0"]
     kills = resumes = mismatches = 0
     for k in range(args.kills):
         out = os.path.join(work, f"out{k}")
+        shutil.rmtree(out, ignore_errors=True)  # a re-used work directory: start every trial afresh
         world_size = rng.choice([1, 2])
         if k % 2 == 0:
             point = rng.choice([p for p in points if world_size == 2 or p.endswith("@0")])
@@ -89,8 +91,9 @@ def main(argv=None) -> int:
         resumes += resume.returncode == 0
         same = resume.returncode == 0 and digest(out) == expected and not loadable
         mismatches += not same
+        errors = [line for line in resume.stderr.splitlines() if "pmm-dist" in line or "Error" in line]
         print(f"[{k}] world size {world_size}, {how}: resumed {'OK' if same else 'MISMATCH'}"
-              + ("" if resume.returncode == 0 else f" ({resume.stderr.strip()[-300:]})"), flush=True)
+              + ("" if resume.returncode == 0 else f" ({' | '.join(errors[:3])[:600]})"), flush=True)
     print(f"{kills} kills, {resumes} resumes, {mismatches} mismatches")
     return 0 if mismatches == 0 and resumes == kills else 1
 

@@ -161,7 +161,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"{os.path.join(options.out, STAGING)}: re-run the same command with --resume to continue",
                       file=sys.stderr, flush=True)
         return EXIT_ERROR
-    if is_coordinator and not options.quiet and not options.dry_run:
+    if is_coordinator and not options.quiet and result.plan.already_complete:
+        print(f"{result.output_path}: this merge had already committed (interrupted while exiting?); nothing to do",
+              flush=True)
+    elif is_coordinator and not options.quiet and not options.dry_run:
         print(format_summary(result), flush=True)
     return EXIT_OK
 

@@ -11,12 +11,13 @@ Collective steps, each through the exception-robust helper (no rank hangs if ano
                    into place, write the manifest, then the tracker (the output is now loadable)
 Only plans, verdicts and results cross ranks; tensor data never does.
 """
+import json
 import os
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -109,6 +110,8 @@ class MergePlan:
     output_dirname: str
     optimizer_policy: str
     fingerprint: str
+    already_complete: bool = False
+    """--resume found this very merge already committed: nothing left to do."""
 
 
 @dataclass
@@ -185,6 +188,8 @@ def _run(options: MergeOptions, collective: Collective) -> MergeResult:
         timings["total"] = time.perf_counter() - started
         result.timings = timings
         return result
+    if plan.already_complete:
+        return _finished_result(result, plan, timings, started)
 
     staging = Staging(plan.out, plan.output_dirname)
     collective.coordinator_step(lambda: _prepare(staging, plan, options))
@@ -229,7 +234,6 @@ def build_plan(options: MergeOptions, world_size: int):
         weights = method.weights(len(checkpoints), **method_options)
     except ValueError as exc:
         raise MergeError(str(exc)) from None
-    _check_output(options, checkpoints)
     snapshot = snapshot_inputs(checkpoints)
     units = fmt.plan_units(checkpoints, options.optimizer, world_size)
     if options.method == "ema" and options.alpha is None:
@@ -246,10 +250,38 @@ def build_plan(options: MergeOptions, world_size: int):
                      shares=assign_units(units, world_size), out=os.path.abspath(options.out),
                      output_dirname=output_dirname, optimizer_policy=options.optimizer,
                      fingerprint=fingerprint(description, snapshot))
+    plan = replace(plan, already_complete=options.resume and _finished_output(plan, fmt))
+    _check_output(options, checkpoints, plan.already_complete)
     return plan, snapshot
 
 
-def _check_output(options: MergeOptions, checkpoints: Sequence[CheckpointRef]) -> None:
+def _finished_result(result: MergeResult, plan: MergePlan, timings, started: float) -> MergeResult:
+    with open(os.path.join(plan.out, MANIFEST)) as f:
+        manifest = json.load(f)
+    result.output_path = os.path.join(plan.out, plan.output_dirname) if plan.output_dirname else plan.out
+    result.manifest_path = os.path.join(plan.out, MANIFEST)
+    result.files = manifest["files"]
+    result.num_bytes_written = manifest["bytes_written"]
+    result.num_units_resumed = len(plan.units)
+    timings["total"] = time.perf_counter() - started
+    result.timings = dict(timings, merge=0.0)
+    return result
+
+
+def _finished_output(plan: MergePlan, fmt) -> bool:
+    """--resume of a merge that was killed after it committed (while exiting): the output has
+    its tracker and a manifest with this very merge's fingerprint."""
+    try:
+        with open(os.path.join(plan.out, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return manifest.get("fingerprint") == plan.fingerprint and \
+        os.path.exists(os.path.join(plan.out, fmt.tracker_relpath())) and \
+        not os.path.exists(os.path.join(plan.out, STAGING))
+
+
+def _check_output(options: MergeOptions, checkpoints: Sequence[CheckpointRef], finished: bool = False) -> None:
     out = os.path.realpath(options.out)
     inputs = {os.path.realpath(p) for p in options.sources} | {os.path.realpath(c.path) for c in checkpoints}
     for path in sorted(inputs):
@@ -262,7 +294,7 @@ def _check_output(options: MergeOptions, checkpoints: Sequence[CheckpointRef]) -
         leftovers = [e for e in os.listdir(out) if e != STAGING]
         # An interrupted commit leaves our own files next to the staging area: --resume finishes it.
         interrupted = options.resume and os.path.isdir(os.path.join(out, STAGING))
-        if leftovers and not options.overwrite and not interrupted:
+        if leftovers and not options.overwrite and not interrupted and not finished:
             raise MergeError(f"--out {options.out} already exists and is not empty "
                              f"(holds {', '.join(sorted(leftovers)[:3])}); pass --overwrite to replace it")
     parent = out if os.path.isdir(out) else os.path.dirname(out)
@@ -355,19 +387,24 @@ def _commit(fmt, plan: MergePlan, options: MergeOptions, result: MergeResult, un
         raise InputError(changed + ["nothing was committed; re-run the merge once the inputs are stable"])
     out = plan.out
     final = os.path.join(out, plan.output_dirname) if plan.output_dirname else out
-    recorded = staging.commit_record()  # set if a resumed merge was killed after moving its data
+    # Each step below is recorded before the next, so a merge killed anywhere in here and re-run
+    # with --resume picks up exactly where it stopped.
+    recorded = staging.commit_record()
     if recorded is None:
-        unit_results = list(unit_results) + fmt.finalize(staging.data_dir, plan.checkpoints, unit_results,
-                                                         plan.optimizer_policy)
-        if options.overwrite:
-            _clear_previous_output(out, fmt.tracker_relpath())
+        recorded = list(unit_results) + fmt.finalize(staging.data_dir, plan.checkpoints, unit_results,
+                                                     plan.optimizer_policy)
+        staging.record_commit(recorded)
+    unit_results = recorded
+    inject("commit:recorded", 0)
+    if options.overwrite and not staging.has_flag("cleared"):
+        _clear_previous_output(out, fmt.tracker_relpath())
+        staging.set_flag("cleared")
+    if os.path.isdir(staging.data_dir):  # not yet (or not completely) moved into place
         if plan.output_dirname:
             os.replace(staging.data_dir, final)  # one atomic rename puts the whole checkpoint in place
         else:
             _move_entries(staging.data_dir, out, last=fmt.tracker_relpath())
-        staging.record_commit(unit_results)
-    else:
-        unit_results = recorded
+            os.rmdir(staging.data_dir)
     inject("commit:moved", 0)
     prefix = f"{plan.output_dirname}/" if plan.output_dirname else ""
     files = sorted(({"path": prefix + r.relpath, "bytes": r.num_bytes_written, "sha256": r.sha256}

@@ -3,7 +3,8 @@
 ``PMM_DIST_FAULT="<point>@<rank>=<action>"``, e.g. ``unit:2@1=kill`` (rank 1 is SIGKILLed just
 after finishing its unit number 2) or ``commit:manifest@0=raise``. Points: ``plan``,
 ``validate``, ``unit:<k>`` (after the k-th unit of that rank, counted from 0, including units
-skipped on resume), ``commit:moved`` (the staged checkpoint is in place, no manifest yet),
+skipped on resume), ``commit:recorded`` (every result recorded, nothing moved yet),
+``commit:moved`` (the staged checkpoint is in place, no manifest yet),
 ``commit:manifest`` (manifest written, no tracker yet). Unset in normal use: a no-op.
 """
 import os

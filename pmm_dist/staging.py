@@ -3,7 +3,8 @@
     OUT/.pmm_staging/data/<checkpoint dir>/...   merged files, each written tmp + fsync + rename
     OUT/.pmm_staging/state/fingerprint.json      what this merge is (inputs, options, plan)
     OUT/.pmm_staging/state/done/<unit>.json      one marker per finished unit, written after it
-    OUT/.pmm_staging/state/committed.json        the staged data has been moved into place
+    OUT/.pmm_staging/state/committed.json        every file's result: from here on only moving is left
+    OUT/.pmm_staging/state/cleared.flag          --overwrite has removed the previous output
 
 Nothing under the staging directory is ever loadable by a trainer (no tracker points at it).
 A merge that fails or is killed leaves it in place; ``--resume`` with an identical fingerprint
@@ -96,7 +97,7 @@ class Staging:
 
     def completed(self, unit: WorkUnit) -> Optional[UnitResult]:
         """The recorded result of ``unit`` if it finished and its file is still intact."""
-        if self.commit_record() is not None:  # interrupted after the move: every unit is in place
+        if self.commit_record() is not None:  # interrupted while committing: every unit is done
             with open(self._marker(unit)) as f:
                 return UnitResult(**json.load(f))
         try:
@@ -116,12 +117,18 @@ class Staging:
         write_json_atomically(self._commit_path, [asdict(r) for r in results])
 
     def commit_record(self) -> Optional[list]:
-        """Every unit's (and the format's finalize) results, once the data has been moved."""
+        """Every unit's (and the format's finalize) results, once the commit has begun."""
         try:
             with open(self._commit_path) as f:
                 return [UnitResult(**r) for r in json.load(f)]
         except FileNotFoundError:
             return None
+
+    def set_flag(self, name: str) -> None:
+        write_json_atomically(os.path.join(self.state_dir, f"{name}.flag"), {})
+
+    def has_flag(self, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.state_dir, f"{name}.flag"))
 
     def discard(self) -> None:
         remove_tree_quietly(self.root)

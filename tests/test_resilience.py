@@ -51,7 +51,7 @@ def output_digest(out):
 
 @pytest.mark.parametrize("fault,world_size", [
     ("unit:0@0=kill", 2), ("unit:1@1=kill", 2), ("validate@1=raise", 2), ("unit:2@0=raise", 1),
-    ("commit:moved@0=kill", 2), ("commit:manifest@0=kill", 1),
+    ("commit:recorded@0=kill", 2), ("commit:moved@0=kill", 2), ("commit:manifest@0=kill", 1),
 ])
 def test_killed_merge_resumes_bitwise_identical(run_dir, reference, tmp_path, fault, world_size):
     out = str(tmp_path / "out")
@@ -62,6 +62,28 @@ def test_killed_merge_resumes_bitwise_identical(run_dir, reference, tmp_path, fa
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert output_digest(out) == output_digest(reference)
     assert not os.path.exists(os.path.join(out, ".pmm_staging"))
+
+
+def test_overwrite_resumed_after_a_kill_mid_commit_keeps_the_new_output(run_dir, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("a previous output")
+    args = ["merge", run_dir, "--out", str(out), *ARGS, "--overwrite"]
+    assert run_cli(args, env={"PMM_DIST_FAULT": "commit:moved@0=kill"}).returncode != 0
+    assert not (out / "old.txt").exists() and not (out / TRACKER).exists()
+    assert run_cli(args + ["--resume"]).returncode == 0
+    assert output_digest(str(out)) == output_digest(reference)
+
+
+def test_resume_of_a_finished_merge_is_a_no_op(run_dir, reference, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference, out)
+    before = output_digest(out)
+    proc = run_cli(["merge", run_dir, "--out", out, *ARGS[:-1], "--resume"])
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stderr
+    assert output_digest(out) == before
+    proc = run_cli(["merge", run_dir, "--out", out, "--method", "sma", "--quiet", "--resume"])
+    assert proc.returncode == 1 and "already exists" in proc.stderr  # another merge: not a no-op
 
 
 def test_resume_redoes_only_unfinished_units(run_dir, tmp_path):
