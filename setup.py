@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned: pmm_dist installs into existing training environments
     # (any recent torch, CUDA builds included). Only launch/setup_env.sh pins the CPU wheel.
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.6", "numpy", "tqdm"],
     extras_require={
         "deepspeed": ["deepspeed"],
         "mpi": ["mpi4py"],
