@@ -73,15 +73,20 @@ def write_json_atomically(path: str, obj) -> tuple:
     return write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _chunks(path: str):
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_COPY_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+
+
 def copy_atomically(src: str, dst: str) -> tuple:
     """Byte-for-byte copy (no unpickling) with checksum; returns (num_bytes, sha256)."""
     def produce(writer):
-        with open(src, "rb") as f:
-            while True:
-                chunk = f.read(_COPY_CHUNK)
-                if not chunk:
-                    break
-                writer.write(chunk)
+        for chunk in _chunks(src):
+            writer.write(chunk)
     return write_atomically(dst, produce)
 
 
@@ -100,12 +105,8 @@ def fsync_directory(path: str) -> None:
 
 def sha256_of_file(path: str) -> str:
     hasher = hashlib.new(CHECKSUM_ALGORITHM)
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_COPY_CHUNK)
-            if not chunk:
-                break
-            hasher.update(chunk)
+    for chunk in _chunks(path):
+        hasher.update(chunk)
     return hasher.hexdigest()
 
 

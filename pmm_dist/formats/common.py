@@ -22,6 +22,13 @@ def sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
     return refs
 
 
+def iteration_from_name(path: str, pattern, fallback: Callable[[], int]) -> int:
+    """The iteration in a checkpoint directory's name (``pattern``'s first group), else ``fallback()``
+    (which reads it from the checkpoint itself)."""
+    match = pattern.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else fallback()
+
+
 def discover_run_or_checkpoints(sources: Sequence[str], tracker: str, discover_run: Callable[[str], List[CheckpointRef]],
                                 is_checkpoint: Callable[[str], bool], iteration_of: Callable[[str], int],
                                 what: str) -> List[CheckpointRef]:

@@ -47,7 +47,7 @@ from ..planner import WorkUnit
 from ..safe_load import safe_load
 from ..tree import dotted, flatten, map_leaves
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints
+from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints, iteration_from_name
 
 TRACKER = "latest"
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
@@ -145,15 +145,14 @@ class DeepSpeedFormat(CheckpointFormat):
 
     @staticmethod
     def _iteration_of(tag_dir: str) -> int:
-        match = _TAG_DIR.match(os.path.basename(os.path.normpath(tag_dir)))
-        if match:
-            return int(match.group(1))
-        files, _ = _list_files(tag_dir)
-        path = os.path.join(tag_dir, _reference_file(files) or "mp_rank_00_model_states.pt")
-        steps = safe_load(path).get("global_steps")
-        if not isinstance(steps, int):
-            raise InputError(f"{path}: key 'global_steps' missing; cannot order this checkpoint")
-        return steps
+        def from_file():
+            files, _ = _list_files(tag_dir)
+            path = os.path.join(tag_dir, _reference_file(files) or "mp_rank_00_model_states.pt")
+            steps = safe_load(path).get("global_steps")
+            if not isinstance(steps, int):
+                raise InputError(f"{path}: key 'global_steps' missing; cannot order this checkpoint")
+            return steps
+        return iteration_from_name(tag_dir, _TAG_DIR, from_file)
 
     # -- layout ------------------------------------------------------------------------------
     def _inventory(self, ckpt: CheckpointRef) -> _Inventory:

@@ -21,7 +21,7 @@ from ..planner import WorkUnit
 from ..safe_load import safe_load
 from ..tree import dotted, flatten, map_leaves
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints
+from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints, iteration_from_name
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -110,14 +110,13 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
 
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
-        match = _ITER_DIR.match(os.path.basename(os.path.normpath(ckpt_dir)))
-        if match:
-            return int(match.group(1))
-        first = os.path.join(ckpt_dir, _shard_dirs(ckpt_dir)[0], MODEL_FILE)
-        iteration = safe_load(first).get("iteration")
-        if not isinstance(iteration, int):
-            raise InputError(f"{first}: key 'iteration' missing; cannot order this checkpoint")
-        return iteration
+        def from_file():
+            first = os.path.join(ckpt_dir, _shard_dirs(ckpt_dir)[0], MODEL_FILE)
+            iteration = safe_load(first).get("iteration")
+            if not isinstance(iteration, int):
+                raise InputError(f"{first}: key 'iteration' missing; cannot order this checkpoint")
+            return iteration
+        return iteration_from_name(ckpt_dir, _ITER_DIR, from_file)
 
     # -- layout ------------------------------------------------------------------------------
     def _degrees(self, ckpt: CheckpointRef) -> Optional[Tuple[int, int, int]]:

@@ -25,7 +25,7 @@ from ..atomic import copy_atomically, write_atomically
 from ..errors import InputError
 from ..safe_load import safe_load
 from .base import CheckpointRef, UnitResult
-from .common import sorted_unique
+from .common import iteration_from_name, sorted_unique
 from .dcp import DcpFormat
 from .megatron import TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, IterationTracker, parallel_degrees, read_tracker
 
@@ -99,14 +99,13 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
 
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
-        match = _ITER_DIR.match(os.path.basename(os.path.normpath(ckpt_dir)))
-        if match:
-            return int(match.group(1))
-        iteration = _common_state(ckpt_dir).get("iteration")
-        if not isinstance(iteration, int):
-            raise InputError(f"{os.path.join(ckpt_dir, COMMON_FILE)}: key 'iteration' missing; cannot order this "
-                             "checkpoint (name its directory iter_NNNNNNN)")
-        return iteration
+        def from_common_state():
+            iteration = _common_state(ckpt_dir).get("iteration")
+            if not isinstance(iteration, int):
+                raise InputError(f"{os.path.join(ckpt_dir, COMMON_FILE)}: key 'iteration' missing; cannot order "
+                                 "this checkpoint (name its directory iter_NNNNNNN)")
+            return iteration
+        return iteration_from_name(ckpt_dir, _ITER_DIR, from_common_state)
 
     # -- layout ------------------------------------------------------------------------------
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
