@@ -23,11 +23,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import __version__
-from .atomic import remove_tree_quietly, write_json_atomically
+from .atomic import copy_atomically, remove_tree_quietly, write_json_atomically
 from .collective import Collective
 from .errors import InputError, MergeError
 from .faults import inject
-from .formats import CheckpointRef, MergeContext, resolve_format
+from .formats import CheckpointRef, MergeContext, UnitResult, resolve_format
 from .methods import get_method
 from .planner import WorkUnit, assign_units
 from .report import format_plan, peak_rss_bytes, progress_bar
@@ -174,7 +174,7 @@ def _run(options: MergeOptions, collective: Collective) -> MergeResult:
 
     def check_my_units():
         inject("validate", collective.rank)
-        return [p for unit in my_units for p in fmt.check_unit(unit, plan.checkpoints)]
+        return [p for unit in my_units if unit.action == "merge" for p in fmt.check_unit(unit, plan.checkpoints)]
 
     problems = [p for rank_problems in collective.step(check_my_units) for p in rank_problems]
     if problems:
@@ -347,7 +347,8 @@ def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: Stagi
         if outcome is None:
             context = MergeContext(weights=plan.weights, device=device, optimizer_policy=plan.optimizer_policy,
                                    on_progress=advance, on_nonfinite=on_nonfinite)
-            outcome = fmt.merge_unit(unit, plan.checkpoints, staging.data_dir, context)
+            outcome = fmt.merge_unit(unit, plan.checkpoints, staging.data_dir, context) if unit.action == "merge" \
+                else _copy_newest(unit, plan.checkpoints, staging.data_dir, context)
             staging.mark_done(unit, outcome)
         else:
             resumed.append(unit)
@@ -368,6 +369,15 @@ def _merge_share(fmt, plan: MergePlan, units: Sequence[WorkUnit], staging: Stagi
         if bar is not None:
             bar.close()
     return {"results": results, "resumed": len(resumed), "peak_rss": peak_rss_bytes()}
+
+
+def _copy_newest(unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
+                 context: MergeContext) -> UnitResult:
+    """A ``copy`` unit, in every format: the newest checkpoint's file, byte for byte (never unpickled)."""
+    num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath),
+                                     os.path.join(destination, unit.relpath))
+    context.on_progress(num_bytes)
+    return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
 
 
 def _collect(pending: deque, results: list, rank: int) -> None:

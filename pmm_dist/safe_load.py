@@ -9,6 +9,7 @@ so the objects can be saved again under their own names.
 """
 import argparse
 import collections
+import functools
 import io
 import pathlib
 import re
@@ -49,9 +50,10 @@ def _deepspeed_safe_globals() -> List[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def base_safe_globals() -> List[Any]:
-    return [argparse.Namespace, types.SimpleNamespace, io.BytesIO, pathlib.PosixPath, signal.Signals,
-            collections.OrderedDict, *_numpy_safe_globals()]
+@functools.lru_cache(maxsize=None)
+def base_safe_globals() -> tuple:
+    return (argparse.Namespace, types.SimpleNamespace, io.BytesIO, pathlib.PosixPath, signal.Signals,
+            collections.OrderedDict, *_numpy_safe_globals())
 
 
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -67,7 +69,7 @@ def safe_load(path, *, mmap: bool = True, map_location="cpu") -> Any:
         try:
             # torch's safe_globals context swaps a process-wide list: one loader at a time (with
             # mmap=True a load only parses the pickle, so the lock is held briefly).
-            with _LOAD_LOCK, torch.serialization.safe_globals(base_safe_globals() + _framework_globals()):
+            with _LOAD_LOCK, torch.serialization.safe_globals([*base_safe_globals(), *_framework_globals()]):
                 return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except FileNotFoundError:
             raise InputError(f"{path}: file not found") from None

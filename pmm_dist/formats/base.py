@@ -86,12 +86,14 @@ class CheckpointFormat(ABC):
 
     @abstractmethod
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
-        """Problems (each naming file and key) that would make merging ``unit`` wrong."""
+        """Problems (each naming file and key) that would make merging ``unit`` wrong. Only
+        ``merge`` units reach the format: the engine copies ``copy`` units itself."""
 
     @abstractmethod
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
-        """Write the merged (or copied) ``unit`` atomically to ``destination``."""
+        """Write the merged ``unit`` atomically to ``destination`` (a ``merge`` unit: the engine
+        copies ``copy`` units byte for byte itself)."""
 
     def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef],
                  results: Sequence[UnitResult], optimizer_policy: str) -> List[UnitResult]:

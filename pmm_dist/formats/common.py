@@ -1,16 +1,14 @@
-"""Pieces several formats share: ordering checkpoints, comparing state-dict leaves, copy units,
+"""Pieces several formats share: ordering checkpoints, comparing and merging state-dict leaves,
 and the "one run directory with a tracker, or several checkpoint directories" discovery."""
 import os
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from ..atomic import copy_atomically
 from ..errors import InputError
 from ..kernel import is_mergeable
-from ..planner import WorkUnit
 from ..tree import dotted
-from .base import CheckpointRef, MergeContext, UnitResult
+from .base import CheckpointRef, MergeContext
 
 
 def sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
@@ -68,15 +66,6 @@ def compare_leaves(path: str, leaves: Dict[tuple, object], newest_path: str,
             problems.append(f"{path}: key '{key}' has shape {tuple(other.shape)}, "
                             f"the newest checkpoint has {tuple(ref.shape)}")
     return problems
-
-
-def copy_newest(unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
-                context: MergeContext) -> UnitResult:
-    """A ``copy`` unit: the newest checkpoint's file, byte for byte (never unpickled)."""
-    num_bytes, sha = copy_atomically(os.path.join(checkpoints[-1].path, unit.relpath),
-                                     os.path.join(destination, unit.relpath))
-    context.on_progress(num_bytes)
-    return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
 
 
 class LeafMerger:

@@ -47,7 +47,7 @@ from ..planner import WorkUnit
 from ..safe_load import safe_load
 from ..tree import dotted, flatten, map_leaves
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints, iteration_from_name
+from .common import LeafMerger, compare_leaves, discover_run_or_checkpoints, iteration_from_name
 
 TRACKER = "latest"
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
@@ -216,8 +216,6 @@ class DeepSpeedFormat(CheckpointFormat):
 
     # -- per-unit work -----------------------------------------------------------------------
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
-        if unit.action == "copy":
-            return []
         kind = classify(unit.relpath)
         newest_path = os.path.join(checkpoints[-1].path, unit.relpath)
         try:
@@ -250,8 +248,6 @@ class DeepSpeedFormat(CheckpointFormat):
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
         target = os.path.join(destination, unit.relpath)
-        if unit.action == "copy":
-            return copy_newest(unit, checkpoints, destination, context)
         kind = classify(unit.relpath)
         paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
         sources = [safe_load(path) for path in paths]

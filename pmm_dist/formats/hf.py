@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..atomic import copy_atomically, write_atomically, write_json_atomically
 from ..errors import InputError, MergeError
 from ..planner import WorkUnit
-from .common import copy_newest, sorted_unique
+from .common import sorted_unique
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
 from .safetensors_io import (FLOAT_DTYPES, QUANTIZED_DTYPES, Header, MappedFiles, encode_header, read_header,
                              tensor_bytes)
@@ -210,8 +210,6 @@ class HuggingFaceFormat(CheckpointFormat):
     # -- per-unit work -----------------------------------------------------------------------
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
         """The safetensors library's own view of every file this unit reads must agree with the plan."""
-        if unit.action == "copy":
-            return []
         from safetensors import safe_open
         newest = self._inventory(checkpoints[-1])
         problems: List[str] = []
@@ -236,8 +234,6 @@ class HuggingFaceFormat(CheckpointFormat):
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
         target = os.path.join(destination, unit.relpath)
-        if unit.action == "copy":
-            return copy_newest(unit, checkpoints, destination, context)
         from safetensors import safe_open
         inventories = [self._inventory(c) for c in checkpoints]
         newest = inventories[-1]

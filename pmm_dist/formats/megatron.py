@@ -21,7 +21,7 @@ from ..planner import WorkUnit
 from ..safe_load import safe_load
 from ..tree import dotted, flatten, map_leaves
 from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .common import LeafMerger, compare_leaves, copy_newest, discover_run_or_checkpoints, iteration_from_name
+from .common import LeafMerger, compare_leaves, discover_run_or_checkpoints, iteration_from_name
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -173,8 +173,6 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
 
     # -- per-unit work -----------------------------------------------------------------------
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
-        if unit.action == "copy":
-            return []
         problems: List[str] = []
         newest_path = os.path.join(checkpoints[-1].path, unit.relpath)
         try:
@@ -197,8 +195,6 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
         target = os.path.join(destination, unit.relpath)
-        if unit.action == "copy":
-            return copy_newest(unit, checkpoints, destination, context)
         paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
         sources = [safe_load(path) for path in paths]
         newest = sources[-1]
