@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from pmm_dist.report import peak_rss_bytes
-from pmm_dist.safe_load import safe_load
+from pmm_dist.engine.report import peak_rss_bytes
+from pmm_dist.io.safe_load import safe_load
 
 
 def naive_average(run_dir: str, out_dir: str, iterations) -> dict:

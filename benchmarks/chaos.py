@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from pmm_dist.synthetic import generate_run
+from pmm_dist.testing.synthetic import generate_run
 
 ARGS = ["--method", "ema", "--alpha", "0.2", "--last", "4", "--quiet", "--device", "cpu"]
 

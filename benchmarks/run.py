@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from pmm_dist.synthetic import generate_run
+from pmm_dist.testing.synthetic import generate_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
@@ -130,7 +130,7 @@ def run_naive(run_dir: str, out: str, iterations) -> dict:
 
 
 def largest_tensor_numel(run_dir: str) -> int:
-    from pmm_dist.safe_load import safe_load
+    from pmm_dist.io.safe_load import safe_load
     newest = input_files(run_dir)[-1]
     return max(t.numel() for t in safe_load(newest)["model"].values() if isinstance(t, torch.Tensor))
 

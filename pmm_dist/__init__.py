@@ -2,8 +2,8 @@
 __version__ = "0.1.0"
 
 from .engine import MergeOptions, MergePlan, MergeResult, merge  # noqa: E402
-from .errors import InputError, MergeError, RankFailure  # noqa: E402
-from .methods import available_methods, get_method  # noqa: E402
+from .errors import InputError, MergeError, RankFailure, UsageError  # noqa: E402
+from .merge.methods import available_methods, get_method  # noqa: E402
 
 __all__ = ["merge", "MergeOptions", "MergePlan", "MergeResult", "MergeError", "InputError", "RankFailure",
-           "available_methods", "get_method", "__version__"]
+           "UsageError", "available_methods", "get_method", "__version__"]

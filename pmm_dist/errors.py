@@ -1,13 +1,20 @@
 """User-facing error types.
 
-Every error a user can cause (bad input, bad options, an output that already exists) is a
-``MergeError`` whose message names the offending path and key, so the CLI can print it and
-exit non-zero without a traceback. Internal invariants use ``assert``.
+Every error a user can cause is a ``MergeError`` whose message names the offending path and
+key, so the CLI can print it and exit non-zero without a traceback: ``UsageError`` (a flag or
+its value; exit 2) or ``InputError`` (the checkpoints themselves; exit 1). Internal invariants
+use ``assert``.
 """
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 
 class MergeError(Exception):
     """A problem with the user's input or options; the message names path and key."""
+
+
+class UsageError(MergeError, ValueError):
+    """A flag or its value is wrong (also a ValueError, as torchtitan-style configs raise)."""
 
 
 class InputError(MergeError):
@@ -23,14 +30,41 @@ class InputError(MergeError):
         super().__init__(text if len(self.problems) == 1 else f"{len(self.problems)} problems:\n  {text}")
 
 
-class RankFailure(MergeError):
-    """One or more ranks failed; holds every failing rank's message."""
+class Interrupted(MergeError):
+    """A rank was interrupted (Ctrl-C, SIGTERM); every rank stops."""
 
-    def __init__(self, errors_by_rank):
+
+@dataclass(frozen=True)
+class RankError:
+    """What one rank reports when its part of a collective step fails."""
+    message: str
+    kind: str                      # the exception's class name
+    usage: bool = False            # a UsageError: the CLI exits 2
+    interrupted: bool = False      # KeyboardInterrupt / SystemExit / SIGTERM
+    traceback: Optional[str] = None  # for errors that are not MergeErrors: a bug, shown in full
+
+
+class RankFailure(MergeError):
+    """One or more ranks failed at a named step; holds every failing rank's error."""
+
+    def __init__(self, step: str, errors_by_rank: Dict[int, RankError]):
+        self.step = step
         self.errors_by_rank = dict(errors_by_rank)
         ranks = sorted(self.errors_by_rank)
-        if len(ranks) == 1 and ranks[0] == 0 and len(self.errors_by_rank) == 1:
-            super().__init__(self.errors_by_rank[0])
+        if ranks == [0]:
+            text = self.errors_by_rank[0].message
         else:
-            lines = [f"[rank {r}] {self.errors_by_rank[r]}" for r in ranks]
-            super().__init__("\n".join(lines))
+            text = "\n".join(f"[rank {r}] {self.errors_by_rank[r].message}" for r in ranks)
+        super().__init__(text)
+
+    @property
+    def usage(self) -> bool:
+        return all(error.usage for error in self.errors_by_rank.values())
+
+    @property
+    def interrupted(self) -> bool:
+        return any(error.interrupted for error in self.errors_by_rank.values())
+
+    @property
+    def tracebacks(self) -> Dict[int, str]:
+        return {rank: e.traceback for rank, e in self.errors_by_rank.items() if e.traceback}

@@ -25,8 +25,8 @@ import pmm_dist
 from pmm_dist.errors import MergeError
 from pmm_dist.formats import resolve_format
 from pmm_dist.formats.dcp import DcpFormat, chunk_keys, load_metadata
-from pmm_dist.planner import assign_units
-from pmm_dist.verification import verify_output
+from pmm_dist.plan import assign_units
+from pmm_dist.cli.verify import verify_output
 
 from .helpers import assert_merged_within_one_ulp, ema
 
@@ -205,7 +205,7 @@ def test_plan_is_metadata_only_balanced_and_small(run):
     kept = {k for k in chunk_keys(newest) if k[0].split(".")[0] not in ("optimizer", "lr_scheduler")}
     for world_size in (1, 3, 4, 64):
         units = fmt.plan_units(checkpoints, "drop", world_size)
-        items = [it[:2] for unit in units for it in unit.items]
+        items = [it.storage_key for unit in units for it in unit.items]
         assert sorted(items, key=str) == sorted(kept, key=str)  # every chunk exactly once
         assert len(units) == min(world_size, len(kept))
         shares = assign_units(units, world_size)

@@ -10,8 +10,11 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    MetadataIndex, TensorProperties, TensorStorageMetadata)
 
 from pmm_dist.errors import InputError
-from pmm_dist.formats.dcp import COPY, MERGE, DcpFormat, top_level_key
-from pmm_dist.planner import assign_units
+from pmm_dist.formats.dcp import DcpFormat, top_level_key
+from pmm_dist.plan.types import Action
+
+COPY, MERGE = Action.COPY, Action.MERGE
+from pmm_dist.plan import assign_units
 
 NUM_LAYERS, NUM_CHUNKS = 150, 4  # 600 float keys of 4 chunks each: 2400 merged chunks
 
@@ -67,8 +70,8 @@ def test_plan_at_large_world_sizes(run, world_size):
     elapsed = time.perf_counter() - started
     items = [it for unit in units for it in unit.items]
     num_items = NUM_LAYERS * 4 * NUM_CHUNKS + 2  # + int scalar + bytes entry; optimizer dropped
-    assert len(items) == len({it[:2] for it in items}) == num_items
-    assert {it[0] for it in items if it[2] == COPY} == {"model.step_count", "train_state"}
+    assert len(items) == len({it.storage_key for it in items}) == num_items
+    assert {it.key for it in items if it.action == COPY} == {"model.step_count", "train_state"}
     # one output file per rank; with more ranks than chunks the rest idle
     assert len(units) == min(world_size, num_items) and max(len(s) for s in shares) == 1
     assert elapsed < 20, f"planning took {elapsed:.1f} s"
@@ -78,10 +81,10 @@ def test_plan_balances_bytes_and_keeps_latest_optimizer(run):
     fmt = DcpFormat()
     checkpoints = fmt.discover([str(run)])
     units = fmt.plan_units(checkpoints, "latest", 8)
-    loads = [sum(it[3] * (3 if it[2] == MERGE else 1) for it in u.items) for u in units]
+    loads = [sum(it.num_bytes * (3 if it.action == MERGE else 1) for it in u.items) for u in units]
     assert max(loads) <= 1.01 * min(loads), loads
-    optimizer = [it for u in units for it in u.items if it[0].startswith("optimizer.")]
-    assert len(optimizer) == 2 and all(it[2] == COPY for it in optimizer)  # copied, never averaged
+    optimizer = [it for u in units for it in u.items if it.key.startswith("optimizer.")]
+    assert len(optimizer) == 2 and all(it.action == COPY for it in optimizer)  # copied, never averaged
 
 
 def test_chunking_mismatch_names_checkpoint_and_key(tmp_path):

@@ -13,7 +13,7 @@ from pmm_dist.errors import InputError, MergeError
 from pmm_dist.formats import resolve_format
 from pmm_dist.formats.deepspeed import (EXPERT, EXPERT_OPTIM, LAYER, MODEL, ZERO_OPTIM, DeepSpeedFormat,
                                         classify)
-from pmm_dist.synthetic import generate_run
+from pmm_dist.testing.synthetic import generate_run
 
 from .helpers import trusted_load
 
@@ -91,7 +91,7 @@ def test_explicit_tag_directories_are_ordered_and_may_have_custom_tags(tmp_path)
     os.rename(make_checkpoint(run, 30), custom)
     refs = DeepSpeedFormat().discover([custom, a, b])
     assert [r.iteration for r in refs] == [10, 20, 30]  # the custom tag is ordered by its global_steps
-    assert DeepSpeedFormat().output_dirname(refs[-1]) == "before_decay"
+    assert DeepSpeedFormat().output_layout(refs[-1]).checkpoint_dirname == "before_decay"
 
 
 def test_discovery_errors_name_the_file(tmp_path):

@@ -30,7 +30,7 @@ import torch
 
 import pmm_dist
 from pmm_dist.errors import MergeError
-from pmm_dist.verification import verify_output
+from pmm_dist.cli.verify import verify_output
 
 from .deepspeed_real.engines import RUNS, STEPS, SAVE_EVERY
 from .helpers import assert_merged_within_one_ulp, ema, sma, trusted_load, wma

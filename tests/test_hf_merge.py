@@ -222,9 +222,8 @@ def test_output_layout_index_and_config_files(runs, merged):
         assert manifest["tracker"] == "model.safetensors.index.json"
         assert [s["iteration"] for s in manifest["sources"]] == CASES[case]["steps"]
         assert manifest["weights"] == pytest.approx(CASES[case]["weights"])
-        # Like every format's tracker, the index is not among the files: it is written after the manifest.
-        assert sorted(f["path"] for f in manifest["files"]) == sorted(
-            e for e in entries if e not in ("pmm_manifest.json", "model.safetensors.index.json"))
+        # Every file of the checkpoint is listed, the index (the commit marker, moved in last) too.
+        assert sorted(f["path"] for f in manifest["files"]) == sorted(e for e in entries if e != "pmm_manifest.json")
         for entry in manifest["files"]:
             assert os.path.getsize(os.path.join(out, entry["path"])) == entry["bytes"]
 
@@ -285,7 +284,7 @@ def test_auto_detection_and_run_directory_selection(runs, tmp_path):
 
 
 def test_verify_accepts_the_outputs(merged):
-    from pmm_dist.verification import verify_output
+    from pmm_dist.cli.verify import verify_output
     for out, _ in merged.values():
         assert verify_output(out) == [], out
 
@@ -307,5 +306,5 @@ def test_resume_after_a_failure_gives_the_same_output(runs, merged, tmp_path, mo
     resumed = load_model_dir(result.output_path)
     assert set(resumed) == set(reference)
     assert all(torch.equal(resumed[n].view(torch.uint8), reference[n].view(torch.uint8)) for n in reference)
-    from pmm_dist.verification import verify_output
+    from pmm_dist.cli.verify import verify_output
     assert verify_output(out) == []

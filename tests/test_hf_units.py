@@ -8,9 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from pmm_dist.formats.base import CheckpointRef
-from pmm_dist.formats.hf import HuggingFaceFormat, bin_tensors, iteration_from_name, shard_name
-from pmm_dist.formats.safetensors_io import MappedFiles, encode_header, read_header, tensor_bytes
+from pmm_dist.plan.types import CheckpointRef
+from pmm_dist.formats.common import number_in_name as iteration_from_name
+from pmm_dist.formats.hf import HuggingFaceFormat, bin_tensors, shard_name
+from pmm_dist.io.safetensors import MappedFiles, encode_header, read_header, tensor_bytes
 
 from .hf_models import load_model_dir, make_run
 

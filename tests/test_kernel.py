@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pmm_dist import kernel
+from pmm_dist.merge import kernel
 from pmm_dist.errors import InputError
 
 from .helpers import assert_merged_within_one_ulp

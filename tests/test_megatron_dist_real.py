@@ -23,7 +23,7 @@ import pmm_dist
 from pmm_dist.errors import MergeError
 from pmm_dist.formats import resolve_format
 from pmm_dist.formats.megatron_dist import MegatronDistFormat
-from pmm_dist.verification import verify_output
+from pmm_dist.cli.verify import verify_output
 
 from .helpers import assert_merged_within_one_ulp, ema, wma
 

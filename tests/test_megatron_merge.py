@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pmm_dist
-from pmm_dist.synthetic import generate_run
+from pmm_dist.testing.synthetic import generate_run
 
 from .helpers import assert_merged_within_one_ulp, ema, run_cli, shard_files, trusted_load
 

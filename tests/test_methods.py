@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pmm_dist.methods import available_methods, get_method
+from pmm_dist.merge.methods import available_methods, get_method
 
 
 def test_registry_lists_all_methods():

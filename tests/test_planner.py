@@ -1,6 +1,6 @@
 import random
 
-from pmm_dist.planner import WorkUnit, assign_units
+from pmm_dist.plan import WorkUnit, assign_units
 
 
 def test_every_unit_assigned_once_and_deterministic():

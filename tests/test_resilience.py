@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pmm_dist
-from pmm_dist.synthetic import generate_run
+from pmm_dist.testing.synthetic import generate_run
 
 from .helpers import run_cli, trusted_load
 
@@ -134,14 +134,14 @@ def test_input_modified_during_merge_is_detected(run_dir, tmp_path, monkeypatch)
     run = str(tmp_path / "run")
     shutil.copytree(run_dir, run)
     victim = os.path.join(run, "iter_0000002", "mp_rank_01_001", "model_optim_rng.pt")
-    import pmm_dist.engine as engine
+    import pmm_dist.engine.faults as faults
 
     def touch_during_merge(point, rank):
         if point == "unit:0":
             with open(victim, "ab") as f:
                 f.write(b"\0")
 
-    monkeypatch.setattr(engine, "inject", touch_during_merge)
+    monkeypatch.setattr(faults, "inject", touch_during_merge)
     with pytest.raises(pmm_dist.MergeError, match="modified while the merge ran"):
         pmm_dist.merge(sources=[run], out=str(tmp_path / "out"), last=3, device="cpu", quiet=True)
     assert not os.path.exists(tmp_path / "out" / TRACKER)

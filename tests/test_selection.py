@@ -1,6 +1,6 @@
 import pytest
 
-from pmm_dist.selection import select_iterations
+from pmm_dist.plan.selection import select_iterations
 
 AVAILABLE = [1000, 2000, 3000, 4000, 5000, 6000, 6500]
 

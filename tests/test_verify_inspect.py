@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from pmm_dist.synthetic import generate_run
+from pmm_dist.testing.synthetic import generate_run
 
 from .helpers import run_cli, trusted_load
 

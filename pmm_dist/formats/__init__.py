@@ -1,42 +1,48 @@
-"""Registered checkpoint formats and format detection."""
-from typing import Dict, List, Sequence, Type
+"""Registered checkpoint formats and format detection.
 
-from ..errors import MergeError
-from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .dcp import DcpFormat
-from .deepspeed import DeepSpeedFormat
-from .hf import HuggingFaceFormat
-from .megatron import MegatronLegacyFormat
-from .megatron_dist import MegatronDistFormat
+Formats are imported when first used, not with the package: ``pmm-dist --help`` and a merge
+of one format never pay for the others' imports (torch.distributed.checkpoint, safetensors).
+"""
+import importlib
+from typing import Dict, List, Sequence, Tuple, Type
 
-FORMATS: Dict[str, Type[CheckpointFormat]] = {
-    # Before megatron: the legacy format claims any run directory with a tracker file, and a
-    # torch_dist run has one too. megatron-dist itself needs metadata.json naming torch_dist.
-    MegatronDistFormat.name: MegatronDistFormat,
-    MegatronLegacyFormat.name: MegatronLegacyFormat,
-    DcpFormat.name: DcpFormat,  # after megatron-dist: a torch_dist checkpoint is a DCP checkpoint too
-    HuggingFaceFormat.name: HuggingFaceFormat,
-    DeepSpeedFormat.name: DeepSpeedFormat,
+from ..errors import InputError, UsageError
+from .base import CheckpointFormat, MergeContext
+
+# Detection order matters: megatron-dist before megatron (a torch_dist run has the legacy tracker
+# too) and before dcp (a torch_dist checkpoint is a DCP checkpoint too).
+_REGISTRY: Dict[str, Tuple[str, str]] = {
+    "megatron-dist": ("pmm_dist.formats.megatron_dist", "MegatronDistFormat"),
+    "megatron": ("pmm_dist.formats.megatron", "MegatronLegacyFormat"),
+    "dcp": ("pmm_dist.formats.dcp", "DcpFormat"),
+    "hf": ("pmm_dist.formats.hf", "HuggingFaceFormat"),
+    "deepspeed": ("pmm_dist.formats.deepspeed", "DeepSpeedFormat"),
 }
 
 
 def available_formats() -> List[str]:
-    return list(FORMATS)
+    return list(_REGISTRY)
+
+
+def format_class(name: str) -> Type[CheckpointFormat]:
+    try:
+        module, attr = _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown format {name!r}; choose one of: auto, {', '.join(_REGISTRY)}") from None
+    return getattr(importlib.import_module(module), attr)
 
 
 def resolve_format(name: str, sources: Sequence[str]) -> CheckpointFormat:
     """The named format, or with ``auto`` the one format that recognises every source."""
     if name != "auto":
-        if name not in FORMATS:
-            raise MergeError(f"unknown format {name!r}; choose one of: auto, {', '.join(FORMATS)}")
-        return FORMATS[name]()
-    for fmt in FORMATS.values():
+        return format_class(name)()
+    classes = [format_class(n) for n in _REGISTRY]
+    for fmt in classes:
         if all(fmt.recognizes(src) for src in sources):
             return fmt()
-    raise MergeError(f"could not detect the checkpoint format of {', '.join(sources)}; tried: "
-                     f"{', '.join(f'{n} ({f.description})' for n, f in FORMATS.items())}. "
+    raise InputError(f"could not detect the checkpoint format of {', '.join(sources)}; tried: "
+                     f"{', '.join(f'{f.name} ({f.description})' for f in classes)}. "
                      "Pass --format explicitly, or check the path.")
 
 
-__all__ = ["CheckpointFormat", "CheckpointRef", "MergeContext", "UnitResult", "FORMATS",
-           "available_formats", "resolve_format"]
+__all__ = ["CheckpointFormat", "MergeContext", "available_formats", "format_class", "resolve_format"]

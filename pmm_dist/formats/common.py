@@ -1,14 +1,38 @@
-"""Pieces several formats share: ordering checkpoints, comparing and merging state-dict leaves,
-and the "one run directory with a tracker, or several checkpoint directories" discovery."""
+"""Pieces several formats share: ordering checkpoints, numbers in names, listing directories,
+comparing entries with the newest checkpoint's, and merging state-dict leaves."""
 import os
-from typing import Callable, Dict, List, Sequence
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Pattern, Sequence
 
 import torch
 
 from ..errors import InputError
-from ..kernel import is_mergeable
-from ..tree import dotted
-from .base import CheckpointRef, MergeContext
+from ..io.tree import dotted
+from ..merge.kernel import is_mergeable
+from ..plan.types import CheckpointRef
+from .base import MergeContext
+
+# "step_1000", "global_step1000", "stage1-step1000-tokens4B": the number after "step"; else a
+# trailing number ("checkpoint-1000", "iter_0001000", "ckpt1000").
+STEP_OR_TRAILING_NUMBER = re.compile(r"step[-_.]?(\d+)|(\d+)$", re.IGNORECASE)
+
+
+def number_in_name(path: str, pattern: Pattern = STEP_OR_TRAILING_NUMBER) -> Optional[int]:
+    """The iteration a checkpoint directory's name carries: the first matching group of
+    ``pattern`` searched in its base name (a format's own naming, e.g. ``^iter_(\\d+)$``), else None."""
+    match = pattern.search(os.path.basename(os.path.normpath(path)))
+    if not match:
+        return None
+    return int(next(group for group in match.groups() if group is not None))
+
+
+def listdir(path: str) -> List[str]:
+    """Sorted entries of ``path``; [] if it is missing, not a directory or unreadable."""
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
 
 
 def sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
@@ -18,13 +42,6 @@ def sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:
         if a.iteration == b.iteration:
             raise InputError(f"{a.path} and {b.path} are both iteration {a.iteration}")
     return refs
-
-
-def iteration_from_name(path: str, pattern, fallback: Callable[[], int]) -> int:
-    """The iteration in a checkpoint directory's name (``pattern``'s first group), else ``fallback()``
-    (which reads it from the checkpoint itself)."""
-    match = pattern.match(os.path.basename(os.path.normpath(path)))
-    return int(match.group(1)) if match else fallback()
 
 
 def discover_run_or_checkpoints(sources: Sequence[str], tracker: str, discover_run: Callable[[str], List[CheckpointRef]],
@@ -45,27 +62,60 @@ def discover_run_or_checkpoints(sources: Sequence[str], tracker: str, discover_r
     return sorted_unique(refs)
 
 
-def compare_leaves(path: str, leaves: Dict[tuple, object], newest_path: str,
-                   reference: Dict[tuple, object]) -> List[str]:
-    """Problems that make ``leaves`` (of ``path``) unmergeable with the newest checkpoint's:
-    missing or unexpected keys, and for the tensors that are averaged, type, dtype and shape."""
-    problems = []
-    for key in sorted(map(dotted, reference.keys() - leaves.keys())):
-        problems.append(f"{path}: key '{key}' missing (present in the newest checkpoint {newest_path})")
-    for key in sorted(map(dotted, leaves.keys() - reference.keys())):
-        problems.append(f"{path}: unexpected key '{key}' (absent from the newest checkpoint {newest_path})")
-    for path_key in sorted(reference.keys() & leaves.keys(), key=dotted):
-        ref, other, key = reference[path_key], leaves[path_key], dotted(path_key)
-        if not is_mergeable(ref):
-            continue  # taken from the newest checkpoint, never averaged
-        if not isinstance(other, torch.Tensor):
-            problems.append(f"{path}: key '{key}' is {type(other).__name__}, the newest checkpoint has a tensor")
+@dataclass(frozen=True)
+class EntrySpec:
+    """What must agree between a source's entry and the newest checkpoint's for a merge.
+
+    Values are as the format shows them in messages (dtype names, shapes as tuples or lists);
+    ``checked`` False: only presence matters (an entry taken from the newest, never merged);
+    ``layout``: a format's further description (e.g. chunking) compared after the rest."""
+    kind: str
+    dtype: object = None
+    shape: object = None
+    checked: bool = True
+    layout: object = None
+    where: Optional[str] = None   # the file holding it, when not the checkpoint itself
+
+
+def compare_entries(path: str, entries: Dict[str, EntrySpec], newest_path: str, reference: Dict[str, EntrySpec],
+                    *, noun: str = "key", shape_word: str = "shape", ignored: Callable[[str], bool] = lambda k: False,
+                    layout_problem: Callable[[str, EntrySpec, EntrySpec], str] = None) -> List[str]:
+    """Problems (each naming file and entry) that make ``entries`` of the source at ``path``
+    unmergeable with the newest checkpoint's ``reference``: missing or unexpected entries, and
+    for checked ones kind, dtype, shape and layout. The one comparer of every format."""
+    problems = [f"{path}: {noun} '{name}' missing (present in the newest checkpoint {newest_path})"
+                for name in reference if name not in entries]
+    problems += [f"{path}: unexpected {noun} '{name}' (absent from the newest checkpoint {newest_path})"
+                 for name in entries if name not in reference and not ignored(name)]
+    for name, ref in reference.items():
+        other = entries.get(name)
+        if other is None or not ref.checked:
+            continue
+        where = other.where or path
+        newest_where = f" ({ref.where})" if ref.where else ""
+        if other.kind != ref.kind:
+            problems.append(f"{where}: {noun} '{name}' is {other.kind}, the newest checkpoint has {ref.kind}")
         elif other.dtype != ref.dtype:
-            problems.append(f"{path}: key '{key}' has dtype {other.dtype}, the newest checkpoint has {ref.dtype}")
+            problems.append(f"{where}: {noun} '{name}' has dtype {other.dtype}, the newest checkpoint has "
+                            f"{ref.dtype}{newest_where}")
         elif other.shape != ref.shape:
-            problems.append(f"{path}: key '{key}' has shape {tuple(other.shape)}, "
-                            f"the newest checkpoint has {tuple(ref.shape)}")
+            problems.append(f"{where}: {noun} '{name}' has {shape_word} {other.shape}, the newest checkpoint has "
+                            f"{ref.shape}{newest_where}")
+        elif other.layout != ref.layout and layout_problem is not None:
+            problems.append(layout_problem(name, other, ref))
     return problems
+
+
+def leaf_specs(leaves: Dict[tuple, object]) -> Dict[str, EntrySpec]:
+    """State-dict leaves (path -> value) as entries: float tensors are checked, the rest (taken
+    from the newest) only need to be present."""
+    specs = {}
+    for path, leaf in leaves.items():
+        if isinstance(leaf, torch.Tensor):
+            specs[dotted(path)] = EntrySpec("a tensor", leaf.dtype, tuple(leaf.shape), checked=is_mergeable(leaf))
+        else:
+            specs[dotted(path)] = EntrySpec(type(leaf).__name__, checked=False)
+    return specs
 
 
 class LeafMerger:

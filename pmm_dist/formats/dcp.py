@@ -23,7 +23,6 @@ metadata dataclasses, ``torch.Size``, torch dtypes/layouts and paths; anything e
 """
 import dataclasses
 import hashlib
-import heapq
 import io
 import math
 import os
@@ -38,18 +37,16 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
-from ..atomic import write_atomically
+from ..io.atomic import write_atomically
 from ..errors import InputError, MergeError
-from ..planner import WorkUnit
-from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .common import sorted_unique
+from ..plan.assign import balance, work_cost
+from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, OutputKind, OutputLayout, UnitResult,
+                          WorkUnit)
+from .base import CheckpointFormat, MergeContext
+from .common import EntrySpec, compare_entries, listdir, number_in_name, sorted_unique
 
 DCP_METADATA = ".metadata"
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
-
-# Item kinds: a float tensor chunk averaged over all sources, or an entry (integer tensor chunk,
-# bytes object, optimizer state under --optimizer latest) copied byte for byte from the newest.
-MERGE, COPY = "merge", "copy"
 
 ChunkKey = Tuple[str, Optional[Tuple[int, ...]]]  # (fqn, chunk offsets), offsets None for bytes
 
@@ -143,10 +140,23 @@ def chunk_sizes(metadata) -> Dict[ChunkKey, Tuple[int, ...]]:
             if isinstance(entry, dcp_metadata.TensorStorageMetadata) for chunk in entry.chunks}
 
 
-def _describe_chunks(entry) -> str:
-    chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks)
+def _describe_chunks(chunks) -> str:
     shown = ", ".join(f"{list(o)}+{list(s)}" for o, s in chunks[:4])
     return f"{len(chunks)} chunk(s) {shown}{', ...' if len(chunks) > 4 else ''}"
+
+
+def entry_specs(metadata, fqns: Optional[Iterable[str]] = None) -> Dict[str, EntrySpec]:
+    """``.metadata`` entries as the common comparer sees them (all, or those named)."""
+    entries = metadata.state_dict_metadata
+    specs = {}
+    for fqn in entries if fqns is None else fqns:
+        entry = entries[fqn]
+        if isinstance(entry, dcp_metadata.TensorStorageMetadata):
+            chunks = tuple(sorted((tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks))
+            specs[fqn] = EntrySpec("a tensor", entry.properties.dtype, list(entry.size), layout=chunks)
+        else:
+            specs[fqn] = EntrySpec("a bytes object", checked=False)
+    return specs
 
 
 def compare_metadata(path: str, metadata, newest_path: str, newest, fqns: Sequence[str],
@@ -154,33 +164,16 @@ def compare_metadata(path: str, metadata, newest_path: str, newest, fqns: Sequen
     """Problems (each naming checkpoint and key) that make ``metadata`` unmergeable with ``newest``
     for the keys ``fqns`` of the newest: same keys, kinds, global shapes, dtypes and chunking.
     Keys only ``metadata`` has are unexpected unless ``ignored(fqn)``."""
-    entries = metadata.state_dict_metadata
-    problems = [f"{path}: unexpected key '{fqn}' (absent from the newest checkpoint {newest_path})"
-                for fqn in entries if fqn not in newest.state_dict_metadata and not ignored(fqn)]
-    for fqn in fqns:
-        ref = newest.state_dict_metadata[fqn]
-        other = entries.get(fqn)
-        if other is None:
-            problems.append(f"{path}: key '{fqn}' missing (present in the newest checkpoint {newest_path})")
-            continue
-        ref_is_tensor = isinstance(ref, dcp_metadata.TensorStorageMetadata)
-        if ref_is_tensor != isinstance(other, dcp_metadata.TensorStorageMetadata):
-            kinds = ("a tensor", "a bytes object")
-            problems.append(f"{path}: key '{fqn}' is {kinds[ref_is_tensor]}, the newest checkpoint has "
-                            f"{kinds[not ref_is_tensor]}")
-        elif not ref_is_tensor:
-            continue
-        elif tuple(other.size) != tuple(ref.size):
-            problems.append(f"{path}: key '{fqn}' has global shape {list(other.size)}, the newest checkpoint "
-                            f"has {list(ref.size)}")
-        elif other.properties.dtype != ref.properties.dtype:
-            problems.append(f"{path}: key '{fqn}' has dtype {other.properties.dtype}, the newest checkpoint has "
-                            f"{ref.properties.dtype}")
-        elif (sorted((tuple(c.offsets), tuple(c.sizes)) for c in other.chunks)
-              != sorted((tuple(c.offsets), tuple(c.sizes)) for c in ref.chunks)):
-            problems.append(f"{path}: key '{fqn}' is chunked differently: {_describe_chunks(other)}; the newest "
-                            f"checkpoint has {_describe_chunks(ref)} (merging needs identical chunking)")
-    return problems
+    def chunked_differently(fqn, other, ref):
+        return (f"{path}: key '{fqn}' is chunked differently: {_describe_chunks(other.layout)}; the newest "
+                f"checkpoint has {_describe_chunks(ref.layout)} (merging needs identical chunking)")
+
+    reference = entry_specs(newest, fqns)
+    entries = entry_specs(metadata)
+    unexpected = {fqn for fqn in entries if fqn not in newest.state_dict_metadata}
+    entries = {fqn: spec for fqn, spec in entries.items() if fqn in reference or fqn in unexpected}
+    return compare_entries(path, entries, newest_path, reference, shape_word="global shape", ignored=ignored,
+                           layout_problem=chunked_differently)
 
 
 def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_files: bool = True) -> List[str]:
@@ -218,24 +211,8 @@ def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_fi
     return problems
 
 
-def balance_items(items: Sequence[tuple], num_bins: int, num_sources: int) -> List[List[tuple]]:
-    """LPT binning of chunk items by read cost (a merged chunk is read from every source, a
-    copied one from the newest only); deterministic, so every rank could compute it."""
-    def cost(item):
-        return max(item[3], 1) * (num_sources if item[2] == MERGE else 1)
-
-    bins: List[List[tuple]] = [[] for _ in range(num_bins)]
-    loads = [(0, k) for k in range(num_bins)]  # a heap: (load, bin), ties to the lower bin
-    for item in sorted(items, key=lambda it: (-cost(it), it[0], it[1] or ())):
-        load, k = heapq.heappop(loads)
-        bins[k].append(item)
-        heapq.heappush(loads, (load + cost(item), k))
-    return bins
-
-
 def trailing_number(path: str) -> Optional[int]:
-    match = _TRAILING_NUMBER.search(os.path.basename(os.path.normpath(path)))
-    return int(match.group(1)) if match else None
+    return number_in_name(path, _TRAILING_NUMBER)
 
 
 class _SourceFiles:
@@ -296,11 +273,7 @@ class DcpFormat(CheckpointFormat):
 
     @staticmethod
     def _checkpoint_subdirs(path: str) -> List[str]:
-        try:
-            entries = sorted(os.listdir(path))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return [e for e in entries if trailing_number(e) is not None
+        return [e for e in listdir(path) if trailing_number(e) is not None
                 and os.path.isfile(os.path.join(path, e, DCP_METADATA))]
 
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
@@ -330,17 +303,19 @@ class DcpFormat(CheckpointFormat):
     def is_training_state(self, metadata, fqn: str) -> bool:
         return top_level_key(metadata, fqn) in self.training_state_keys
 
-    def kept_fqns(self, metadata, optimizer_policy: str) -> List[str]:
+    def kept_fqns(self, metadata, optimizer_policy: OptimizerPolicy) -> List[str]:
         """The newest checkpoint's entries that the output holds."""
         return [fqn for fqn in metadata.state_dict_metadata
-                if optimizer_policy == "latest" or not self.is_training_state(metadata, fqn)]
+                if optimizer_policy == OptimizerPolicy.LATEST or not self.is_training_state(metadata, fqn)]
 
-    def _item_kind(self, metadata, fqn: str) -> str:
+    def _item_action(self, metadata, fqn: str) -> Action:
+        """Float tensor chunks are averaged over all sources; the rest (integer tensor chunks,
+        bytes objects, optimizer state under --optimizer latest) is the newest's, byte for byte."""
         entry = metadata.state_dict_metadata[fqn]
         if (isinstance(entry, dcp_metadata.TensorStorageMetadata) and entry.properties.dtype.is_floating_point
                 and not self.is_training_state(metadata, fqn)):
-            return MERGE
-        return COPY
+            return Action.MERGE
+        return Action.COPY
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         metadata = self.metadata(checkpoints[-1])
@@ -360,12 +335,12 @@ class DcpFormat(CheckpointFormat):
                 and not self.is_training_state(metadata, fqn)}
 
     # -- planning (metadata only) ------------------------------------------------------------
-    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
         newest_ref = checkpoints[-1]
         newest = self.metadata(newest_ref)
         kept = self.kept_fqns(newest, optimizer_policy)
-        merged = [fqn for fqn in kept if self._item_kind(newest, fqn) == MERGE]
+        merged = [fqn for fqn in kept if self._item_action(newest, fqn) == Action.MERGE]
         # Training state under 'latest' comes from the newest only; everything else must match.
         compared = [fqn for fqn in kept if not self.is_training_state(newest, fqn)]
         kept_set, merged_set = set(kept), set(merged)
@@ -398,16 +373,19 @@ class DcpFormat(CheckpointFormat):
                 num_bytes = location[(fqn, None)].length
             else:
                 num_bytes = math.prod(sizes[(fqn, offsets)]) * newest.state_dict_metadata[fqn].properties.dtype.itemsize
-            items.append((fqn, offsets, self._item_kind(newest, fqn), num_bytes))
+            items.append(ChunkItem(fqn, offsets, self._item_action(newest, fqn), num_bytes))
+        num_sources = len(checkpoints)
         units = []
-        for k, share in enumerate(balance_items(items, max(world_size, 1), len(checkpoints))):
+        for k, share in enumerate(balance(items, max(world_size, 1),
+                                          lambda it: work_cost(it.num_bytes, it.action, num_sources),
+                                          lambda it: (it.key, it.offsets or ()))):
             if share:
                 # Stored order of the newest source: reads of each source file run forwards.
-                share.sort(key=lambda it: (location[it[:2]].relative_path, location[it[:2]].offset))
-                units.append(WorkUnit(f"__{k}_0.distcp", sum(it[3] for it in share), MERGE, items=tuple(share)))
+                share.sort(key=lambda it: (location[it.storage_key].relative_path, location[it.storage_key].offset))
+                units.append(WorkUnit(f"__{k}_0.distcp", sum(it.num_bytes for it in share), items=tuple(share)))
         return units
 
-    def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str) -> List[str]:
+    def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> List[str]:
         """Format-specific checks of files besides the DCP ones (none for plain DCP)."""
         return []
 
@@ -416,14 +394,14 @@ class DcpFormat(CheckpointFormat):
         """Rank-local, before anything is written: every byte range this unit reads (all its items
         from the newest source, its merged chunks from the others) lies inside an existing file."""
         problems = []
-        merged = [it[:2] for it in unit.items if it[2] == MERGE]
+        merged = [it.storage_key for it in unit.items if it.action == Action.MERGE]
         for position, ckpt in enumerate(checkpoints):
             try:
                 metadata = self.metadata(ckpt)
             except InputError as exc:
                 problems.append(str(exc))
                 continue
-            keys = [it[:2] for it in unit.items] if position == len(checkpoints) - 1 else merged
+            keys = [it.storage_key for it in unit.items] if position == len(checkpoints) - 1 else merged
             problems += storage_problems(ckpt.path, metadata, keys)
         return problems
 
@@ -441,11 +419,11 @@ class DcpFormat(CheckpointFormat):
         last = len(checkpoints) - 1
         # Every blob to read, in order: all sources of a merged item, the newest of a copied one.
         reads = [(position, i) for position, item in enumerate(unit.items)
-                 for i in (range(len(checkpoints)) if item[2] == MERGE else [last])]
+                 for i in (range(len(checkpoints)) if item.action == Action.MERGE else [last])]
 
         def read(task) -> bytes:
             position, i = task
-            return files.read(checkpoints[i].path, indexes[i][tuple(unit.items[position][:2])])
+            return files.read(checkpoints[i].path, indexes[i][unit.items[position].storage_key])
 
         def produce(writer):
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
@@ -455,11 +433,11 @@ class DcpFormat(CheckpointFormat):
                     blob = pending.result()
                     if step + 1 < len(reads):
                         pending = reader.submit(read, reads[step + 1])
-                    fqn, offsets, kind, _ = unit.items[position]
-                    key = (fqn, offsets)
+                    item = unit.items[position]
+                    fqn, offsets, key = item.key, item.offsets, item.storage_key
                     counters["read"] += len(blob)
                     context.on_progress(len(blob))
-                    if kind == COPY:
+                    if item.action == Action.COPY:
                         start = writer.num_bytes
                         writer.write(blob)
                         written.append((fqn, offsets, start, writer.num_bytes - start))
@@ -468,7 +446,7 @@ class DcpFormat(CheckpointFormat):
                     chunk = _load_chunk(blob, path, key, newest.state_dict_metadata[fqn], sizes_of[key])
                     del blob
                     if i == 0:
-                        accumulator = context.accumulator(chunk.shape, f"key '{fqn}' (chunk at {list(offsets)})")
+                        accumulator = context.accumulator(chunk.shape, item.describe())
                     accumulator.add(chunk, context.weights[i], path)
                     del chunk
                     if i == last:
@@ -487,7 +465,7 @@ class DcpFormat(CheckpointFormat):
 
     # -- output ------------------------------------------------------------------------------
     def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef],
-                 results: Sequence[UnitResult], optimizer_policy: str) -> List[UnitResult]:
+                 results: Sequence[UnitResult], optimizer_policy: OptimizerPolicy) -> List[UnitResult]:
         """Coordinator: the output ``.metadata``, the newest's key metadata with new locations."""
         newest = self.metadata(checkpoints[-1])
         kept = self.kept_fqns(newest, optimizer_policy)
@@ -533,15 +511,7 @@ class DcpFormat(CheckpointFormat):
         num_bytes, sha = write_atomically(os.path.join(staged_dir, DCP_METADATA), lambda f: f.write(blob))
         return [UnitResult(DCP_METADATA, num_bytes, 0, sha, 0)]
 
-    def output_dirname(self, newest: CheckpointRef) -> str:
-        return ""  # the output root is the merged DCP checkpoint
-
-    def tracker_relpath(self) -> str:
-        return DCP_METADATA
-
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
-        # .metadata is DCP's own commit marker: finalize staged it, and the engine moved it into
-        # place after every .distcp file, so the checkpoint is already loadable.
-        if not os.path.isfile(os.path.join(out_root, DCP_METADATA)):
-            raise MergeError(f"{os.path.join(out_root, DCP_METADATA)} was not committed")
-        return DCP_METADATA
+    def output_layout(self, newest: CheckpointRef) -> OutputLayout:
+        # The output root is the merged DCP checkpoint; .metadata, DCP's own commit marker, is
+        # staged by finalize and moved into place after every .distcp file.
+        return OutputLayout(OutputKind.CHECKPOINT_ROOT, DCP_METADATA)

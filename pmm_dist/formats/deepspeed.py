@@ -32,22 +32,18 @@ checkpoint must hold the same files the merge reads (the optimizer files of olde
 checkpoints are never read, so pruning them is fine); a file that is no DeepSpeed checkpoint file
 is refused. Tensor names, shapes and dtypes are compared per file by the rank that merges it.
 """
-import copy
 import os
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
-from ..atomic import write_atomically, write_text_atomically
 from ..errors import InputError
-from ..kernel import is_mergeable
-from ..planner import WorkUnit
-from ..safe_load import safe_load
-from ..tree import dotted, flatten, map_leaves
-from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .common import LeafMerger, compare_leaves, discover_run_or_checkpoints, iteration_from_name
+from ..io.atomic import write_text_atomically
+from ..io.safe_load import safe_load
+from ..io.tree import remove_subtree, replace_subtree
+from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
+from .common import discover_run_or_checkpoints, listdir, number_in_name
+from .pickled import PickledFileFormat
 
 TRACKER = "latest"
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
@@ -98,7 +94,7 @@ class _Inventory:
     bf16: bool
 
 
-class DeepSpeedFormat(CheckpointFormat):
+class DeepSpeedFormat(PickledFileFormat):
     name = "deepspeed"
     description = "DeepSpeed engine.save_checkpoint: latest + global_step*/(mp_rank|zero_pp_rank)_*_states.pt"
 
@@ -136,7 +132,7 @@ class DeepSpeedFormat(CheckpointFormat):
                              "merge order is unknown; pass the tag directories to merge explicitly")
         newest = int(match.group(1))
         refs = []
-        for entry in sorted(os.listdir(run_dir)):
+        for entry in listdir(run_dir):
             found = _TAG_DIR.match(entry)
             # Tags after the one in `latest` may still be being written by the trainer.
             if found and int(found.group(1)) <= newest and os.path.isdir(os.path.join(run_dir, entry)):
@@ -145,14 +141,15 @@ class DeepSpeedFormat(CheckpointFormat):
 
     @staticmethod
     def _iteration_of(tag_dir: str) -> int:
-        def from_file():
-            files, _ = _list_files(tag_dir)
-            path = os.path.join(tag_dir, _reference_file(files) or "mp_rank_00_model_states.pt")
-            steps = safe_load(path).get("global_steps")
-            if not isinstance(steps, int):
-                raise InputError(f"{path}: key 'global_steps' missing; cannot order this checkpoint")
-            return steps
-        return iteration_from_name(tag_dir, _TAG_DIR, from_file)
+        named = number_in_name(tag_dir, _TAG_DIR)
+        if named is not None:
+            return named
+        files, _ = _list_files(tag_dir)
+        path = os.path.join(tag_dir, _reference_file(files) or "mp_rank_00_model_states.pt")
+        steps = safe_load(path).get("global_steps")
+        if not isinstance(steps, int):
+            raise InputError(f"{path}: key 'global_steps' missing; cannot order this checkpoint")
+        return steps
 
     # -- layout ------------------------------------------------------------------------------
     def _inventory(self, ckpt: CheckpointRef) -> _Inventory:
@@ -167,7 +164,7 @@ class DeepSpeedFormat(CheckpointFormat):
                 "mp": len({_mp_rank(name) for name, kind in inv.files.items() if kind == MODEL}),
                 "experts": kinds.count(EXPERT), "pipeline_layers": kinds.count(LAYER), "files": len(kinds)}
 
-    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
         newest = checkpoints[-1]
         reference = self._inventory(newest)
@@ -178,7 +175,7 @@ class DeepSpeedFormat(CheckpointFormat):
             kind = classify(name)
             if kind in (MODEL, EXPERT, LAYER) or (kind == ZERO_OPTIM and reference.zero_stage == 3):
                 return True
-            return of_newest and optimizer_policy == "latest"
+            return of_newest and optimizer_policy == OptimizerPolicy.LATEST
 
         # The newest checkpoint is the reference: first its own completeness (from its metadata) ...
         missing = [(name, why) for name, why in _missing_rank_files(reference) if needed(name, True)]
@@ -211,95 +208,50 @@ class DeepSpeedFormat(CheckpointFormat):
             kind = classify(name)
             merged = kind in (MODEL, EXPERT, LAYER) or kind == ZERO_OPTIM and reference.zero_stage == 3
             units.append(WorkUnit(name, os.path.getsize(os.path.join(newest.path, name)),
-                                  action="merge" if merged else "copy"))
+                                  action=Action.MERGE if merged else Action.COPY))
         return units
 
-    # -- per-unit work -----------------------------------------------------------------------
-    def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
-        kind = classify(unit.relpath)
-        newest_path = os.path.join(checkpoints[-1].path, unit.relpath)
-        try:
-            newest = safe_load(newest_path)
-        except InputError as exc:
-            return [str(exc)]
-        if not isinstance(newest, dict):
-            return [f"{newest_path}: expected a dict, found {type(newest).__name__}"]
+    # -- per-file hooks of the pickled-file skeleton ----------------------------------------------
+    def merged_subtrees(self, state: dict, relpath: str) -> List[tuple]:
+        return list(_MERGED_SUBTREES[classify(relpath)])
+
+    def file_problem(self, path: str, state, relpath: str, newest_path=None, newest=None) -> Optional[str]:
+        problem = super().file_problem(path, state, relpath)
+        if problem is None and classify(relpath) == ZERO_OPTIM:
+            problem = _zero3_partitioning_problem(path, state, newest_path, newest)
+        return problem
+
+    def without_training_state(self, state: dict, relpath: str) -> dict:
+        kind = classify(relpath)
+        if kind == MODEL and state.get("optimizer") is not None:
+            return replace_subtree(state, ("optimizer",), lambda value: None)
         if kind == ZERO_OPTIM:
-            problem = _zero3_partitioning_problem(newest_path, newest)
-            if problem:
-                return [problem]
-        reference = _merged_leaves(newest, kind)
-        problems: List[str] = []
-        for ckpt in checkpoints[:-1]:
-            path = os.path.join(ckpt.path, unit.relpath)
-            try:
-                state = safe_load(path)
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            if kind == ZERO_OPTIM:
-                problem = _zero3_partitioning_problem(path, state, newest_path, newest)
-                if problem:
-                    problems.append(problem)
-                    continue
-            problems += compare_leaves(path, _merged_leaves(state, kind), newest_path, reference)
-        return problems
+            return remove_subtree(state, ZERO3_MOMENTS)
+        return state
 
-    def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
-                   context: MergeContext) -> UnitResult:
-        target = os.path.join(destination, unit.relpath)
-        kind = classify(unit.relpath)
-        paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
-        sources = [safe_load(path) for path in paths]
-        merge = LeafMerger([_merged_leaves(src, kind) for src in sources], paths, context)
-
-        output = sources[-1]
-        for subtree in _MERGED_SUBTREES[kind]:
-            output = _replace_subtree(output, subtree, lambda value, path=subtree: map_leaves(value, merge, path))
-        if context.optimizer_policy == "drop":
-            if kind == MODEL and output.get("optimizer") is not None:
-                output = _replace_subtree(output, ("optimizer",), lambda value: None)
-            elif kind == ZERO_OPTIM:
-                output = _remove_subtree(output, ZERO3_MOMENTS)
-        num_bytes, sha = write_atomically(target, lambda f: torch.save(output, f))
-        return UnitResult(unit.relpath, num_bytes, merge.num_bytes_read, sha, merge.num_tensors)
-
-    def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
-        """The float tensors that carry weights: those merged (ZeRO 1/2 optimizer files excluded)."""
-        inventory = {}
+    def weight_files(self, checkpoint_dir: str) -> List[str]:
+        """The files whose merged tensors carry weights (ZeRO 1/2 optimizer files excluded)."""
         files, _ = _list_files(checkpoint_dir)
-        for name, kind in sorted(files.items()):
-            if kind not in _MERGED_SUBTREES:
-                continue
-            state = safe_load(os.path.join(checkpoint_dir, name))
-            if kind == ZERO_OPTIM and _zero3_partitioning_problem(name, state):
-                continue  # ZeRO 1/2: no weights that a module-only load reads
-            for path, leaf in _merged_leaves(state, kind).items():
-                if is_mergeable(leaf):
-                    inventory[f"{name}/{dotted(path)}"] = (tuple(leaf.shape), str(leaf.dtype))
-        return inventory
+        return [name for name, kind in sorted(files.items()) if kind in _MERGED_SUBTREES and
+                (kind != ZERO_OPTIM or not _zero3_partitioning_problem(name, safe_load(os.path.join(checkpoint_dir, name))))]
 
     # -- output ------------------------------------------------------------------------------
-    def output_dirname(self, newest: CheckpointRef) -> str:
-        return os.path.basename(os.path.normpath(newest.path))  # the newest source's tag
+    def output_layout(self, newest: CheckpointRef) -> OutputLayout:
+        return OutputLayout(OutputKind.RUN_DIRECTORY, TRACKER, _tag(newest))  # the newest source's tag
 
-    def tracker_relpath(self) -> str:
-        return TRACKER
-
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> None:
         # DeepSpeed writes the bare tag (no newline) and strips what it reads.
-        write_text_atomically(os.path.join(out_root, TRACKER), self.output_dirname(newest))
-        return TRACKER
+        write_text_atomically(os.path.join(out_root, TRACKER), _tag(newest))
+
+
+def _tag(ckpt: CheckpointRef) -> str:
+    return os.path.basename(os.path.normpath(ckpt.path))
 
 
 # -- inventory and layout checks -----------------------------------------------------------------
 def _list_files(tag_dir: str) -> Tuple[Dict[str, str], Tuple[str, ...]]:
-    try:
-        entries = sorted(os.listdir(tag_dir))
-    except (FileNotFoundError, NotADirectoryError):
-        return {}, ()
     files, unknown = {}, []
-    for entry in entries:
+    for entry in listdir(tag_dir):
         kind = classify(entry) if os.path.isfile(os.path.join(tag_dir, entry)) else None
         if kind:
             files[entry] = kind
@@ -443,43 +395,3 @@ def _zero3_partitioning_problem(path: str, state: dict, newest_path: Optional[st
         return (f"{path}: partition_count {optim.get('partition_count')}, but the newest checkpoint has "
                 f"{ref.get('partition_count')} ({newest_path}); the flat partitions do not line up")
     return None
-
-
-# -- merging ------------------------------------------------------------------------------------
-def _get(obj, path: tuple):
-    for key in path:
-        if not isinstance(obj, dict) or key not in obj:
-            return None
-        obj = obj[key]
-    return obj
-
-
-def _merged_leaves(state, kind: str) -> Dict[tuple, object]:
-    """Every leaf under the merged subtrees of a file of ``kind``, keyed by its path from the root."""
-    leaves: Dict[tuple, object] = {}
-    for subtree in _MERGED_SUBTREES[kind]:
-        value = _get(state, subtree)
-        if value is not None:
-            leaves.update(flatten(value, subtree))
-    return leaves
-
-
-def _replace_subtree(obj, path: tuple, fn):
-    """A copy of ``obj`` (shallow along ``path`` only) whose subtree at ``path`` is ``fn(subtree)``;
-    ``obj`` itself is left as it is. A path that does not exist is left alone."""
-    if not path:
-        return fn(obj)
-    if not isinstance(obj, dict) or path[0] not in obj:
-        return obj
-    rebuilt = copy.copy(obj)  # keeps the dict type (OrderedDict) and state_dict _metadata
-    rebuilt[path[0]] = _replace_subtree(obj[path[0]], path[1:], fn)
-    return rebuilt
-
-
-def _remove_subtree(obj, path: tuple):
-    """A copy of ``obj`` without the entry at ``path`` (``obj`` itself is left as it is)."""
-    def without(parent):
-        rebuilt = copy.copy(parent)
-        rebuilt.pop(path[-1], None)
-        return rebuilt
-    return _replace_subtree(obj, path[:-1], without) if isinstance(_get(obj, path[:-1]), dict) else obj

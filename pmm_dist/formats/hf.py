@@ -6,7 +6,7 @@
 
 Sources: several checkpoint directories, or one run directory whose subdirectories are
 checkpoints (``step_1000``, ``checkpoint-2000``, ``global_step3000``, ``step4000-tokens16B``).
-The iteration is read from the directory name (see ``iteration_from_name``).
+The iteration is read from the directory name (see ``common.number_in_name``).
 
 Validation is per tensor, not per file: every checkpoint must hold the same tensor names with
 the same dtypes and shapes as the newest, however each one is sharded. A unit is one OUTPUT
@@ -30,12 +30,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..atomic import copy_atomically, write_atomically, write_json_atomically
+from ..io.atomic import copy_atomically, write_atomically, write_json_atomically
 from ..errors import InputError, MergeError
-from ..planner import WorkUnit
-from .common import sorted_unique
-from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .safetensors_io import (FLOAT_DTYPES, QUANTIZED_DTYPES, Header, MappedFiles, encode_header, read_header,
+from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, UnitResult, WorkUnit
+from .base import CheckpointFormat, MergeContext
+from .common import EntrySpec, compare_entries, listdir, number_in_name, sorted_unique
+from ..io.safetensors import (FLOAT_DTYPES, QUANTIZED_DTYPES, Header, MappedFiles, encode_header, read_header,
                              tensor_bytes)
 
 SINGLE_FILE = "model.safetensors"
@@ -48,16 +48,6 @@ _TRAINING_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state).*\.(pt|pt
 _OTHER_WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)$|\.index\.json$")
 _NOT_COPIED = ("pmm_manifest.json",)
 _SHARD_FILE = re.compile(r"^model-\d{5,}-of-\d{5,}\.safetensors$")
-_STEP_NUMBER = re.compile(r"step[-_.]?(\d+)", re.IGNORECASE)
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
-
-
-def iteration_from_name(name: str) -> Optional[int]:
-    """The iteration in a checkpoint directory's name: the number after ``step`` if the name has
-    one (``step_1000``, ``global_step1000``, ``stage1-step1000-tokens4B``), else a trailing
-    number (``checkpoint-1000``, ``iter_0001000``, ``ckpt1000``), else None."""
-    match = _STEP_NUMBER.search(name) or _TRAILING_NUMBER.search(name)
-    return int(match.group(1)) if match else None
 
 
 def shard_name(index: int, count: int) -> str:
@@ -145,7 +135,7 @@ class HuggingFaceFormat(CheckpointFormat):
                     raise InputError(f"{src} is a run directory; give either one run directory or several "
                                      "checkpoint directories, not a mixture")
                 hint = " (only safetensors weights are supported: found pytorch_model.bin)" if any(
-                    e.startswith("pytorch_model") for e in _listdir(src)) else ""
+                    e.startswith("pytorch_model") for e in listdir(src)) else ""
                 raise InputError(f"{src}: not a Hugging Face model directory: no {SINGLE_FILE} or "
                                  f"{INDEX_FILE}{hint}, and no subdirectories holding one with a step number in "
                                  "their name")
@@ -155,7 +145,7 @@ class HuggingFaceFormat(CheckpointFormat):
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
         name = os.path.basename(os.path.normpath(os.path.abspath(ckpt_dir)))
-        iteration = iteration_from_name(name)
+        iteration = number_in_name(name)
         if iteration is None:
             state = os.path.join(ckpt_dir, "trainer_state.json")
             try:
@@ -181,7 +171,7 @@ class HuggingFaceFormat(CheckpointFormat):
         return {"tensors": len(newest.tensors), "files": len(newest.headers),
                 "dtypes": "/".join(f"{d}:{n}" for d, n in sorted(dtypes.items()))}
 
-    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
         inventories = [self._inventory(c) for c in checkpoints]
         newest = inventories[-1]
@@ -194,16 +184,17 @@ class HuggingFaceFormat(CheckpointFormat):
                          for name, (file, info) in newest.tensors.items() if info.dtype in QUANTIZED_DTYPES]
             for other in inventories[:-1]:
                 if not other.problems:
-                    problems += _compare(other, newest)
+                    problems += compare_entries(other.path, _entry_specs(other), newest.path, _entry_specs(newest),
+                                                noun="tensor")
         if problems:
             raise InputError(problems)
         groups = bin_tensors([(name, info.num_bytes) for name, (_, info) in newest.tensors.items()],
                              self.max_shard_bytes, world_size)
         units = [WorkUnit(shard_name(i, len(groups)), sum(newest.tensors[n][1].num_bytes for n in group),
                           items=tuple(group)) for i, group in enumerate(groups)]
-        if optimizer_policy == "latest":
-            units += [WorkUnit(entry, os.path.getsize(os.path.join(newest.path, entry)), action="copy")
-                      for entry in _listdir(newest.path) if _TRAINING_STATE.match(entry)
+        if optimizer_policy == OptimizerPolicy.LATEST:
+            units += [WorkUnit(entry, os.path.getsize(os.path.join(newest.path, entry)), action=Action.COPY)
+                      for entry in listdir(newest.path) if _TRAINING_STATE.match(entry)
                       and os.path.isfile(os.path.join(newest.path, entry))]
         return units
 
@@ -277,42 +268,37 @@ class HuggingFaceFormat(CheckpointFormat):
 
     # -- output ------------------------------------------------------------------------------
     def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef], results: Sequence[UnitResult],
-                 optimizer_policy: str) -> List[UnitResult]:
-        """Copy the newest checkpoint's config and tokenizer files (the index comes last, in
-        write_tracker)."""
+                 optimizer_policy: OptimizerPolicy) -> List[UnitResult]:
+        """Copy the newest checkpoint's config and tokenizer files, then stage the index (the
+        commit marker, moved into place last), built from the headers of the staged shards:
+        what was written, not what was planned."""
         newest = checkpoints[-1]
         written: List[UnitResult] = []
         for entry in _config_files(newest.path):
             num_bytes, sha = copy_atomically(os.path.join(newest.path, entry), os.path.join(staged_dir, entry))
             written.append(UnitResult(entry, num_bytes, num_bytes, sha, 0))
-        return written
-
-    def output_dirname(self, newest: CheckpointRef) -> str:
-        return ""  # the output root is the model directory
-
-    def tracker_relpath(self) -> str:
-        return INDEX_FILE
-
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
-        """The index, after the shards, config files and manifest are in place (also when a resumed
-        merge finishes an interrupted commit), built from the headers of the shards on disk: what
-        was written, not what was planned."""
-        shards = sorted(e for e in _listdir(out_root) if _SHARD_FILE.match(e))
+        shards = sorted(e for e in listdir(staged_dir) if _SHARD_FILE.match(e))
         count = len(shards)
         if not shards or shards != [shard_name(i, count) for i in range(count)]:
-            raise MergeError(f"{out_root}: expected shards model-00001-of-{count:05d}.safetensors ... "
+            raise MergeError(f"{staged_dir}: expected shards model-00001-of-{count:05d}.safetensors ... "
                              f"model-{count:05d}-of-{count:05d}.safetensors, found {', '.join(shards[:4]) or 'none'}; "
                              "not writing the index")
         weight_map: Dict[str, str] = {}
         total_size = 0
         for shard in shards:
-            for name, info in read_header(os.path.join(out_root, shard)).tensors.items():
+            for name, info in read_header(os.path.join(staged_dir, shard)).tensors.items():
                 weight_map[name] = shard
                 total_size += info.num_bytes
         metadata = dict(_index_metadata(newest.path), total_size=total_size)
         index = {"metadata": dict(sorted(metadata.items())), "weight_map": dict(sorted(weight_map.items()))}
-        write_json_atomically(os.path.join(out_root, INDEX_FILE), index)
-        return INDEX_FILE
+        num_bytes, sha = write_json_atomically(os.path.join(staged_dir, INDEX_FILE), index)
+        written.append(UnitResult(INDEX_FILE, num_bytes, 0, sha, 0))
+        return written
+
+    def output_layout(self, newest: CheckpointRef) -> OutputLayout:
+        # The output root is the model directory; loaders go through the index, so it is the
+        # commit marker (a lone model.safetensors would be loadable before the config files).
+        return OutputLayout(OutputKind.CHECKPOINT_ROOT, INDEX_FILE)
 
     def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
         """Float tensors of a model directory (source or output) from its index and headers."""
@@ -324,22 +310,15 @@ class HuggingFaceFormat(CheckpointFormat):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _listdir(path: str) -> List[str]:
-    try:
-        return sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return []
-
-
 def _is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, SINGLE_FILE)) or os.path.isfile(os.path.join(path, INDEX_FILE))
 
 
 def _numbered_model_dirs(path: str) -> List[Tuple[int, str]]:
     found = []
-    for entry in _listdir(path):
+    for entry in listdir(path):
         full = os.path.join(path, entry)
-        iteration = iteration_from_name(entry)
+        iteration = number_in_name(entry)
         if not entry.startswith(".") and iteration is not None and os.path.isdir(full) and _is_model_dir(full):
             found.append((iteration, full))
     return found
@@ -348,7 +327,7 @@ def _numbered_model_dirs(path: str) -> List[Tuple[int, str]]:
 def _config_files(ckpt_dir: str) -> List[str]:
     """Top-level files other than weights and training state: config, generation config,
     tokenizer files, chat template, custom modeling code, model card."""
-    return [e for e in _listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, e)) and not e.startswith(".")
+    return [e for e in listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, e)) and not e.startswith(".")
             and not _OTHER_WEIGHTS.search(e) and not _TRAINING_STATE.match(e) and e not in _NOT_COPIED]
 
 
@@ -418,23 +397,9 @@ def _index_metadata(ckpt_dir: str) -> Dict[str, object]:
         return {}
 
 
-def _compare(other: _Inventory, newest: _Inventory) -> List[str]:
-    problems = [f"{other.path}: tensor '{name}' missing (present in the newest checkpoint {newest.path})"
-                for name in newest.tensors if name not in other.tensors]
-    problems += [f"{other.path}: unexpected tensor '{name}' (absent from the newest checkpoint {newest.path})"
-                 for name in other.tensors if name not in newest.tensors]
-    for name, (file, ref) in newest.tensors.items():
-        if name not in other.tensors:
-            continue
-        other_file, info = other.tensors[name]
-        where = os.path.join(other.path, other_file)
-        if info.dtype != ref.dtype:
-            problems.append(f"{where}: tensor '{name}' has dtype {info.dtype}, the newest checkpoint has "
-                            f"{ref.dtype} ({os.path.join(newest.path, file)})")
-        elif info.shape != ref.shape:
-            problems.append(f"{where}: tensor '{name}' has shape {list(info.shape)}, the newest checkpoint has "
-                            f"{list(ref.shape)} ({os.path.join(newest.path, file)})")
-    return problems
+def _entry_specs(inventory: _Inventory) -> Dict[str, EntrySpec]:
+    return {name: EntrySpec("a tensor", info.dtype, list(info.shape), where=os.path.join(inventory.path, file))
+            for name, (file, info) in inventory.tensors.items()}
 
 
 def _by_file(inventory: _Inventory, names: Sequence[str]) -> Dict[str, List[str]]:

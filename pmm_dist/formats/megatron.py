@@ -12,16 +12,12 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
-from ..atomic import write_atomically, write_text_atomically
 from ..errors import InputError
-from ..kernel import is_mergeable
-from ..planner import WorkUnit
-from ..safe_load import safe_load
-from ..tree import dotted, flatten, map_leaves
-from .base import CheckpointFormat, CheckpointRef, MergeContext, UnitResult
-from .common import LeafMerger, compare_leaves, discover_run_or_checkpoints, iteration_from_name
+from ..io.atomic import write_text_atomically
+from ..io.safe_load import safe_load
+from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
+from .common import discover_run_or_checkpoints, listdir, number_in_name
+from .pickled import PickledFileFormat
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -69,18 +65,14 @@ class IterationTracker:
     """Megatron's output convention, shared by the legacy and torch_dist formats:
     ``OUT/iter_{N:07d}/`` and ``OUT/latest_checkpointed_iteration.txt`` written last."""
 
-    def output_dirname(self, newest: CheckpointRef) -> str:
-        return f"iter_{newest.iteration:07d}"
+    def output_layout(self, newest: CheckpointRef) -> OutputLayout:
+        return OutputLayout(OutputKind.RUN_DIRECTORY, TRACKER, f"iter_{newest.iteration:07d}")
 
-    def tracker_relpath(self) -> str:
-        return TRACKER
-
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> str:
+    def write_tracker(self, out_root: str, newest: CheckpointRef) -> None:
         write_text_atomically(os.path.join(out_root, TRACKER), f"{newest.iteration}\n")
-        return TRACKER
 
 
-class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
+class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
     name = "megatron"
     description = "Megatron-LM legacy torch format: latest_checkpointed_iteration.txt + iter_*/mp_rank_*/model_optim_rng.pt"
 
@@ -98,7 +90,7 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
         tracker_path = os.path.join(run_dir, TRACKER)
         newest = read_tracker(tracker_path)
         refs = []
-        for entry in sorted(os.listdir(run_dir)):
+        for entry in listdir(run_dir):
             match = _ITER_DIR.match(entry)
             # Iterations after the tracker's may still be being written by the trainer.
             if match and int(match.group(1)) <= newest and os.path.isdir(os.path.join(run_dir, entry)):
@@ -110,13 +102,14 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
 
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
-        def from_file():
-            first = os.path.join(ckpt_dir, _shard_dirs(ckpt_dir)[0], MODEL_FILE)
-            iteration = safe_load(first).get("iteration")
-            if not isinstance(iteration, int):
-                raise InputError(f"{first}: key 'iteration' missing; cannot order this checkpoint")
-            return iteration
-        return iteration_from_name(ckpt_dir, _ITER_DIR, from_file)
+        named = number_in_name(ckpt_dir, _ITER_DIR)
+        if named is not None:
+            return named
+        first = os.path.join(ckpt_dir, _shard_dirs(ckpt_dir)[0], MODEL_FILE)
+        iteration = safe_load(first).get("iteration")
+        if not isinstance(iteration, int):
+            raise InputError(f"{first}: key 'iteration' missing; cannot order this checkpoint")
+        return iteration
 
     # -- layout ------------------------------------------------------------------------------
     def _degrees(self, ckpt: CheckpointRef) -> Optional[Tuple[int, int, int]]:
@@ -133,7 +126,7 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
             return {"tp": None, "pp": None, "ep": None, "shards": len(_shard_dirs(checkpoints[-1].path))}
         return {"tp": degrees[0], "pp": degrees[1], "ep": degrees[2], "shards": len(_shard_dirs(checkpoints[-1].path))}
 
-    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str,
+    def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
         newest = checkpoints[-1]
         problems: List[str] = []
@@ -158,8 +151,8 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
             raise InputError(problems)
         units = [WorkUnit(f"{name}/{MODEL_FILE}", os.path.getsize(os.path.join(newest.path, name, MODEL_FILE)))
                  for name in sorted(expected)]
-        if optimizer_policy == "latest":
-            units += [WorkUnit(f"{name}/{DISTRIB_OPTIM_FILE}", os.path.getsize(path), action="copy")
+        if optimizer_policy == OptimizerPolicy.LATEST:
+            units += [WorkUnit(f"{name}/{DISTRIB_OPTIM_FILE}", os.path.getsize(path), action=Action.COPY)
                       for name in sorted(expected)
                       for path in [os.path.join(newest.path, name, DISTRIB_OPTIM_FILE)] if os.path.isfile(path)]
         return units
@@ -171,65 +164,24 @@ class MegatronLegacyFormat(IterationTracker, CheckpointFormat):
         tp, pp, ep = degrees
         return {shard_dirname(t, p, e, pp, ep) for t in range(tp) for p in range(pp) for e in range(ep)}
 
-    # -- per-unit work -----------------------------------------------------------------------
-    def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
-        problems: List[str] = []
-        newest_path = os.path.join(checkpoints[-1].path, unit.relpath)
-        try:
-            newest = safe_load(newest_path)
-        except InputError as exc:
-            return [str(exc)]
-        reference = _model_leaves(newest)
-        if not reference:
-            return [f"{newest_path}: no 'model' entry (is this a Megatron model_optim_rng.pt?)"]
-        for ckpt in checkpoints[:-1]:
-            path = os.path.join(ckpt.path, unit.relpath)
-            try:
-                leaves = _model_leaves(safe_load(path))
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            problems += compare_leaves(path, leaves, newest_path, reference)
-        return problems
+    # -- per-file hooks of the pickled-file skeleton ----------------------------------------------
+    def merged_subtrees(self, state: dict, relpath: str) -> List[tuple]:
+        return [(key,) for key in model_keys(state)]
 
-    def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
-                   context: MergeContext) -> UnitResult:
-        target = os.path.join(destination, unit.relpath)
-        paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
-        sources = [safe_load(path) for path in paths]
-        newest = sources[-1]
-        merge = LeafMerger([_model_leaves(src) for src in sources], paths, context)
-        output = {}
-        for key, value in newest.items():
-            if key in TRAINING_STATE_KEYS and context.optimizer_policy == "drop":
-                continue
-            output[key] = map_leaves(value, merge, (key,)) if key in model_keys(newest) else value
-        num_bytes, sha = write_atomically(target, lambda f: torch.save(output, f))
-        return UnitResult(unit.relpath, num_bytes, merge.num_bytes_read, sha, merge.num_tensors)
+    def file_problem(self, path: str, state, relpath: str, newest_path=None, newest=None) -> Optional[str]:
+        if not isinstance(state, dict) or not model_keys(state):
+            return f"{path}: no 'model' entry (is this a Megatron model_optim_rng.pt?)"
+        return None
 
-    def tensor_inventory(self, checkpoint_dir: str) -> Dict[str, Tuple[tuple, str]]:
-        inventory = {}
-        for name in _shard_dirs(checkpoint_dir):
-            for path_key, leaf in _model_leaves(safe_load(os.path.join(checkpoint_dir, name, MODEL_FILE))).items():
-                if is_mergeable(leaf):
-                    inventory[f"{name}/{dotted(path_key)}"] = (tuple(leaf.shape), str(leaf.dtype))
-        return inventory
+    def without_training_state(self, state: dict, relpath: str) -> dict:
+        return {key: value for key, value in state.items() if key not in TRAINING_STATE_KEYS}
+
+    def weight_files(self, checkpoint_dir: str) -> List[str]:
+        return [f"{name}/{MODEL_FILE}" for name in _shard_dirs(checkpoint_dir)]
+
 
 def _shard_dirs(path: str) -> List[str]:
-    try:
-        return sorted(e for e in os.listdir(path) if _SHARD_DIR.match(e) and os.path.isdir(os.path.join(path, e)))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _model_leaves(state) -> Dict[tuple, object]:
-    """Every leaf under the model entries, keyed by path (whose first element is the entry)."""
-    if not isinstance(state, dict):
-        return {}
-    leaves: Dict[tuple, object] = {}
-    for key in model_keys(state):
-        leaves.update(flatten(state[key], (key,)))
-    return leaves
+    return [e for e in listdir(path) if _SHARD_DIR.match(e) and os.path.isdir(os.path.join(path, e))]
 
 
 def _fmt(degrees) -> str:

@@ -21,11 +21,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..atomic import copy_atomically, write_atomically
 from ..errors import InputError
-from ..safe_load import safe_load
-from .base import CheckpointRef, UnitResult
-from .common import iteration_from_name, sorted_unique
+from ..io.atomic import copy_atomically, write_atomically
+from ..io.safe_load import safe_load
+from ..plan.types import CheckpointRef, OptimizerPolicy, UnitResult
+from .common import listdir, number_in_name, sorted_unique
 from .dcp import DcpFormat
 from .megatron import TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, IterationTracker, parallel_degrees, read_tracker
 
@@ -59,11 +59,7 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
     def recognizes(cls, path: str) -> bool:
         if is_torch_dist_checkpoint(path):
             return True
-        try:
-            entries = os.listdir(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        return any(_ITER_DIR.match(e) and is_torch_dist_checkpoint(os.path.join(path, e)) for e in entries)
+        return any(_ITER_DIR.match(e) and is_torch_dist_checkpoint(os.path.join(path, e)) for e in listdir(path))
 
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
         if len(sources) == 1 and not is_torch_dist_checkpoint(sources[0]):
@@ -83,7 +79,7 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
         tracker_path = os.path.join(run_dir, TRACKER)
         newest = read_tracker(tracker_path) if os.path.isfile(tracker_path) else None
         refs = []
-        for entry in sorted(os.listdir(run_dir)):
+        for entry in listdir(run_dir):
             match = _ITER_DIR.match(entry)
             path = os.path.join(run_dir, entry)
             # Past the tracker, or without metadata.json: still being written by the trainer.
@@ -99,13 +95,14 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
 
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
-        def from_common_state():
-            iteration = _common_state(ckpt_dir).get("iteration")
-            if not isinstance(iteration, int):
-                raise InputError(f"{os.path.join(ckpt_dir, COMMON_FILE)}: key 'iteration' missing; cannot order "
-                                 "this checkpoint (name its directory iter_NNNNNNN)")
-            return iteration
-        return iteration_from_name(ckpt_dir, _ITER_DIR, from_common_state)
+        named = number_in_name(ckpt_dir, _ITER_DIR)
+        if named is not None:
+            return named
+        iteration = _common_state(ckpt_dir).get("iteration")
+        if not isinstance(iteration, int):
+            raise InputError(f"{os.path.join(ckpt_dir, COMMON_FILE)}: key 'iteration' missing; cannot order "
+                             "this checkpoint (name its directory iter_NNNNNNN)")
+        return iteration
 
     # -- layout ------------------------------------------------------------------------------
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
@@ -117,7 +114,7 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
         layout.update(super().layout(checkpoints))
         return layout
 
-    def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: str) -> List[str]:
+    def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> List[str]:
         path = os.path.join(checkpoints[-1].path, COMMON_FILE)
         if not os.path.isfile(path):
             return [f"{path}: missing file (the common, non-sharded state is taken from the newest checkpoint)"]
@@ -125,11 +122,11 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
 
     # -- output ------------------------------------------------------------------------------
     def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef],
-                 results: Sequence[UnitResult], optimizer_policy: str) -> List[UnitResult]:
+                 results: Sequence[UnitResult], optimizer_policy: OptimizerPolicy) -> List[UnitResult]:
         written = super().finalize(staged_dir, checkpoints, results, optimizer_policy)  # .metadata
         newest = checkpoints[-1].path
         source, target = os.path.join(newest, COMMON_FILE), os.path.join(staged_dir, COMMON_FILE)
-        common = safe_load(source, mmap=False) if optimizer_policy == "drop" else None
+        common = safe_load(source, mmap=False) if optimizer_policy == OptimizerPolicy.DROP else None
         if isinstance(common, dict) and any(key in self.training_state_keys for key in common):
             kept = {key: value for key, value in common.items() if key not in self.training_state_keys}
             num_bytes, sha = write_atomically(target, lambda f: torch.save(kept, f))

@@ -20,7 +20,7 @@ from typing import Any, List
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 _FRAMEWORK_SAFE_GLOBALS = {
     # module path prefix -> callable returning the framework's own allow-list

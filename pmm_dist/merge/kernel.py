@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 _PAGE = mmap.PAGESIZE
 _MADV_WILLNEED = 3

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import MergeError
+from ..errors import MergeError
 
 CHECKSUM_ALGORITHM = "sha256"
 _COPY_CHUNK = 16 << 20

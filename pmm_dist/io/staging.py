@@ -17,9 +17,8 @@ from dataclasses import asdict
 from typing import Dict, Optional, Sequence, Tuple
 
 from .atomic import remove_tree_quietly, write_json_atomically
-from .errors import InputError, MergeError
-from .formats.base import CheckpointRef, UnitResult
-from .planner import WorkUnit
+from ..errors import InputError, MergeError
+from ..plan.types import CheckpointRef, UnitResult, WorkUnit
 
 STAGING = ".pmm_staging"
 InputSnapshot = Dict[str, Tuple[int, int]]

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .formats.megatron import MODEL_FILE, TRACKER, shard_dirname
+from ..formats.megatron import MODEL_FILE, TRACKER, shard_dirname
 
 
 def _seed(*parts) -> int:

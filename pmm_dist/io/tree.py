@@ -3,6 +3,7 @@
 A path is the tuple of dict keys / list indices leading to a leaf (exact even when keys
 contain dots); ``dotted`` renders it for messages.
 """
+import copy
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 Path = Tuple[Any, ...]
@@ -41,3 +42,33 @@ def map_leaves(obj: Any, fn: Callable[[Path, Any], Any], prefix: Path = ()) -> A
         values = [map_leaves(v, fn, prefix + (i,)) for i, v in enumerate(obj)]
         return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)
     return fn(prefix, obj)
+
+
+def get_path(obj: Any, path: Path) -> Any:
+    """The value at ``path`` inside nested dicts, or None where the path does not exist."""
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def replace_subtree(obj: Any, path: Path, fn: Callable[[Any], Any]) -> Any:
+    """A copy of ``obj`` (shallow along ``path`` only) whose subtree at ``path`` is ``fn(subtree)``;
+    ``obj`` itself is left as it is. A path that does not exist is left alone."""
+    if not path:
+        return fn(obj)
+    if not isinstance(obj, dict) or path[0] not in obj:
+        return obj
+    rebuilt = copy.copy(obj)  # keeps the dict type (OrderedDict) and state_dict _metadata
+    rebuilt[path[0]] = replace_subtree(obj[path[0]], path[1:], fn)
+    return rebuilt
+
+
+def remove_subtree(obj: Any, path: Path) -> Any:
+    """A copy of ``obj`` without the entry at ``path`` (``obj`` itself is left as it is)."""
+    def without(parent):
+        rebuilt = copy.copy(parent)
+        rebuilt.pop(path[-1], None)
+        return rebuilt
+    return replace_subtree(obj, path[:-1], without) if isinstance(get_path(obj, path[:-1]), dict) else obj

@@ -1,4 +1,4 @@
-"""What the user sees: a progress bar on rank 0, resource figures, and the closing summary."""
+"""What the user sees: the progress bar, peak memory, the --dry-run plan and the closing summary."""
 import resource
 import sys
 from typing import Optional
@@ -28,6 +28,7 @@ def progress_bar(total_bytes: int, *, enabled: bool, description: str) -> Option
         return None
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
                 dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
 
 
 def human_bytes(num: float) -> str:

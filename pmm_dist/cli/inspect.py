@@ -1,0 +1,45 @@
+"""``pmm-dist inspect RUN``: a run's checkpoints, format, layout and sizes, read-only."""
+import json
+import os
+import sys
+from typing import List
+
+from ..errors import InputError, MergeError
+from ..formats import resolve_format
+from ..engine.report import human_bytes
+
+
+def describe_run(sources: List[str], format_name: str = "auto") -> dict:
+    """The checkpoints of a run: format, parallel layout, iterations and sizes."""
+    for src in sources:
+        if not os.path.exists(src):
+            raise InputError(f"{src}: no such file or directory")
+    fmt = resolve_format(format_name, sources)
+    checkpoints = fmt.discover(sources)
+    if not checkpoints:
+        raise MergeError(f"no checkpoints found in {', '.join(sources)}")
+    rows = []
+    for ckpt in checkpoints:
+        sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt.path) for f in fs]
+        rows.append({"iteration": ckpt.iteration, "path": ckpt.path, "files": len(sizes), "bytes": sum(sizes)})
+    return {"format": fmt.name, "layout": fmt.layout(checkpoints), "checkpoints": rows}
+
+
+def format_run_description(info: dict) -> str:
+    lines = [f"format: {info['format']}",
+             "layout: " + ", ".join(f"{k}={v}" for k, v in info["layout"].items()),
+             f"checkpoints: {len(info['checkpoints'])}",
+             f"  {'iteration':>10}  {'files':>5}  {'size':>10}  path"]
+    lines += [f"  {r['iteration']:>10}  {r['files']:>5}  {human_bytes(r['bytes']):>10}  {r['path']}"
+              for r in info["checkpoints"]]
+    return "\n".join(lines)
+
+
+def run_inspect(args) -> int:
+    try:
+        info = describe_run(args.sources, args.format)
+    except MergeError as exc:
+        print(f"pmm-dist: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=2) if args.json else format_run_description(info))
+    return 0

@@ -1,0 +1,148 @@
+"""``pmm-dist merge``: flags derived from MergeOptions' fields, then the engine, then the summary."""
+import argparse
+import os
+import re
+import sys
+import typing
+from dataclasses import MISSING, fields
+from typing import List
+
+from ..engine import MergeOptions, merge
+from ..errors import MergeError, RankFailure, UsageError
+from ..io.staging import STAGING
+from ..plan.types import Choice
+from ..engine.report import format_summary
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+methods (weights w_i, oldest checkpoint first, N checkpoints):
+  sma       w_i = 1/N
+  wma       w_i = i / (N(N+1)/2)
+  ema       w_1 = (1-alpha)^(N-1), w_i = alpha (1-alpha)^(N-i) for i >= 2  (sums to 1)
+  weighted  w_i from --weights, normalised to sum 1 unless --no-normalize
+
+selection (default: every checkpoint found):
+  --last N                 the newest N checkpoints
+  --interval V [--last N]  newest, newest-V, newest-2V, ... (a missing one is an error)
+  --iterations a,b,c       exactly these
+
+examples:
+  pmm-dist merge /ckpt/run --out /ckpt/run_ema --method ema --alpha 0.2 --last 8 --interval 1000
+  torchrun --standalone --nproc-per-node 8 -m pmm_dist merge /ckpt/run --out /ckpt/run_sma --last 10
+  pmm-dist merge /ckpt/run/iter_0009000 /ckpt/run/iter_0010000 --out /tmp/avg --dry-run
+
+loading the result (same parallel layout as the sources; see README.md):
+  Megatron-LM (torch, torch_dist):  --load OUT --finetune --no-load-optim --no-load-rng
+  DeepSpeed:  engine.load_checkpoint(OUT, load_module_only=True, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False)
+  PyTorch DCP: dcp.load(state, checkpoint_id=OUT);  Hugging Face: from_pretrained(OUT)
+
+after a crash or kill: re-run the same command with --resume (finished files are kept).
+Exit status: 0 on success, 1 on a merge error (message names the file and key), 2 on bad usage,
+130 when interrupted.
+"""
+
+
+def _iterations(text: str) -> List[int]:
+    """Iterations, or checkpoint names ending in one (global_step1000, iter_0001000)."""
+    found = [re.fullmatch(r"(?:[A-Za-z_]+)?0*(\d+)", x.strip()) for x in text.split(",") if x.strip()]
+    if not all(found):
+        raise argparse.ArgumentTypeError(f"expected iterations (or tags like global_step1000) separated by "
+                                         f"commas, got {text!r}")
+    return [int(match.group(1)) for match in found]
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+_PARSERS = {"iterations": _iterations, "floats": _floats}
+_SCALARS = {int: int, float: float, str: str}
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per MergeOptions field, from the field's type, default and metadata."""
+    hints = typing.get_type_hints(MergeOptions)
+    for f in fields(MergeOptions):
+        meta, hint = f.metadata, hints[f.name]
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=meta.get("metavar"), help=meta["help"])
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        kwargs = {"dest": f.name, "help": meta["help"], "default": None if f.default is MISSING else f.default}
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        if "const" in meta:
+            kwargs.update(action="store_const", const=meta["const"])
+        elif hint is bool:
+            kwargs.update(action="store_true")
+        elif isinstance(base, type) and issubclass(base, Choice):
+            kwargs.update(choices=base.values(), default=str(f.default))
+        else:
+            kwargs["type"] = _PARSERS[meta["parse"]] if "parse" in meta else _SCALARS[base]
+            if "choices" in meta:
+                kwargs["choices"] = list(meta["choices"])
+            if meta.get("required"):
+                kwargs.update(required=True)
+                del kwargs["default"]
+        parser.add_argument(flag, **kwargs)
+
+
+def options_from_args(args: argparse.Namespace) -> MergeOptions:
+    return MergeOptions(**{f.name: getattr(args, f.name) for f in fields(MergeOptions)})
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    try:
+        options = options_from_args(args)
+    except (UsageError, ValueError) as exc:
+        print(f"pmm-dist: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    coordinator = is_coordinator()
+    try:
+        result = merge(options)
+    except MergeError as exc:
+        return _report_failure(exc, options, coordinator)
+    except KeyboardInterrupt:
+        return _report_failure(RankFailure("merge", {}), options, coordinator, interrupted=True)
+    if not coordinator or options.quiet:
+        return EXIT_OK
+    if options.dry_run:
+        pass  # the engine printed the plan
+    elif result.plan.already_complete:
+        print(f"{result.output_path}: this merge had already committed (interrupted while exiting?); nothing to do",
+              flush=True)
+    else:
+        print(format_summary(result), flush=True)
+    return EXIT_OK
+
+
+def _report_failure(exc: MergeError, options: MergeOptions, coordinator: bool, interrupted: bool = False) -> int:
+    interrupted = interrupted or getattr(exc, "interrupted", False)
+    usage = isinstance(exc, UsageError) or getattr(exc, "usage", False)
+    if coordinator:
+        if not interrupted:
+            print(f"pmm-dist: error: {exc}", file=sys.stderr, flush=True)
+        for rank, text in sorted(getattr(exc, "tracebacks", {}).items()):
+            print(f"pmm-dist: [rank {rank}] internal error, traceback:\n{text}", file=sys.stderr, flush=True)
+        staging = os.path.join(options.out, STAGING)
+        if interrupted:
+            print(f"pmm-dist: interrupted; nothing was committed. "
+                  + (f"Finished files are kept in {staging}: " if os.path.isdir(staging) else "")
+                  + "re-run the same command with --resume to continue", file=sys.stderr, flush=True)
+        elif os.path.isdir(staging):
+            print(f"pmm-dist: nothing was committed; finished files are kept in {staging}: "
+                  "re-run the same command with --resume to continue", file=sys.stderr, flush=True)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE if usage else EXIT_ERROR
+
+
+def is_coordinator() -> bool:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return True

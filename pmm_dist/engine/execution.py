@@ -1,0 +1,126 @@
+"""Steps 2 and 4, on every rank: check this rank's share of the units, then merge it.
+
+A rank works on ``UNITS_IN_FLIGHT`` units at once: while one unit's file is being serialised,
+hashed and fsynced (I/O, the GIL released), the next one is summed.
+"""
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Deque, List, Optional, Sequence
+
+import torch
+
+from ..formats import CheckpointFormat, MergeContext
+from ..io.atomic import copy_atomically
+from ..io.staging import Staging
+from ..plan.types import Action, UnitResult, WorkUnit
+from . import faults
+from .planning import MergePlan
+from .report import peak_rss_bytes, progress_bar
+
+# Two overlap one unit's writing with the next one's arithmetic, at the price of holding up to
+# two output files in memory.
+UNITS_IN_FLIGHT = 2
+
+
+def choose_device(requested: Optional[str], local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if requested and ":" in requested:
+        return torch.device(requested)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def check_share(fmt: CheckpointFormat, plan: MergePlan, share: Sequence[WorkUnit], rank: int) -> List[str]:
+    """Problems (naming file and key) in the sources of this rank's MERGE units; COPY units
+    are bytes the engine copies and need no check."""
+    faults.inject("validate", rank)
+    return [p for unit in share if unit.action == Action.MERGE for p in fmt.check_unit(unit, plan.checkpoints)]
+
+
+@dataclass
+class ShareOutcome:
+    """What one rank's merge step reports to the coordinator."""
+    results: List[UnitResult]
+    num_units_resumed: int
+    peak_rss: int
+
+
+class ShareMerger:
+    """Merges one rank's share into the staging directory, skipping units already done (--resume)."""
+
+    def __init__(self, fmt: CheckpointFormat, plan: MergePlan, share: Sequence[WorkUnit], staging: Staging,
+                 device: torch.device, rank: int, show_progress: bool):
+        self.fmt, self.plan, self.share, self.staging, self.rank = fmt, plan, share, staging, rank
+        self.num_sources = len(plan.checkpoints)
+        self.device = device
+        # Progress in planned bytes read: a merged unit reads each source, a copied one the newest.
+        self.planned = [u.num_bytes * (self.num_sources if u.action == Action.MERGE else 1) for u in share]
+        self.bar = progress_bar(sum(self.planned), enabled=show_progress,
+                                description=f"merging (rank {rank})")
+        self._lock = threading.Lock()
+        self.num_resumed = 0
+
+    def run(self) -> ShareOutcome:
+        results: List[UnitResult] = []
+        try:
+            with ThreadPoolExecutor(max_workers=UNITS_IN_FLIGHT, thread_name_prefix="pmm-unit") as pool:
+                pending: Deque[Future] = deque()
+                for unit, budget in zip(self.share, self.planned):
+                    pending.append(pool.submit(self._merge_one, unit, budget))
+                    if len(pending) >= UNITS_IN_FLIGHT:
+                        self._collect(pending, results)
+                while pending:
+                    self._collect(pending, results)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return ShareOutcome(results, self.num_resumed, peak_rss_bytes())
+
+    def _merge_one(self, unit: WorkUnit, budget: int) -> UnitResult:
+        progress = _BoundedProgress(self, budget)
+        outcome = self.staging.completed(unit)
+        if outcome is not None:
+            with self._lock:
+                self.num_resumed += 1
+        else:
+            context = MergeContext(weights=self.plan.weights, device=self.device,
+                                   optimizer_policy=self.plan.optimizer_policy, on_progress=progress.advance,
+                                   on_nonfinite=self.plan.on_nonfinite)
+            outcome = self.fmt.merge_unit(unit, self.plan.checkpoints, self.staging.data_dir, context) \
+                if unit.action == Action.MERGE else self._copy_newest(unit, context)
+            self.staging.mark_done(unit, outcome)
+        progress.advance(budget)
+        return outcome
+
+    def _copy_newest(self, unit: WorkUnit, context: MergeContext) -> UnitResult:
+        """A COPY unit, in every format: the newest checkpoint's file, byte for byte (never unpickled)."""
+        num_bytes, sha = copy_atomically(os.path.join(self.plan.checkpoints[-1].path, unit.relpath),
+                                         os.path.join(self.staging.data_dir, unit.relpath))
+        context.on_progress(num_bytes)
+        return UnitResult(unit.relpath, num_bytes, num_bytes, sha, 0)
+
+    def _collect(self, pending: Deque[Future], results: List[UnitResult]) -> None:
+        try:
+            results.append(pending.popleft().result())
+        except BaseException:
+            for future in pending:  # start no more work; running units finish, then we raise
+                future.cancel()
+            raise
+        faults.inject(f"unit:{len(results) - 1}", self.rank)
+
+
+class _BoundedProgress:
+    """One unit's progress: the bytes a format reports, never more than the unit's budget."""
+
+    def __init__(self, merger: ShareMerger, budget: int):
+        self.merger, self.budget, self.shown = merger, budget, 0
+
+    def advance(self, num_bytes: int) -> None:
+        with self.merger._lock:
+            step = min(num_bytes, self.budget - self.shown)
+            if self.merger.bar is not None and step > 0:
+                self.merger.bar.update(step)
+            self.shown += max(step, 0)

@@ -1,0 +1,68 @@
+"""``pmm_manifest.json``: what a merge wrote and from what, as one versioned dataclass.
+
+Written by the commit (atomically, before the output is marked loadable) and read by
+``--resume``, ``verify`` and ``inspect``. JSON, never pickle: it is our own metadata and must
+be readable by anything.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..io.atomic import write_json_atomically
+
+MANIFEST = "pmm_manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    format: str
+    method: str
+    method_options: Dict[str, Any]
+    weights: List[float]
+    sources: List[Dict[str, Any]]           # [{"iteration", "path"}], oldest first
+    optimizer: str
+    layout: Dict[str, Any]
+    output_checkpoint: str                  # the checkpoint directory relative to OUT ("" = OUT itself)
+    tracker: str                            # the commit marker relative to OUT
+    files: List[Dict[str, Any]]             # [{"path", "bytes", "sha256"}], every file written
+    fingerprint: str
+    world_size: int = 1
+    device: str = "cpu"
+    bytes_read: int = 0
+    bytes_written: int = 0
+    tensors_merged: int = 0
+    units_resumed: int = 0
+    metadata_bytes_exchanged: int = 0
+    peak_rss_bytes_by_rank: List[int] = field(default_factory=list)
+    timings_s: Dict[str, float] = field(default_factory=dict)
+    created_unix: float = 0.0
+    pmm_dist_version: str = ""
+    format_version: int = MANIFEST_FORMAT_VERSION
+
+    def write(self, out: str) -> str:
+        path = os.path.join(out, MANIFEST)
+        write_json_atomically(path, dataclasses.asdict(self))
+        return path
+
+    @classmethod
+    def read(cls, out: str) -> "Manifest":
+        """The manifest of the output ``out``; OSError / ValueError when missing or unreadable."""
+        with open(os.path.join(out, MANIFEST)) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{os.path.join(out, MANIFEST)}: not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # a required entry is missing
+            raise ValueError(f"{os.path.join(out, MANIFEST)}: {exc}") from None
+
+    @classmethod
+    def read_if_present(cls, out: str) -> Optional["Manifest"]:
+        try:
+            return cls.read(out)
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,112 @@
+"""Merge methods: plug-ins that turn a checkpoint count into per-checkpoint weights.
+
+Every PMA method is linear and elementwise (``M = sum_i w_i * M_i``), so a method is fully
+described by its weight vector, oldest checkpoint first; the engine does all the I/O. A new
+method is one decorated function: its keyword-only parameters are the method's options.
+"""
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..errors import UsageError
+
+_REGISTRY: Dict[str, "MergeMethod"] = {}
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    compute: Callable[..., List[float]]
+    defaults: Dict[str, Any]  # the keyword-only options the method accepts, with their defaults
+    summary: str
+
+    @property
+    def parameters(self) -> tuple:
+        return tuple(self.defaults)
+
+    def options(self, given: Dict[str, Any]) -> Dict[str, Any]:
+        """The method's effective options: ``given`` (None = not given) over its defaults.
+        An option the method does not take is a UsageError naming the methods that do."""
+        unknown = sorted(k for k, v in given.items() if v is not None and k not in self.defaults)
+        if unknown:
+            takers = {k: [m.name for m in _REGISTRY.values() if k in m.defaults] for k in unknown}
+            hints = "; ".join(f"{k} is an option of --method {' or '.join(t)}" for k, t in takers.items() if t)
+            raise UsageError(f"method {self.name!r} takes no option {', '.join(unknown)} "
+                             f"(it takes: {', '.join(self.parameters) or 'none'})" + (f"; {hints}" if hints else ""))
+        return {k: given[k] if given.get(k) is not None else default for k, default in self.defaults.items()}
+
+    def check(self, given: Dict[str, Any]) -> None:
+        """Validate ``given`` before any I/O, by computing the weights for the one checkpoint
+        count they allow (the number of explicit weights, else 1)."""
+        explicit = self.options(given).get("weights")
+        self.weights(len(explicit) if explicit else 1, **given)
+
+    def weights(self, num_checkpoints: int, **given) -> List[float]:
+        if num_checkpoints < 1:
+            raise UsageError("at least one checkpoint is needed")
+        options = {k: v for k, v in self.options(given).items() if v is not None}
+        return [float(w) for w in self.compute(num_checkpoints, **options)]
+
+
+def register(name: str):
+    """Register ``fn(num_checkpoints, *, option=default, ...) -> weights`` as method ``name``."""
+
+    def wrap(fn):
+        defaults = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+                    for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _REGISTRY[name] = MergeMethod(name, fn, defaults, summary)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown merge method {name!r}; choose one of: {', '.join(available_methods())}") from None
+
+
+def available_methods() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+@register("sma")
+def simple_moving_average(num_checkpoints: int) -> List[float]:
+    """SMA: w_i = 1/N."""
+    return [1.0 / num_checkpoints] * num_checkpoints
+
+
+@register("wma")
+def weighted_moving_average(num_checkpoints: int) -> List[float]:
+    """WMA: w_i = i / sum_j j (later checkpoints weigh more)."""
+    total = num_checkpoints * (num_checkpoints + 1) / 2
+    return [i / total for i in range(1, num_checkpoints + 1)]
+
+
+@register("ema")
+def exponential_moving_average(num_checkpoints: int, *, alpha: float = 0.2) -> List[float]:
+    """EMA: E_1 = M_1, E_i = alpha*M_i + (1-alpha)*E_{i-1}; weights sum to 1."""
+    if not 0.0 < alpha <= 1.0:
+        raise UsageError(f"--alpha must be in (0, 1], got {alpha}")
+    # The recursion starts from M_1, not from zero: w_1 = (1-alpha)^(N-1). The closed form
+    # alpha*(1-alpha)^(N-i) for every i would sum to 1-(1-alpha)^N and shrink the model.
+    n = num_checkpoints
+    return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
+
+
+@register("weighted")
+def explicit_weights(num_checkpoints: int, *, weights: Optional[Sequence[float]] = None,
+                     normalize: bool = True) -> List[float]:
+    """Explicit weights w1..wN (oldest first), normalised to sum 1 unless normalize=False."""
+    if weights is None:
+        raise UsageError("method 'weighted' needs --weights w1,w2,... (oldest checkpoint first)")
+    if len(weights) != num_checkpoints:
+        raise UsageError(f"--weights has {len(weights)} values but {num_checkpoints} checkpoints are selected")
+    if not normalize:
+        return list(weights)
+    total = sum(weights)
+    if total == 0:
+        raise UsageError("--weights sum to 0 and cannot be normalised (use --no-normalize to keep them)")
+    return [w / total for w in weights]

@@ -1,0 +1,135 @@
+"""The plan's vocabulary: small frozen types that travel from the coordinator to every rank.
+
+Everything a rank needs to do its share is named here (which checkpoints, which output files,
+which stored items go into each file, and what happens to each), so that a plan can be
+checked, printed, fingerprinted and balanced without reading any tensor data.
+"""
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+
+class Choice(str, enum.Enum):
+    """A closed set of option values that reads and serialises as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value, option: str):
+        """``value`` as a member; ValueError naming ``option`` and listing the valid values."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"{option} must be one of {', '.join(m.value for m in cls)}, got {value!r}") from None
+
+    @classmethod
+    def values(cls) -> Tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Action(Choice):
+    """What becomes of one stored item (or one whole file) in the output."""
+    MERGE = "merge"   # the weighted sum over every source
+    COPY = "copy"     # the newest source's bytes, unchanged
+
+
+class OptimizerPolicy(Choice):
+    """What the output keeps of the training state (optimizer, scheduler, RNG)."""
+    DROP = "drop"       # weights only
+    LATEST = "latest"   # the newest checkpoint's training state
+
+
+class NonfinitePolicy(Choice):
+    """What a NaN/Inf in a merged tensor does."""
+    ERROR = "error"
+    WARN = "warn"
+    IGNORE = "ignore"
+
+
+class OutputKind(Choice):
+    """Where the merged checkpoint sits in --out."""
+    RUN_DIRECTORY = "run-directory"      # OUT/<checkpoint dir>/... plus a tracker file beside it
+    CHECKPOINT_ROOT = "checkpoint-root"  # OUT itself is the checkpoint; its commit marker is one of its files
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One source checkpoint: its iteration (the merge order) and its directory."""
+    iteration: int
+    path: str
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The shape of a format's output, declared instead of inferred from sentinels.
+
+    ``RUN_DIRECTORY``: the staged checkpoint is renamed into ``OUT/checkpoint_dirname`` in one
+    step, then the format writes ``commit_marker`` (a tracker) at the root. ``CHECKPOINT_ROOT``:
+    the staged files move into OUT one by one with ``commit_marker`` (staged like the others)
+    moved last, so the checkpoint becomes loadable only when it is complete.
+    """
+    kind: OutputKind
+    commit_marker: str
+    checkpoint_dirname: str = ""
+
+    def __post_init__(self):
+        assert (self.kind == OutputKind.RUN_DIRECTORY) == bool(self.checkpoint_dirname), self
+
+    def checkpoint_path(self, out: str) -> str:
+        return os.path.join(out, self.checkpoint_dirname) if self.checkpoint_dirname else out
+
+    def file_path(self, relpath: str) -> str:
+        """A checkpoint file's path relative to OUT (the manifest's ``files[].path``)."""
+        return f"{self.checkpoint_dirname}/{relpath}" if self.checkpoint_dirname else relpath
+
+
+@dataclass(frozen=True)
+class ChunkItem:
+    """One stored item of a chunked checkpoint (a tensor chunk or a bytes entry) in an output file.
+
+    ``key`` and ``offsets`` name it as the checkpoint's metadata does (``offsets`` is None for a
+    bytes entry); ``num_bytes`` is its size in the output, the balance weight.
+    """
+    key: str
+    offsets: Optional[Tuple[int, ...]]
+    action: Action
+    num_bytes: int
+
+    @property
+    def storage_key(self) -> Tuple[str, Optional[Tuple[int, ...]]]:
+        return (self.key, self.offsets)
+
+    def describe(self) -> str:
+        """For messages: ``key 'name'``, with the chunk's offsets for a tensor chunk."""
+        return f"key '{self.key}'" + ("" if self.offsets is None else f" (chunk at {list(self.offsets)})")
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One output file, produced by exactly one rank.
+
+    ``relpath`` is relative to the output checkpoint directory (and, for file-per-shard formats,
+    the same in every source); ``action`` MERGE combines every source, COPY takes the newest
+    source's file byte for byte; ``num_bytes`` is the output size, the balance weight. ``items``
+    lists the stored items of a chunked format's output file, in write order.
+    """
+    relpath: str
+    num_bytes: int
+    action: Action = Action.MERGE
+    items: Tuple[ChunkItem, ...] = ()
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What producing one output file did: gathered by the coordinator for the commit and manifest."""
+    relpath: str                      # the written file, relative to the output checkpoint dir
+    num_bytes_written: int
+    num_bytes_read: int
+    sha256: str
+    num_tensors_merged: int
+    details: Dict[str, object] = field(default_factory=dict)  # small, format-specific (for finalize)
