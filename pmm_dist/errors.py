@@ -11,14 +11,29 @@ from typing import Dict, Optional
 
 class MergeError(Exception):
     """A problem with the user's input or options; the message names path and key."""
+    resumable = True
+    """Whether re-running the same command with --resume can succeed (an I/O error, a kill),
+    as opposed to a problem the same command meets again (bad input, bad flags)."""
 
 
 class UsageError(MergeError, ValueError):
     """A flag or its value is wrong (also a ValueError, as torchtitan-style configs raise)."""
+    resumable = False
+
+
+class NotResumable(MergeError):
+    """--resume asked for, but the staged merge is a different one."""
+    resumable = False
+
+
+class OutputError(MergeError):
+    """--out cannot receive the merge (exists, is not ours, overlaps an input, holds another merge)."""
+    resumable = False
 
 
 class InputError(MergeError):
     """One or more source checkpoints are unusable (missing, corrupt, inconsistent)."""
+    resumable = False
 
     def __init__(self, problems):
         if isinstance(problems, str):
@@ -34,6 +49,10 @@ class Interrupted(MergeError):
     """A rank was interrupted (Ctrl-C, SIGTERM); every rank stops."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so a rank stops through the same path as Ctrl-C."""
+
+
 @dataclass(frozen=True)
 class RankError:
     """What one rank reports when its part of a collective step fails."""
@@ -41,6 +60,7 @@ class RankError:
     kind: str                      # the exception's class name
     usage: bool = False            # a UsageError: the CLI exits 2
     interrupted: bool = False      # KeyboardInterrupt / SystemExit / SIGTERM
+    resumable: bool = True         # see MergeError.resumable
     traceback: Optional[str] = None  # for errors that are not MergeErrors: a bug, shown in full
 
 
@@ -60,6 +80,10 @@ class RankFailure(MergeError):
     @property
     def usage(self) -> bool:
         return all(error.usage for error in self.errors_by_rank.values())
+
+    @property
+    def resumable(self) -> bool:
+        return all(error.resumable for error in self.errors_by_rank.values())
 
     @property
     def interrupted(self) -> bool:

@@ -173,7 +173,9 @@ def test_output_layout_metadata_and_manifest(workdir, world_size):
     assert manifest["format"] == "megatron-dist" and manifest["world_size"] == world_size
     assert manifest["weights"] == pytest.approx(WEIGHTS)
     assert [s["iteration"] for s in manifest["sources"]] == ITERATIONS
-    assert {f["path"] for f in manifest["files"]} == {f"iter_0000006/{p.name}" for p in ckpt.iterdir()}
+    # Every file written is listed, the tracker too (issue 15).
+    assert {f["path"] for f in manifest["files"]} == {f"iter_0000006/{p.name}" for p in ckpt.iterdir()} | {
+        "latest_checkpointed_iteration.txt"}
     for entry in manifest["files"]:
         assert os.path.getsize(out / entry["path"]) == entry["bytes"]
     if world_size == 2:  # the CLI's summary

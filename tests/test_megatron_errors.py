@@ -112,9 +112,15 @@ def test_existing_output_is_refused_without_overwrite(run, tmp_path):
     (out / "keep.txt").write_text("old")
     _assert_fails(run, str(out), "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "old"
+    # --overwrite replaces only a previous pmm_dist output (issue 15): a foreign directory is refused.
+    proc = run_cli(["merge", run, "--out", str(out), "--quiet", "--overwrite"])
+    assert proc.returncode == 1 and "not a pmm_dist output" in proc.stderr and "keep.txt" in proc.stderr
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()
+    assert run_cli(["merge", run, "--out", str(out), "--quiet", "--last", "2"]).returncode == 0
     proc = run_cli(["merge", run, "--out", str(out), "--quiet", "--overwrite"])
     assert proc.returncode == 0, proc.stderr
-    assert not (out / "keep.txt").exists() and (out / TRACKER).read_text().strip() == "30"
+    assert (out / TRACKER).read_text().strip() == "30"
 
 
 def test_selection_errors_name_the_missing_iteration(run, tmp_path):

@@ -97,7 +97,7 @@ def test_tracker_manifest_and_summary(merged):
         assert manifest["weights"] == pytest.approx(ema(4, 0.2))
         assert [s["iteration"] for s in manifest["sources"]] == MERGED
         assert manifest["world_size"] == world_size and len(manifest["peak_rss_bytes_by_rank"]) == world_size
-        assert len(manifest["files"]) == 8
+        assert len(manifest["files"]) == 8 + 1  # the shard files and the tracker (issue 15: every file written)
         for entry in manifest["files"]:
             assert os.path.getsize(os.path.join(out, entry["path"])) == entry["bytes"]
             assert len(entry["sha256"]) == 64

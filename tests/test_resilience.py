@@ -15,8 +15,10 @@ from .helpers import run_cli, trusted_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ARGS = ["--method", "ema", "--alpha", "0.1", "--last", "3", "--quiet"]
+# What a resumed run reports about itself: its own time, memory and work (bytes and tensors of the
+# units done in this run; issue 15), not the output, which must be byte-identical.
 VOLATILE = {"created_unix", "timings_s", "peak_rss_bytes_by_rank", "units_resumed", "metadata_bytes_exchanged",
-            "world_size"}
+            "world_size", "bytes_read", "bytes_written", "tensors_merged"}
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +68,15 @@ def test_killed_merge_resumes_bitwise_identical(run_dir, reference, tmp_path, fa
 
 def test_overwrite_resumed_after_a_kill_mid_commit_keeps_the_new_output(run_dir, reference, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("a previous output")
+    # A previous pmm_dist output (another window): the only kind of directory --overwrite replaces.
+    assert run_cli(["merge", run_dir, "--out", str(out), "--quiet", "--last", "2"]).returncode == 0
+    previous = json.load(open(out / "pmm_manifest.json"))["fingerprint"]
     args = ["merge", run_dir, "--out", str(out), *ARGS, "--overwrite"]
     assert run_cli(args, env={"PMM_DIST_FAULT": "commit:moved@0=kill"}).returncode != 0
-    assert not (out / "old.txt").exists() and not (out / TRACKER).exists()
+    assert not (out / TRACKER).exists() and not (out / "pmm_manifest.json").exists()
     assert run_cli(args + ["--resume"]).returncode == 0
     assert output_digest(str(out)) == output_digest(reference)
+    assert json.load(open(out / "pmm_manifest.json"))["fingerprint"] != previous
 
 
 def test_resume_of_a_finished_merge_is_a_no_op(run_dir, reference, tmp_path):

@@ -21,8 +21,10 @@ def describe_run(sources: List[str], format_name: str = "auto") -> dict:
     rows = []
     for ckpt in checkpoints:
         sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt.path) for f in fs]
-        rows.append({"iteration": ckpt.iteration, "path": ckpt.path, "files": len(sizes), "bytes": sum(sizes)})
-    return {"format": fmt.name, "layout": fmt.layout(checkpoints), "checkpoints": rows}
+        rows.append({"iteration": ckpt.iteration, "path": ckpt.path, "files": len(sizes), "bytes": sum(sizes),
+                     "problems": fmt.checkpoint_problems(ckpt)})
+    newest_ok = not rows[-1]["problems"]
+    return {"format": fmt.name, "layout": fmt.layout(checkpoints) if newest_ok else {}, "checkpoints": rows}
 
 
 def format_run_description(info: dict) -> str:
@@ -30,8 +32,9 @@ def format_run_description(info: dict) -> str:
              "layout: " + ", ".join(f"{k}={v}" for k, v in info["layout"].items()),
              f"checkpoints: {len(info['checkpoints'])}",
              f"  {'iteration':>10}  {'files':>5}  {'size':>10}  path"]
-    lines += [f"  {r['iteration']:>10}  {r['files']:>5}  {human_bytes(r['bytes']):>10}  {r['path']}"
-              for r in info["checkpoints"]]
+    for r in info["checkpoints"]:
+        lines.append(f"  {r['iteration']:>10}  {r['files']:>5}  {human_bytes(r['bytes']):>10}  {r['path']}")
+        lines += [f"      PROBLEM: {problem}" for problem in r["problems"]]
     return "\n".join(lines)
 
 
@@ -42,4 +45,9 @@ def run_inspect(args) -> int:
         print(f"pmm-dist: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(info, indent=2) if args.json else format_run_description(info))
+    broken = [r["path"] for r in info["checkpoints"] if r["problems"]]
+    if broken:
+        print(f"pmm-dist: error: {len(broken)} checkpoint(s) incomplete or unreadable: {', '.join(broken)}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -2,14 +2,16 @@
 import argparse
 import os
 import re
+import shlex
 import sys
 import typing
 from dataclasses import MISSING, fields
 from typing import List
 
+from ..dist.collective import sigterm_as_exception
 from ..engine import MergeOptions, merge
-from ..errors import MergeError, RankFailure, UsageError
-from ..io.staging import STAGING
+from ..errors import MergeError, UsageError
+from ..io.staging import Staging
 from ..plan.types import Choice
 from ..engine.report import format_summary
 
@@ -45,8 +47,8 @@ Exit status: 0 on success, 1 on a merge error (message names the file and key), 
 
 
 def _iterations(text: str) -> List[int]:
-    """Iterations, or checkpoint names ending in one (global_step1000, iter_0001000)."""
-    found = [re.fullmatch(r"(?:[A-Za-z_]+)?0*(\d+)", x.strip()) for x in text.split(",") if x.strip()]
+    """Iterations, or checkpoint names ending in one (global_step1000, iter_0001000, checkpoint-1000)."""
+    found = [re.fullmatch(r"(?:[A-Za-z][\w.-]*?[_.-]?)?0*(\d+)", x.strip()) for x in text.split(",") if x.strip()]
     if not all(found):
         raise argparse.ArgumentTypeError(f"expected iterations (or tags like global_step1000) separated by "
                                          f"commas, got {text!r}")
@@ -60,7 +62,12 @@ def _floats(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
-_PARSERS = {"iterations": _iterations, "floats": _floats}
+def _globs(text: str) -> List[str]:
+    return [pattern.strip() for pattern in text.split(",") if pattern.strip()]
+
+
+_PARSERS = {"iterations": _iterations, "floats": _floats, "globs": _globs}
+_REPEATABLE = ("globs",)  # may be given several times, the values joined
 _SCALARS = {int: int, float: float, str: str}
 
 
@@ -83,6 +90,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.update(choices=base.values(), default=str(f.default))
         else:
             kwargs["type"] = _PARSERS[meta["parse"]] if "parse" in meta else _SCALARS[base]
+            if meta.get("parse") in _REPEATABLE:
+                kwargs["action"] = "extend"
             if "choices" in meta:
                 kwargs["choices"] = list(meta["choices"])
             if meta.get("required"):
@@ -103,11 +112,12 @@ def run_merge(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     coordinator = is_coordinator()
     try:
-        result = merge(options)
+        with sigterm_as_exception():
+            result = merge(options)
     except MergeError as exc:
         return _report_failure(exc, options, coordinator)
-    except KeyboardInterrupt:
-        return _report_failure(RankFailure("merge", {}), options, coordinator, interrupted=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a step (inside one, the collective reports it)
+        return _report_failure(MergeError("interrupted"), options, coordinator, interrupted=True)
     if not coordinator or options.quiet:
         return EXIT_OK
     if options.dry_run:
@@ -121,24 +131,35 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _report_failure(exc: MergeError, options: MergeOptions, coordinator: bool, interrupted: bool = False) -> int:
+    """One message on the coordinator; the --resume hint only where resuming can succeed."""
     interrupted = interrupted or getattr(exc, "interrupted", False)
     usage = isinstance(exc, UsageError) or getattr(exc, "usage", False)
     if coordinator:
-        if not interrupted:
-            print(f"pmm-dist: error: {exc}", file=sys.stderr, flush=True)
-        for rank, text in sorted(getattr(exc, "tracebacks", {}).items()):
-            print(f"pmm-dist: [rank {rank}] internal error, traceback:\n{text}", file=sys.stderr, flush=True)
-        staging = os.path.join(options.out, STAGING)
+        staged = Staging.find(options.out)
+        state = (f"{staged.num_done()} finished units are kept in {staged.root}" if staged is not None
+                 else "nothing was staged")
         if interrupted:
-            print(f"pmm-dist: interrupted; nothing was committed. "
-                  + (f"Finished files are kept in {staging}: " if os.path.isdir(staging) else "")
-                  + "re-run the same command with --resume to continue", file=sys.stderr, flush=True)
-        elif os.path.isdir(staging):
-            print(f"pmm-dist: nothing was committed; finished files are kept in {staging}: "
-                  "re-run the same command with --resume to continue", file=sys.stderr, flush=True)
+            print(f"pmm-dist: interrupted: nothing was committed, {state}; to continue: {resume_command()}",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"pmm-dist: error: {exc}", file=sys.stderr, flush=True)
+            for rank, text in sorted(getattr(exc, "tracebacks", {}).items()):
+                print(f"pmm-dist: [rank {rank}] internal error, traceback:\n{text}", file=sys.stderr, flush=True)
+            if staged is not None and exc.resumable:
+                print(f"pmm-dist: nothing was committed, {state}: once the cause is fixed, continue with: "
+                      f"{resume_command()}", file=sys.stderr, flush=True)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_USAGE if usage else EXIT_ERROR
+
+
+def resume_command() -> str:
+    """The command this process runs, with --resume: exact for one process; under a launcher,
+    the launcher's own command line with --resume added."""
+    args = [a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--local_rank")]
+    command = shlex.join(["pmm-dist", *args, "--resume"])
+    return command if int(os.environ.get("WORLD_SIZE", "1")) == 1 else \
+        f"your launcher's command with --resume added (each rank runs: {command})"
 
 
 def is_coordinator() -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional
 
 import torch.distributed as dist
 
-from ..errors import Interrupted, MergeError, RankError, RankFailure, UsageError
+from ..errors import Interrupted, MergeError, RankError, RankFailure, Terminated, UsageError
 
 
 def launcher_env():
@@ -55,16 +55,12 @@ def _rendezvous_through_mpi(rank: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address[0], str(address[1])
 
 
-class _Terminated(BaseException):
-    """SIGTERM turned into an exception, so a rank stops through the same path as Ctrl-C."""
-
-
 @contextmanager
 def sigterm_as_exception():
     """While inside: SIGTERM raises in the main thread (like Ctrl-C) instead of killing the process
     where it stands, so the staging state is reported and the other ranks are told."""
     def raise_terminated(signum, frame):
-        raise _Terminated("terminated (SIGTERM)")
+        raise Terminated("terminated (SIGTERM)")
     try:
         previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread: leave signals alone
@@ -82,12 +78,12 @@ def describe_failure(exc: BaseException) -> RankError:
     if isinstance(exc, RankFailure):  # a nested step already failed: keep its first message
         first = exc.errors_by_rank[min(exc.errors_by_rank)]
         return first
-    if isinstance(exc, (KeyboardInterrupt, SystemExit, _Terminated, Interrupted)):
-        reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else \
-            str(exc) or f"interrupted ({type(exc).__name__})"
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, Interrupted)):
+        reason = str(exc) if isinstance(exc, Terminated) else "interrupted (Ctrl-C)" \
+            if isinstance(exc, KeyboardInterrupt) else f"interrupted ({type(exc).__name__})"
         return RankError(reason, type(exc).__name__, interrupted=True)
     if isinstance(exc, MergeError):
-        return RankError(str(exc), type(exc).__name__, usage=isinstance(exc, UsageError))
+        return RankError(str(exc), type(exc).__name__, usage=isinstance(exc, UsageError), resumable=exc.resumable)
     return RankError(f"{type(exc).__name__}: {exc}", type(exc).__name__,
                      traceback="".join(traceback.format_exception(exc)))
 

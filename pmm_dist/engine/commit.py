@@ -10,12 +10,13 @@
 Each step is recorded before the next begins, so a merge killed anywhere in here and re-run
 with --resume picks up exactly where it stopped.
 """
+import hashlib
 import os
 from typing import Callable, List, Sequence, Tuple
 
 from ..errors import InputError
 from ..formats import CheckpointFormat
-from ..io.atomic import remove_tree_quietly
+from ..io.atomic import remove_tree_quietly, write_atomically
 from ..io.staging import STAGING, InputSnapshot, Staging, changed_inputs
 from ..plan.types import OutputKind, UnitResult
 from . import faults
@@ -46,12 +47,16 @@ def commit(fmt: CheckpointFormat, plan: MergePlan, staging: Staging, results: Se
         else:
             _move_entries_except(staging.data_dir, plan.out, layout.commit_marker)
     faults.inject("commit:moved", 0)
-    files = sorted(({"path": layout.file_path(r.relpath), "bytes": r.num_bytes_written, "sha256": r.sha256}
-                    for r in recorded), key=lambda f: f["path"])
+    files = [{"path": layout.file_path(r.relpath), "bytes": r.num_bytes_written, "sha256": r.sha256}
+             for r in recorded]
+    tracker = fmt.tracker_text(plan.checkpoints[-1]).encode() if layout.kind == OutputKind.RUN_DIRECTORY else None
+    if tracker is not None:  # listed like every file written, though it is written last
+        files.append({"path": layout.commit_marker, "bytes": len(tracker), "sha256": hashlib.sha256(tracker).hexdigest()})
+    files.sort(key=lambda f: f["path"])
     manifest_path = manifest_for(files).write(plan.out)
     faults.inject("commit:manifest", 0)
-    if layout.kind == OutputKind.RUN_DIRECTORY:
-        fmt.write_tracker(plan.out, plan.checkpoints[-1])
+    if tracker is not None:
+        write_atomically(os.path.join(plan.out, layout.commit_marker), lambda f: f.write(tracker))
     else:
         marker = os.path.join(staging.data_dir, layout.commit_marker)
         if os.path.exists(marker):

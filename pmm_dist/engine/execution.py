@@ -42,10 +42,15 @@ def check_share(fmt: CheckpointFormat, plan: MergePlan, share: Sequence[WorkUnit
 
 @dataclass
 class ShareOutcome:
-    """What one rank's merge step reports to the coordinator."""
+    """What one rank's merge step reports to the coordinator: every unit's result (the commit
+    lists them all) and the work done in this run (resumed units were done by an earlier one)."""
     results: List[UnitResult]
-    num_units_resumed: int
+    resumed: List[str]          # relpaths of the units found finished in the staging area
     peak_rss: int
+
+    def done_now(self) -> List[UnitResult]:
+        resumed = set(self.resumed)
+        return [r for r in self.results if r.relpath not in resumed]
 
 
 class ShareMerger:
@@ -56,43 +61,51 @@ class ShareMerger:
         self.fmt, self.plan, self.share, self.staging, self.rank = fmt, plan, share, staging, rank
         self.num_sources = len(plan.checkpoints)
         self.device = device
-        # Progress in planned bytes read: a merged unit reads each source, a copied one the newest.
-        self.planned = [u.num_bytes * (self.num_sources if u.action == Action.MERGE else 1) for u in share]
-        self.bar = progress_bar(sum(self.planned), enabled=show_progress,
+        # The bar's total is planned from output sizes: a merged unit reads each source, a copied one the newest.
+        planned = sum(u.num_bytes * (self.num_sources if u.action == Action.MERGE else 1) for u in share)
+        self.bar = progress_bar(planned, enabled=show_progress,
                                 description=f"merging (rank {rank})")
         self._lock = threading.Lock()
-        self.num_resumed = 0
+        self.resumed: List[str] = []
 
     def run(self) -> ShareOutcome:
         results: List[UnitResult] = []
         try:
             with ThreadPoolExecutor(max_workers=UNITS_IN_FLIGHT, thread_name_prefix="pmm-unit") as pool:
                 pending: Deque[Future] = deque()
-                for unit, budget in zip(self.share, self.planned):
-                    pending.append(pool.submit(self._merge_one, unit, budget))
+                for unit in self.share:
+                    pending.append(pool.submit(self._merge_one, unit))
                     if len(pending) >= UNITS_IN_FLIGHT:
                         self._collect(pending, results)
                 while pending:
                     self._collect(pending, results)
         finally:
             if self.bar is not None:
+                # The bar's total was planned from file sizes; it ends at the bytes actually
+                # read, the figure the summary reports for this rank.
+                self.bar.total = self.bar.n
+                self.bar.refresh()
                 self.bar.close()
-        return ShareOutcome(results, self.num_resumed, peak_rss_bytes())
+        return ShareOutcome(results, self.resumed, peak_rss_bytes())
 
-    def _merge_one(self, unit: WorkUnit, budget: int) -> UnitResult:
-        progress = _BoundedProgress(self, budget)
+    def _advance(self, num_bytes: int) -> None:
+        """Progress in bytes read, as the formats report them (the figure the summary counts)."""
+        if self.bar is not None:
+            with self._lock:
+                self.bar.update(num_bytes)
+
+    def _merge_one(self, unit: WorkUnit) -> UnitResult:
         outcome = self.staging.completed(unit)
         if outcome is not None:
             with self._lock:
-                self.num_resumed += 1
+                self.resumed.append(outcome.relpath)
         else:
             context = MergeContext(weights=self.plan.weights, device=self.device,
-                                   optimizer_policy=self.plan.optimizer_policy, on_progress=progress.advance,
-                                   on_nonfinite=self.plan.on_nonfinite)
+                                   optimizer_policy=self.plan.optimizer_policy, on_progress=self._advance,
+                                   on_nonfinite=self.plan.on_nonfinite, tensor_filter=self.plan.tensor_filter)
             outcome = self.fmt.merge_unit(unit, self.plan.checkpoints, self.staging.data_dir, context) \
                 if unit.action == Action.MERGE else self._copy_newest(unit, context)
             self.staging.mark_done(unit, outcome)
-        progress.advance(budget)
         return outcome
 
     def _copy_newest(self, unit: WorkUnit, context: MergeContext) -> UnitResult:
@@ -110,17 +123,3 @@ class ShareMerger:
                 future.cancel()
             raise
         faults.inject(f"unit:{len(results) - 1}", self.rank)
-
-
-class _BoundedProgress:
-    """One unit's progress: the bytes a format reports, never more than the unit's budget."""
-
-    def __init__(self, merger: ShareMerger, budget: int):
-        self.merger, self.budget, self.shown = merger, budget, 0
-
-    def advance(self, num_bytes: int) -> None:
-        with self.merger._lock:
-            step = min(num_bytes, self.budget - self.shown)
-            if self.merger.bar is not None and step > 0:
-                self.merger.bar.update(step)
-            self.shown += max(step, 0)

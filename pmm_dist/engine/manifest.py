@@ -29,6 +29,7 @@ class Manifest:
     tracker: str                            # the commit marker relative to OUT
     files: List[Dict[str, Any]]             # [{"path", "bytes", "sha256"}], every file written
     fingerprint: str
+    tensor_filter: Dict[str, List[str]] = field(default_factory=dict)   # --include / --exclude, if given
     world_size: int = 1
     device: str = "cpu"
     bytes_read: int = 0

@@ -14,6 +14,7 @@ import torch
 from ..errors import UsageError
 from ..formats import available_formats
 from ..merge.methods import available_methods, get_method
+from ..plan.selection import TensorFilter
 from ..plan.types import NonfinitePolicy, OptimizerPolicy
 
 METHOD_OPTION = "method_option"
@@ -46,6 +47,13 @@ class MergeOptions:
                                         "checkpoint's optimizer, scheduler and RNG state unchanged")
     on_nonfinite: NonfinitePolicy = option(NonfinitePolicy.ERROR, "a NaN/Inf in a merged tensor: fail naming tensor "
                                            "and checkpoint (default), warn, or ignore")
+    include: Optional[Sequence[str]] = option(None, "merge only the tensors whose names match one of these glob "
+                                              "patterns (comma-separated or repeated; e.g. 'model.decoder.*'); the "
+                                              "others are the newest checkpoint's", parse="globs")
+    exclude: Optional[Sequence[str]] = option(None, "do not merge the tensors whose names match one of these glob "
+                                              "patterns; they are the newest checkpoint's", parse="globs")
+    allow_mixed_runs: bool = option(False, "merge checkpoints even though what identifies their runs differs "
+                                           "(Megatron args, Hugging Face config.json)")
     dry_run: bool = option(False, "print the plan and write nothing")
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "finish an interrupted merge into the same --out (same inputs and options), "
@@ -79,6 +87,9 @@ class MergeOptions:
                 raise UsageError(f"--{name} must be at least 1, got {value}")
         # The method checks its own options now (unknown ones, alpha's range), before any I/O.
         get_method(self.method).check(self.method_options())
+
+    def tensor_filter(self) -> TensorFilter:
+        return TensorFilter(tuple(self.include or ()), tuple(self.exclude or ()))
 
     def method_options(self) -> Dict[str, Any]:
         """The options meant for the merge method, as given (None: not given)."""

@@ -48,8 +48,11 @@ def format_summary(result) -> str:
         f"  weights (oldest first): {', '.join(f'{w:.6g}' for w in plan.weights)}",
         f"  layout: {', '.join(f'{k}={v}' for k, v in plan.layout.items())}",
         f"  world size: {result.world_size}, device: {result.device}",
-        f"  files written: {len(result.files)} ({result.num_tensors_merged} tensors merged)",
-        f"  bytes read: {human_bytes(result.num_bytes_read)}, written: {human_bytes(result.num_bytes_written)}",
+        f"  files written: {len(result.files)} ({result.num_tensors_merged} tensors merged)" +
+        (f"; {result.num_units_resumed} files were finished by the interrupted run and are not counted below"
+         if result.num_units_resumed else ""),
+        f"  bytes read: {human_bytes(result.num_bytes_read)}, written: {human_bytes(result.num_bytes_written)}"
+        f" (rank 0 read {human_bytes(result.bytes_read_by_rank[0])})" * (len(result.bytes_read_by_rank) > 1),
         f"  time: {result.timings['total']:.2f} s (merge {result.timings['merge']:.2f} s), "
         f"throughput: {result.read_gbps:.3f} GB/s read, {result.write_gbps:.3f} GB/s written",
         "  peak RSS per rank: " + ", ".join(human_bytes(b) for b in result.peak_rss_by_rank),

@@ -43,6 +43,7 @@ class MergeResult:
     num_tensors_merged: int = 0
     num_units_resumed: int = 0
     peak_rss_by_rank: List[int] = field(default_factory=list)
+    bytes_read_by_rank: List[int] = field(default_factory=list)
     metadata_bytes_exchanged: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
 
@@ -77,6 +78,7 @@ class _Merge:
         self.started = time.perf_counter()
         self.timings: Dict[str, float] = {}
         self.snapshot = None  # the coordinator's record of every input file, to detect changes
+        self.identity = None  # what the fingerprint hashes, to name differences on --resume
 
     def _timed(self, name: str, tick: float) -> None:
         self.timings[name] = time.perf_counter() - tick
@@ -119,23 +121,28 @@ class _Merge:
 
     # -- the coordinator's parts -------------------------------------------------------------------
     def _plan_and_shares(self):
-        plan, self.snapshot = plan_merge(self.options, self.collective.world_size)
+        plan, self.snapshot, self.identity = plan_merge(self.options, self.collective.world_size)
         faults.inject("plan", self.collective.rank)
         return [(plan if rank == 0 else plan.for_rank(), share) for rank, share in enumerate(plan.shares)]
 
     def _prepare(self, staging: Staging, plan: MergePlan) -> None:
-        done = staging.prepare(plan.fingerprint, self.options.resume)
+        done = staging.prepare(plan.fingerprint, self.identity, self.options.resume)
         if self.options.resume and not self.options.quiet:
             print(f"resuming: {done} of {plan.num_units} units already merged", flush=True)
 
     def _commit(self, fmt, plan: MergePlan, staging: Staging, outcomes: List[ShareOutcome], result: MergeResult,
                 metadata_bytes: int, commit_started: float) -> dict:
         results = [r for outcome in outcomes for r in outcome.results]
-        summary = {"num_bytes_read": sum(r.num_bytes_read for r in results),
-                   "num_tensors_merged": sum(r.num_tensors_merged for r in results),
-                   "num_units_resumed": sum(o.num_units_resumed for o in outcomes),
+        done_now = [r for outcome in outcomes for r in outcome.done_now()]
+        # Work done in this run only: units resumed from an interrupted run are counted apart.
+        summary = {"num_bytes_read": sum(r.num_bytes_read for r in done_now),
+                   "num_tensors_merged": sum(r.num_tensors_merged for r in done_now),
+                   "num_units_resumed": sum(len(o.resumed) for o in outcomes),
                    "peak_rss_by_rank": [o.peak_rss for o in outcomes],
+                   "bytes_read_by_rank": [sum(r.num_bytes_read for r in o.done_now()) for o in outcomes],
                    "metadata_bytes_exchanged": metadata_bytes}
+        resumed_paths = {plan.output.file_path(r.relpath) for r in results} - \
+            {plan.output.file_path(r.relpath) for r in done_now}
 
         def manifest_for(files: List[dict]) -> Manifest:
             timings = dict(self.timings, commit=time.perf_counter() - commit_started,
@@ -146,7 +153,9 @@ class _Merge:
                 optimizer=str(plan.optimizer_policy), layout=plan.layout,
                 output_checkpoint=plan.output.checkpoint_dirname, tracker=plan.output.commit_marker, files=files,
                 fingerprint=plan.fingerprint, world_size=result.world_size, device=result.device,
-                bytes_read=summary["num_bytes_read"], bytes_written=sum(f["bytes"] for f in files),
+                tensor_filter={k: list(v) for k, v in vars(plan.tensor_filter).items() if v},
+                bytes_read=summary["num_bytes_read"],
+                bytes_written=sum(f["bytes"] for f in files if f["path"] not in resumed_paths),
                 tensors_merged=summary["num_tensors_merged"], units_resumed=summary["num_units_resumed"],
                 metadata_bytes_exchanged=metadata_bytes, peak_rss_bytes_by_rank=summary["peak_rss_by_rank"],
                 timings_s={k: round(v, 6) for k, v in timings.items()}, created_unix=time.time(),
@@ -155,7 +164,7 @@ class _Merge:
         output_path, manifest_path, files = commit(fmt, plan, staging, results, self.snapshot,
                                                    self.options.overwrite, manifest_for)
         return dict(summary, output_path=output_path, manifest_path=manifest_path, files=files,
-                    num_bytes_written=sum(f["bytes"] for f in files))
+                    num_bytes_written=sum(f["bytes"] for f in files if f["path"] not in resumed_paths))
 
     # -- endings -----------------------------------------------------------------------------------
     def _already_committed(self, result: MergeResult) -> MergeResult:

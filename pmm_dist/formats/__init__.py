@@ -37,12 +37,20 @@ def resolve_format(name: str, sources: Sequence[str]) -> CheckpointFormat:
     if name != "auto":
         return format_class(name)()
     classes = [format_class(n) for n in _REGISTRY]
-    for fmt in classes:
-        if all(fmt.recognizes(src) for src in sources):
-            return fmt()
-    raise InputError(f"could not detect the checkpoint format of {', '.join(sources)}; tried: "
-                     f"{', '.join(f'{f.name} ({f.description})' for f in classes)}. "
-                     "Pass --format explicitly, or check the path.")
+    # Each source's own format (the first, most specific, that claims it): all must agree, so
+    # an unfinished torch_dist checkpoint is never merged as plain DCP beside finished ones.
+    detected = {src: next((f for f in classes if f.recognizes(src)), None) for src in sources}
+    unknown = [src for src, fmt in detected.items() if fmt is None]
+    if unknown:
+        raise InputError(f"could not detect the checkpoint format of {', '.join(unknown)}; tried: "
+                         f"{', '.join(f'{f.name} ({f.description})' for f in classes)}. "
+                         "Pass --format explicitly, or check the path.")
+    kinds = {fmt for fmt in detected.values()}
+    if len(kinds) > 1:
+        raise InputError("the sources are not all of one format: " +
+                         "; ".join(f"{src} is {fmt.name}" for src, fmt in detected.items()) +
+                         ". Give checkpoints of one format (an unfinished save? pass --format to force one)")
+    return kinds.pop()()
 
 
 __all__ = ["CheckpointFormat", "MergeContext", "available_formats", "format_class", "resolve_format"]

@@ -9,7 +9,7 @@ engine calls these in this order and never branches on a format's name:
     (every rank)  merge_unit for its own units    # into the staging directory
     (coordinator) finalize                        # format metadata from all units' results, staged
     (coordinator) commit, by output_layout():     # RUN_DIRECTORY: rename the checkpoint directory,
-                                                  #   manifest, then write_tracker
+                                                  #   manifest, then the tracker (tracker_text)
                                                   # CHECKPOINT_ROOT: move the files, manifest, then
                                                   #   the staged commit marker last
 """
@@ -20,6 +20,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..merge.kernel import Accumulator, weighted_sum
+from ..plan.selection import TensorFilter
 from ..plan.types import CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputLayout, UnitResult, WorkUnit
 
 
@@ -31,6 +32,11 @@ class MergeContext:
     optimizer_policy: OptimizerPolicy
     on_progress: Callable[[int], None] = field(default=lambda num_bytes: None)
     on_nonfinite: NonfinitePolicy = NonfinitePolicy.ERROR
+    tensor_filter: TensorFilter = TensorFilter()
+
+    def selects(self, name: str) -> bool:
+        """Whether the tensor ``name`` is merged (else the newest checkpoint's is kept)."""
+        return self.tensor_filter.selects(name)
 
     def merge_tensor(self, sources: Sequence[torch.Tensor], what: str, source_names: Sequence[str],
                      *, sources_are_mapped: bool = True) -> torch.Tensor:
@@ -91,9 +97,25 @@ class CheckpointFormat(ABC):
         """How the output sits in --out (see OutputLayout); a CHECKPOINT_ROOT format stages its
         commit marker in ``finalize``, and the engine moves it into place last."""
 
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> None:
-        """RUN_DIRECTORY formats: write the tracker that makes the output loadable (atomically)."""
-        raise NotImplementedError(f"{type(self).__name__} has no tracker to write")
+    def tracker_text(self, newest: CheckpointRef) -> str:
+        """RUN_DIRECTORY formats: the content of the tracker that makes the output loadable (the
+        engine lists it in the manifest, then writes it atomically, last)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tracker")
+
+    def names_checkpoint(self, name: str) -> bool:
+        """Whether a directory called ``name`` inside a run directory would be taken for one of
+        the run's checkpoints (then --out may not be there). Conservative default: yes."""
+        return True
+
+    def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        """What identifies the training run a checkpoint belongs to (architecture, seed, ...), as
+        far as the format records it; checkpoints of one merge must agree unless --allow-mixed-runs."""
+        return {}
+
+    def checkpoint_problems(self, ckpt: CheckpointRef) -> List[str]:
+        """Why a discovered checkpoint is incomplete or unreadable, from cheap evidence (headers,
+        commit markers); ``inspect`` reports these. Default: nothing known."""
+        return []
 
     def tensor_inventory(self, checkpoint_dir: str) -> Optional[Dict[str, Tuple[tuple, str]]]:
         """Every float tensor of a checkpoint (source or merged output) as name -> (shape, dtype),

@@ -129,7 +129,7 @@ class LeafMerger:
         self.num_tensors = 0
 
     def __call__(self, path: tuple, leaf):
-        if not is_mergeable(leaf):
+        if not is_mergeable(leaf) or not self.context.selects(dotted(path)):
             return leaf
         stack = [flat[path] for flat in self.flat_sources]
         merged = self.context.merge_tensor(stack, f"key '{dotted(path)}'", self.paths)

@@ -417,9 +417,12 @@ class DcpFormat(CheckpointFormat):
         written: List[tuple] = []
         counters = {"read": 0, "merged": 0}
         last = len(checkpoints) - 1
+        # --include/--exclude turn a merged item into a copied one.
+        actions = [Action.MERGE if item.action == Action.MERGE and context.selects(item.key) else Action.COPY
+                   for item in unit.items]
         # Every blob to read, in order: all sources of a merged item, the newest of a copied one.
-        reads = [(position, i) for position, item in enumerate(unit.items)
-                 for i in (range(len(checkpoints)) if item.action == Action.MERGE else [last])]
+        reads = [(position, i) for position, action in enumerate(actions)
+                 for i in (range(len(checkpoints)) if action == Action.MERGE else [last])]
 
         def read(task) -> bytes:
             position, i = task
@@ -437,7 +440,7 @@ class DcpFormat(CheckpointFormat):
                     fqn, offsets, key = item.key, item.offsets, item.storage_key
                     counters["read"] += len(blob)
                     context.on_progress(len(blob))
-                    if item.action == Action.COPY:
+                    if actions[position] == Action.COPY:
                         start = writer.num_bytes
                         writer.write(blob)
                         written.append((fqn, offsets, start, writer.num_bytes - start))
@@ -453,7 +456,8 @@ class DcpFormat(CheckpointFormat):
                         start = writer.num_bytes
                         torch.save(accumulator.result(), writer)
                         written.append((fqn, offsets, start, writer.num_bytes - start))
-                        counters["merged"] += 1
+                        # Tensors, not chunks: each is counted by the unit holding its first chunk.
+                        counters["merged"] += not any(offsets)
                         accumulator = None
 
         try:
@@ -510,6 +514,16 @@ class DcpFormat(CheckpointFormat):
         blob = pickle.dumps(metadata)
         num_bytes, sha = write_atomically(os.path.join(staged_dir, DCP_METADATA), lambda f: f.write(blob))
         return [UnitResult(DCP_METADATA, num_bytes, 0, sha, 0)]
+
+    def checkpoint_problems(self, ckpt: CheckpointRef) -> List[str]:
+        try:
+            metadata = self.metadata(ckpt)
+        except InputError as exc:
+            return exc.problems
+        return storage_problems(ckpt.path, metadata, chunk_keys(metadata))
+
+    def names_checkpoint(self, name: str) -> bool:
+        return trailing_number(name) is not None
 
     def output_layout(self, newest: CheckpointRef) -> OutputLayout:
         # The output root is the merged DCP checkpoint; .metadata, DCP's own commit marker, is

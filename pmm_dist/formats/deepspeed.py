@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from ..io.atomic import write_text_atomically
 from ..io.safe_load import safe_load
 from ..io.tree import remove_subtree, replace_subtree
 from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
@@ -239,9 +238,11 @@ class DeepSpeedFormat(PickledFileFormat):
     def output_layout(self, newest: CheckpointRef) -> OutputLayout:
         return OutputLayout(OutputKind.RUN_DIRECTORY, TRACKER, _tag(newest))  # the newest source's tag
 
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> None:
-        # DeepSpeed writes the bare tag (no newline) and strips what it reads.
-        write_text_atomically(os.path.join(out_root, TRACKER), _tag(newest))
+    def names_checkpoint(self, name: str) -> bool:
+        return bool(_TAG_DIR.match(name))
+
+    def tracker_text(self, newest: CheckpointRef) -> str:
+        return _tag(newest)  # DeepSpeed writes the bare tag (no newline) and strips what it reads
 
 
 def _tag(ckpt: CheckpointRef) -> str:

@@ -40,6 +40,7 @@ from ..io.safetensors import (FLOAT_DTYPES, QUANTIZED_DTYPES, Header, MappedFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TRAINER_STATE = "trainer_state.json"      # the HF Trainer's commit marker: written last
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9       # save_pretrained's default "5GB"
 # Training state written next to the weights by the HF Trainer: copied only with --optimizer latest.
 _TRAINING_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state).*\.(pt|pth|bin)$|"
@@ -47,6 +48,7 @@ _TRAINING_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state).*\.(pt|pt
 # Weights in other serialisations are never copied: they would contradict the merged ones.
 _OTHER_WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)$|\.index\.json$")
 _NOT_COPIED = ("pmm_manifest.json",)
+_VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache")
 _SHARD_FILE = re.compile(r"^model-\d{5,}-of-\d{5,}\.safetensors$")
 
 
@@ -124,10 +126,16 @@ class HuggingFaceFormat(CheckpointFormat):
         return _is_model_dir(path) or bool(_numbered_model_dirs(path))
 
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
+        """The Trainer writes trainer_state.json last: in a run directory, checkpoints newer than
+        the newest one that has it are still being saved and are skipped. Given checkpoints are
+        all used (their files are checked when planning)."""
         if len(sources) == 1:
             numbered = _numbered_model_dirs(sources[0])
             if numbered:  # a run directory; weights in the run root itself (a final save) are not part of it
-                return sorted_unique([CheckpointRef(it, os.path.abspath(p)) for it, p in numbered])
+                refs = sorted_unique([CheckpointRef(it, os.path.abspath(p)) for it, p in numbered])
+                # A save in progress is the newest: drop those after the last one the Trainer finished.
+                finished = [i for i, ref in enumerate(refs) if _has_trainer_state(ref.path)]
+                return refs[:finished[-1] + 1] if finished else refs
         refs = []
         for src in sources:
             if not _is_model_dir(src):
@@ -142,12 +150,15 @@ class HuggingFaceFormat(CheckpointFormat):
             refs.append(CheckpointRef(self._iteration_of(src), os.path.abspath(src)))
         return sorted_unique(refs)
 
+    def checkpoint_problems(self, ckpt: CheckpointRef) -> List[str]:
+        return list(self._inventory(ckpt).problems)
+
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
         name = os.path.basename(os.path.normpath(os.path.abspath(ckpt_dir)))
         iteration = number_in_name(name)
         if iteration is None:
-            state = os.path.join(ckpt_dir, "trainer_state.json")
+            state = os.path.join(ckpt_dir, TRAINER_STATE)
             try:
                 with open(state) as f:
                     iteration = int(json.load(f)["global_step"])
@@ -247,7 +258,7 @@ class HuggingFaceFormat(CheckpointFormat):
 
                 writer.write(header)
                 for name, num_bytes in order:
-                    if newest.tensors[name][1].dtype in FLOAT_DTYPES:
+                    if newest.tensors[name][1].dtype in FLOAT_DTYPES and context.selects(name):
                         sources, flags = zip(*(tensor(inv, name) for inv in inventories))
                         paths = [os.path.join(inv.path, inv.tensors[name][0]) for inv in inventories]
                         result = context.merge_tensor(sources, f"tensor '{name}'", paths,
@@ -295,6 +306,18 @@ class HuggingFaceFormat(CheckpointFormat):
         written.append(UnitResult(INDEX_FILE, num_bytes, 0, sha, 0))
         return written
 
+    def names_checkpoint(self, name: str) -> bool:
+        return number_in_name(name) is not None
+
+    def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        """config.json, less what changes without changing the model (library version, origin)."""
+        try:
+            with open(os.path.join(ckpt.path, "config.json")) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG} if isinstance(config, dict) else {}
+
     def output_layout(self, newest: CheckpointRef) -> OutputLayout:
         # The output root is the model directory; loaders go through the index, so it is the
         # commit marker (a lone model.safetensors would be loadable before the config files).
@@ -310,6 +333,10 @@ class HuggingFaceFormat(CheckpointFormat):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _has_trainer_state(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, TRAINER_STATE))
+
+
 def _is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, SINGLE_FILE)) or os.path.isfile(os.path.join(path, INDEX_FILE))
 

@@ -13,7 +13,6 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from ..io.atomic import write_text_atomically
 from ..io.safe_load import safe_load
 from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
 from .common import discover_run_or_checkpoints, listdir, number_in_name
@@ -27,6 +26,11 @@ _SHARD_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3}){0,2}$")
 _MODEL_KEY = re.compile(r"^model\d*$")
 # Entries that make up the training state rather than the weights: dropped by --optimizer drop.
 TRAINING_STATE_KEYS = ("optimizer", "opt_param_scheduler", "rng_state")
+# Saved args that identify a run: the model's architecture and the seed. Parallel sizes, data
+# paths and schedules may change when a run resumes, so they are not compared.
+RUN_IDENTITY_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "padded_vocab_size", "max_position_embeddings", "num_experts", "swiglu",
+                     "normalization", "position_embedding_type", "untie_embeddings_and_output_weights", "seed")
 
 
 def shard_dirname(tp_rank: int, pp_rank: int, ep_rank: int, pp_size: int, ep_size: int) -> str:
@@ -57,6 +61,10 @@ def read_tracker(tracker_path: str) -> int:
         raise InputError(f"{tracker_path}: expected an iteration number or 'release', found {text[:40]!r}") from None
 
 
+def run_identity_from_args(args) -> Dict[str, object]:
+    return {name: getattr(args, name) for name in RUN_IDENTITY_ARGS if hasattr(args, name)} if args is not None else {}
+
+
 def model_keys(state: dict) -> List[str]:
     return [key for key in state if isinstance(key, str) and _MODEL_KEY.match(key)]
 
@@ -68,8 +76,11 @@ class IterationTracker:
     def output_layout(self, newest: CheckpointRef) -> OutputLayout:
         return OutputLayout(OutputKind.RUN_DIRECTORY, TRACKER, f"iter_{newest.iteration:07d}")
 
-    def write_tracker(self, out_root: str, newest: CheckpointRef) -> None:
-        write_text_atomically(os.path.join(out_root, TRACKER), f"{newest.iteration}\n")
+    def tracker_text(self, newest: CheckpointRef) -> str:
+        return f"{newest.iteration}\n"
+
+    def names_checkpoint(self, name: str) -> bool:
+        return bool(_ITER_DIR.match(name)) or name == "release"
 
 
 class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
@@ -112,13 +123,19 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         return iteration
 
     # -- layout ------------------------------------------------------------------------------
-    def _degrees(self, ckpt: CheckpointRef) -> Optional[Tuple[int, int, int]]:
+    def _args(self, ckpt: CheckpointRef):
+        """The saved argparse Namespace of a checkpoint's first shard (None if it has none)."""
         shards = _shard_dirs(ckpt.path)
         if not shards:
             raise InputError(f"{ckpt.path}: no mp_rank_* shard directories")
-        path = os.path.join(ckpt.path, shards[0], MODEL_FILE)
-        args = safe_load(path).get("args")
+        return safe_load(os.path.join(ckpt.path, shards[0], MODEL_FILE)).get("args")
+
+    def _degrees(self, ckpt: CheckpointRef) -> Optional[Tuple[int, int, int]]:
+        args = self._args(ckpt)
         return parallel_degrees(args) if args is not None else None
+
+    def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        return run_identity_from_args(self._args(ckpt))
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         degrees = self._degrees(checkpoints[-1])

@@ -27,7 +27,8 @@ from ..io.safe_load import safe_load
 from ..plan.types import CheckpointRef, OptimizerPolicy, UnitResult
 from .common import listdir, number_in_name, sorted_unique
 from .dcp import DcpFormat
-from .megatron import TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, IterationTracker, parallel_degrees, read_tracker
+from .megatron import (TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, IterationTracker, parallel_degrees, read_tracker,
+                       run_identity_from_args)
 
 CONFIG_FILE = "metadata.json"          # megatron.core.dist_checkpointing.core.CONFIG_FNAME
 COMMON_FILE = "common.pt"              # megatron.core.dist_checkpointing.strategies.common.COMMON_STATE_FNAME
@@ -57,7 +58,9 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
     def recognizes(cls, path: str) -> bool:
-        if is_torch_dist_checkpoint(path):
+        # A torch_dist save still in progress has its DCP files and common.pt but no metadata.json
+        # yet: it is ours (so detection does not call it plain DCP), and discover refuses it.
+        if is_torch_dist_checkpoint(path) or all(os.path.isfile(os.path.join(path, f)) for f in (COMMON_FILE, ".metadata")):
             return True
         return any(_ITER_DIR.match(e) and is_torch_dist_checkpoint(os.path.join(path, e)) for e in listdir(path))
 
@@ -113,6 +116,10 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
             layout.update(zip(("saved_tp", "saved_pp", "saved_ep"), parallel_degrees(args)))
         layout.update(super().layout(checkpoints))
         return layout
+
+    def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        path = os.path.join(ckpt.path, COMMON_FILE)
+        return run_identity_from_args(_common_state(ckpt.path).get("args")) if os.path.isfile(path) else {}
 
     def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> List[str]:
         path = os.path.join(checkpoints[-1].path, COMMON_FILE)

@@ -1,7 +1,7 @@
 """The output's private work area, which makes merges atomic and resumable.
 
     OUT/.pmm_staging/data/<checkpoint dir>/...   merged files, each written tmp + fsync + rename
-    OUT/.pmm_staging/state/fingerprint.json      what this merge is (inputs, options, plan)
+    OUT/.pmm_staging/state/fingerprint.json      what this merge is (inputs, options, plan) and its hash
     OUT/.pmm_staging/state/done/<unit>.json      one marker per finished unit, written after it
     OUT/.pmm_staging/state/committed.json        every file's result: from here on only moving is left
     OUT/.pmm_staging/state/cleared.flag          --overwrite has removed the previous output
@@ -14,10 +14,10 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .atomic import remove_tree_quietly, write_json_atomically
-from ..errors import InputError, MergeError
+from ..errors import InputError, NotResumable
 from ..plan.types import CheckpointRef, UnitResult, WorkUnit
 
 STAGING = ".pmm_staging"
@@ -59,8 +59,35 @@ def changed_inputs(snapshot: InputSnapshot) -> list:
 
 
 def fingerprint(description: dict, snapshot: InputSnapshot) -> str:
-    payload = json.dumps({"plan": description, "inputs": sorted(snapshot.items())}, sort_keys=True, default=str)
+    payload = json.dumps(identity(description, snapshot), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def identity(description: dict, snapshot: InputSnapshot) -> dict:
+    return {"plan": description, "inputs": sorted(snapshot.items())}
+
+
+def differences(recorded: dict, current: dict) -> List[str]:
+    """What differs between two merges' identities, named: options by key, inputs by file."""
+    recorded = json.loads(json.dumps(recorded, default=str))
+    current = json.loads(json.dumps(current, default=str))
+    found = []
+    old_plan, new_plan = recorded.get("plan", {}), current.get("plan", {})
+    for key in sorted(set(old_plan) | set(new_plan)):
+        if old_plan.get(key) != new_plan.get(key):
+            found.append(f"{key} ({_short(old_plan.get(key))} -> {_short(new_plan.get(key))})"
+                         if key != "units" else "the planned output files")
+    old_inputs, new_inputs = dict(map(tuple, recorded.get("inputs", []))), dict(map(tuple, current.get("inputs", [])))
+    for path in sorted(set(old_inputs) | set(new_inputs)):
+        if old_inputs.get(path) != new_inputs.get(path):
+            what = "added" if path not in old_inputs else "removed" if path not in new_inputs else "modified"
+            found.append(f"input {path} ({what})")
+    return found
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Staging:
@@ -73,26 +100,44 @@ class Staging:
         self._fingerprint_path = os.path.join(self.state_dir, "fingerprint.json")
         self._commit_path = os.path.join(self.state_dir, "committed.json")
 
+    @classmethod
+    def find(cls, out: str) -> Optional["Staging"]:
+        """The staging area of an interrupted merge in ``out``, if there is one."""
+        staging = cls(out, "")
+        return staging if staging.exists() else None
+
     def exists(self) -> bool:
         return os.path.isfile(self._fingerprint_path)
 
-    def prepare(self, merge_fingerprint: str, resume: bool) -> int:
+    def prepare(self, merge_fingerprint: str, identity: dict, resume: bool) -> int:
         """Coordinator: start afresh, or (``resume``) continue an identical merge. Returns the
         number of units already finished."""
         if resume and self.exists():
-            with open(self._fingerprint_path) as f:
-                recorded = json.load(f).get("fingerprint")
-            if recorded != merge_fingerprint:
-                raise MergeError(f"refusing to --resume in {self.root}: the inputs or options differ from the "
-                                 "interrupted merge (its fingerprint does not match). Re-run without --resume "
-                                 "to start over.")
+            recorded = self.recorded()
+            if recorded.get("fingerprint") != merge_fingerprint:
+                changed = differences(recorded.get("identity", {}), identity) or ["the inputs or options"]
+                raise NotResumable(f"refusing to --resume in {self.root}: {'; '.join(changed[:6])}"
+                                   f"{' ...' if len(changed) > 6 else ''} differ from the interrupted merge. "
+                                   "Run the interrupted merge's own command with --resume, or run this one with "
+                                   "--overwrite to discard the interrupted merge and start over.")
             self._remove_temporary_files()
-            return len(os.listdir(self._done_dir)) if os.path.isdir(self._done_dir) else 0
+            return self.num_done()
         remove_tree_quietly(self.root)
         os.makedirs(self.data_dir, exist_ok=True)
         os.makedirs(self._done_dir, exist_ok=True)
-        write_json_atomically(self._fingerprint_path, {"fingerprint": merge_fingerprint})
+        write_json_atomically(self._fingerprint_path, {"fingerprint": merge_fingerprint, "identity": identity})
         return 0
+
+    def recorded(self) -> dict:
+        """What the staged merge recorded about itself (fingerprint and identity), or {}."""
+        try:
+            with open(self._fingerprint_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def num_done(self) -> int:
+        return len(os.listdir(self._done_dir)) if os.path.isdir(self._done_dir) else 0
 
     def completed(self, unit: WorkUnit) -> Optional[UnitResult]:
         """The recorded result of ``unit`` if it finished and its file is still intact."""

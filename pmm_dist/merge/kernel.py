@@ -32,6 +32,10 @@ BLOCK_ELEMENTS = 1 << 20
 ACCUMULATOR_DTYPE = torch.float64
 
 
+_NONFINITE_HINT = ("; merge a window without that checkpoint (--iterations, --last), or pass --on-nonfinite warn "
+                   "(or ignore) to merge it anyway")
+
+
 def is_mergeable(value) -> bool:
     """Float tensors are averaged; integer tensors, extra state and non-tensors come from the newest."""
     return isinstance(value, torch.Tensor) and value.is_floating_point()
@@ -111,7 +115,8 @@ class Accumulator:
         self.count += 1
         self.stored = source.dtype
         if self.on_nonfinite != "ignore" and not math.isfinite(self.acc.sum().item()):
-            message = f"non-finite values (NaN/Inf) in {self.what} of {name} (--on-nonfinite error|warn|ignore)"
+            message = f"non-finite values (NaN/Inf) in {self.what} of {name}" + \
+                (_NONFINITE_HINT if self.on_nonfinite == "error" else "")
             if self.on_nonfinite == "error":
                 raise InputError(message)
             print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
@@ -154,7 +159,7 @@ def _report_nonfinite(flat_sources, begin, end, policy, what, source_names) -> N
     names = source_names or [f"source {i}" for i in range(len(flat_sources))]
     culprits = [names[i] for i, s in enumerate(flat_sources) if not bool(torch.isfinite(s[begin:end]).all())]
     message = (f"non-finite values (NaN/Inf) in {what} of {', '.join(culprits) or 'the weighted sum (overflow)'}"
-               " (--on-nonfinite error|warn|ignore)")
+               f"{_NONFINITE_HINT if policy == 'error' else ''}")
     if policy == "error":
         raise InputError(message)
     print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)

@@ -1,5 +1,20 @@
 """Which checkpoints of a run take part in a merge: a pure function of the iterations found."""
-from typing import List, Optional, Sequence
+import fnmatch
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class TensorFilter:
+    """--include / --exclude: which tensors are merged (glob patterns on tensor names as
+    ``pmm-dist verify`` lists them, ``*`` matching dots too); the others come from the newest."""
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+
+    def selects(self, name: str) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
 
 def select_iterations(available: Sequence[int], *, last: Optional[int] = None,
