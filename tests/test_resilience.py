@@ -10,7 +10,8 @@ import torch
 import pmm_dist
 from pmm_dist.testing.synthetic import generate_run
 
-from .helpers import run_cli, trusted_load
+from .conftest import run_cli
+from .helpers import trusted_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ARGS = ["--method", "ema", "--alpha", "0.1", "--last", "3", "--quiet"]
@@ -129,9 +130,9 @@ def test_nonfinite_inputs(run_dir, tmp_path, fresh_copy):
     assert proc.returncode == 0 and "NaN" not in proc.stderr
 
 
-def test_input_modified_during_merge_is_detected(run_dir, tmp_path, monkeypatch):
-    run = str(tmp_path / "run")
-    shutil.copytree(run_dir, run)
+@pytest.mark.unit  # in this process
+def test_input_modified_during_merge_is_detected(run_dir, tmp_path, monkeypatch, fresh_copy):
+    run = fresh_copy(run_dir)
     victim = os.path.join(run, "iter_0000002", "mp_rank_01_001", "model_optim_rng.pt")
     import pmm_dist.engine.faults as faults
 
@@ -146,9 +147,8 @@ def test_input_modified_during_merge_is_detected(run_dir, tmp_path, monkeypatch)
     assert not os.path.exists(tmp_path / "out" / TRACKER)
 
 
-def test_symlinked_input_is_refused(run_dir, tmp_path):
-    run = str(tmp_path / "run")
-    shutil.copytree(run_dir, run)
+def test_symlinked_input_is_refused(run_dir, tmp_path, fresh_copy):
+    run = fresh_copy(run_dir)
     shard = os.path.join(run, "iter_0000004", "mp_rank_00_000")
     os.rename(shard, str(tmp_path / "elsewhere"))
     os.symlink(str(tmp_path / "elsewhere"), shard)
