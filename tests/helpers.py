@@ -1,12 +1,12 @@
-"""Test helpers: an independent float64 reference, one-ulp comparison, and CLI runners."""
+"""Test helpers: an independent float64 reference, one-ulp comparison, merge weights, file helpers.
+
+The process runners and the fixtures are in conftest.py.
+"""
 import os
-import subprocess
-import sys
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 
 
@@ -56,17 +56,6 @@ def ema(n, alpha):
 
 
 def wma(n): return [i / (n * (n + 1) / 2) for i in range(1, n + 1)]
-
-
-def run_cli(args: List[str], *, world_size: int = 1, env: Dict[str, str] = None, timeout: float = 300):
-    """``python -m pmm_dist ...`` or the same under torchrun; returns the CompletedProcess."""
-    if world_size == 1:
-        cmd = [sys.executable, "-m", "pmm_dist", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-               "-m", "pmm_dist", *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def shard_files(ckpt_dir: str) -> List[str]:

@@ -13,8 +13,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -28,29 +26,15 @@ from pmm_dist.formats.dcp import DcpFormat, chunk_keys, load_metadata
 from pmm_dist.plan import assign_units
 from pmm_dist.cli.verify import verify_output
 
+from .conftest import REPO, run_cli, run_python
 from .helpers import assert_merged_within_one_ulp, ema
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-HELPER = ROOT / "tests" / "dcp_real" / "dcp_train.py"
+HELPER = pathlib.Path(REPO) / "tests" / "dcp_real" / "dcp_train.py"
 STEPS = [10, 20, 30]
 ALPHA = 0.4
 WEIGHTS = ema(len(STEPS), ALPHA)
-TIMEOUT_S = 300
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-
-
-def _run(args, what):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
-    proc = subprocess.run(list(map(str, args)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, (f"{what} failed ({proc.returncode})\n--- stdout ---\n{proc.stdout[-5000:]}\n"
-                                  f"--- stderr ---\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def _torchrun(nproc):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
 
 
 def _metadata(ckpt):
@@ -72,7 +56,8 @@ def _load_tensors(ckpt, prefix="model."):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = tmp_path_factory.mktemp("dcp") / "run"
-    _run(_torchrun(2) + [HELPER, "train", run, "--steps", ",".join(map(str, STEPS))], "FSDP2 training with dcp.save")
+    run_python([HELPER, "train", run, "--steps", ",".join(map(str, STEPS))], nproc=2,
+               check="FSDP2 training with dcp.save")
     return run
 
 
@@ -81,10 +66,10 @@ def merged(run, tmp_path_factory):
     base = tmp_path_factory.mktemp("dcp_merged")
     outs = {1: base / "ws1", 2: base / "ws2"}
     result = pmm_dist.merge(sources=[str(run)], out=str(outs[1]), method="ema", alpha=ALPHA, device="cpu", quiet=True)
-    proc = _run(_torchrun(2) + ["-m", "pmm_dist", "merge", run, "--out", outs[2], "--method", "ema", "--alpha", ALPHA,
-                                "--device", "cpu"], "pmm_dist merge at world size 2")
+    proc = run_cli(["merge", run, "--out", outs[2], "--method", "ema", "--alpha", ALPHA, "--device", "cpu"],
+                   world_size=2, check="pmm_dist merge at world size 2")
     dump = base / "fsdp_load.pt"
-    _run(_torchrun(2) + [HELPER, "load", outs[1], dump], "dcp.load of the merged checkpoint into the FSDP2 model")
+    run_python([HELPER, "load", outs[1], dump], nproc=2, check="dcp.load of the merged checkpoint into the FSDP2 model")
     return {"outs": outs, "result": result, "proc": proc, "fsdp_dump": dump}
 
 
@@ -190,9 +175,8 @@ def test_checkpoint_dirs_given_explicitly(run, tmp_path):
     assert resolve_format("auto", [str(tmp_path / "first")]).name == "dcp"
 
 
-def test_incomplete_checkpoint_in_run_is_skipped(run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
+def test_incomplete_checkpoint_in_run_is_skipped(run, fresh_copy):
+    copy = fresh_copy(run)
     shutil.copytree(run / "step-30", copy / "step-40")
     os.remove(copy / "step-40" / ".metadata")  # being written: DCP writes .metadata last
     assert [r.iteration for r in DcpFormat().discover([str(copy)])] == STEPS
@@ -219,12 +203,6 @@ def test_plan_is_metadata_only_balanced_and_small(run):
 
 
 # -- bad input ---------------------------------------------------------------------------------
-def _copy_run(run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    return copy
-
-
 def _merge_fails(sources, out, *fragments):
     with pytest.raises(MergeError) as info:
         pmm_dist.merge(sources=[str(s) for s in sources], out=str(out), device="cpu", quiet=True)
@@ -235,9 +213,9 @@ def _merge_fails(sources, out, *fragments):
     return message
 
 
-def test_other_chunking_is_refused(run, tmp_path):
+def test_other_chunking_is_refused(run, tmp_path, fresh_copy):
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-    copy = _copy_run(run, tmp_path)
+    copy = fresh_copy(run)
     shutil.rmtree(copy / "step-20")
     with warnings.catch_warnings():  # the same state re-saved by one process: one chunk per tensor
         warnings.simplefilter("ignore")
@@ -246,8 +224,8 @@ def test_other_chunking_is_refused(run, tmp_path):
                  "identical chunking")
 
 
-def test_other_global_shape_is_refused(run, tmp_path):
-    copy = _copy_run(run, tmp_path)
+def test_other_global_shape_is_refused(run, tmp_path, fresh_copy):
+    copy = fresh_copy(run)
     metadata = _metadata(copy / "step-10")
     metadata.state_dict_metadata["model.fc1.bias"].size = torch.Size([49])
     with open(copy / "step-10" / ".metadata", "wb") as f:
@@ -256,8 +234,8 @@ def test_other_global_shape_is_refused(run, tmp_path):
                  "the newest checkpoint has [48]")
 
 
-def test_other_keys_are_refused(run, tmp_path):
-    copy = _copy_run(run, tmp_path)
+def test_other_keys_are_refused(run, tmp_path, fresh_copy):
+    copy = fresh_copy(run)
     metadata = _metadata(copy / "step-20")
     metadata.state_dict_metadata["model.extra.weight"] = metadata.state_dict_metadata.pop("model.fc2.bias")
     with open(copy / "step-20" / ".metadata", "wb") as f:
@@ -266,29 +244,29 @@ def test_other_keys_are_refused(run, tmp_path):
                  f"{copy / 'step-20'}: unexpected key 'model.extra.weight'")
 
 
-def test_missing_distcp_file_is_refused(run, tmp_path):
-    copy = _copy_run(run, tmp_path)
+def test_missing_distcp_file_is_refused(run, tmp_path, fresh_copy):
+    copy = fresh_copy(run)
     os.remove(copy / "step-20" / "__1_0.distcp")
     _merge_fails([copy], tmp_path / "out", str(copy / "step-20" / "__1_0.distcp"), "missing file")
 
 
-def test_truncated_distcp_file_is_refused(run, tmp_path):
-    copy = _copy_run(run, tmp_path)
+def test_truncated_distcp_file_is_refused(run, tmp_path, fresh_copy):
+    copy = fresh_copy(run)
     path = copy / "step-30" / "__0_0.distcp"
     os.truncate(path, 100)  # its first item, a model chunk, is longer
     _merge_fails([copy], tmp_path / "out", str(path), "beyond the file's", "truncated file?")
 
 
-def test_corrupt_metadata_is_refused(run, tmp_path):
-    copy = _copy_run(run, tmp_path)
+def test_corrupt_metadata_is_refused(run, tmp_path, fresh_copy):
+    copy = fresh_copy(run)
     path = copy / "step-20" / ".metadata"
     os.truncate(path, os.path.getsize(path) // 2)
     _merge_fails([copy], tmp_path / "out", str(path), "cannot read DCP metadata", "truncated or corrupt")
 
 
-def test_nonfinite_chunk_is_refused(run, tmp_path):
+def test_nonfinite_chunk_is_refused(run, tmp_path, fresh_copy):
     import io
-    copy = _copy_run(run, tmp_path)
+    copy = fresh_copy(run)
     metadata = _metadata(copy / "step-20")
     info = next(v for k, v in metadata.storage_data.items() if k.fqn == "model.fc1.weight")
     path = copy / "step-20" / info.relative_path
@@ -304,8 +282,8 @@ def test_nonfinite_chunk_is_refused(run, tmp_path):
     _merge_fails([copy], tmp_path / "out", "key 'model.fc1.weight'", str(path))
 
 
-def test_hostile_metadata_runs_no_code(run, tmp_path):
-    copy = _copy_run(run, tmp_path)
+def test_hostile_metadata_runs_no_code(run, tmp_path, fresh_copy):
+    copy = fresh_copy(run)
     marker = tmp_path / "pwned"
 
     class Payload:

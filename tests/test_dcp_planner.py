@@ -1,7 +1,6 @@
 """DCP planning without processes or tensor data: synthetic ``.metadata`` files only."""
 import os
 import pickle
-import time
 
 import pytest
 import torch
@@ -64,17 +63,15 @@ def test_plan_at_large_world_sizes(run, world_size):
     fmt = DcpFormat()
     checkpoints = fmt.discover([str(run)])
     assert [c.iteration for c in checkpoints] == [100, 200, 300]
-    started = time.perf_counter()
+    # its time is measured by benchmarks/timings.py, not asserted (a bound fails on a busy machine)
     units = fmt.plan_units(checkpoints, "drop", world_size)
     shares = assign_units(units, world_size)
-    elapsed = time.perf_counter() - started
     items = [it for unit in units for it in unit.items]
     num_items = NUM_LAYERS * 4 * NUM_CHUNKS + 2  # + int scalar + bytes entry; optimizer dropped
     assert len(items) == len({it.storage_key for it in items}) == num_items
     assert {it.key for it in items if it.action == COPY} == {"model.step_count", "train_state"}
     # one output file per rank; with more ranks than chunks the rest idle
     assert len(units) == min(world_size, num_items) and max(len(s) for s in shares) == 1
-    assert elapsed < 20, f"planning took {elapsed:.1f} s"
 
 
 def test_plan_balances_bytes_and_keeps_latest_optimizer(run):

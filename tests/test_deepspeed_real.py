@@ -22,7 +22,6 @@ import os
 import pathlib
 import shutil
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -32,14 +31,13 @@ import pmm_dist
 from pmm_dist.errors import MergeError
 from pmm_dist.cli.verify import verify_output
 
+from .conftest import REPO, run_python
 from .deepspeed_real.engines import RUNS, STEPS, SAVE_EVERY
 from .helpers import assert_merged_within_one_ulp, ema, sma, trusted_load, wma
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-HELPER = ROOT / "tests" / "deepspeed_real" / "engines.py"
+HELPER = pathlib.Path(REPO) / "tests" / "deepspeed_real" / "engines.py"
 ALL_STEPS = list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))  # 2, 4, 6, 8
 NEWEST_TAG = f"global_step{STEPS}"
-TIMEOUT_S = 300
 
 
 def _weighted(raw):
@@ -71,28 +69,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _run(args, what, expect_ok=True):
-    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-    if expect_ok:
-        assert proc.returncode == 0, (
-            f"{what} failed with exit code {proc.returncode}\ncommand: {' '.join(map(str, args))}\n"
-            f"--- stdout ---\n{proc.stdout[-5000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def _torchrun(nproc):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-
-
 def _cli_args(run_dir, out, options):
     """pmm_dist command-line arguments for the merge options of a case."""
     args = ["merge", str(run_dir), "--out", str(out), "--device", "cpu", "--quiet"]
@@ -107,7 +83,7 @@ def _cli_args(run_dir, out, options):
 def work(tmp_path_factory):
     base = tmp_path_factory.mktemp("deepspeed_real")
     runs = base / "runs"
-    _run(_torchrun(2) + [HELPER, "train", runs], "training the DeepSpeed runs (2 processes)")
+    run_python([HELPER, "train", runs], nproc=2, check="training the DeepSpeed runs (2 processes)")
     ws1, ws2 = base / "ws1", base / "ws2"
     for case, (run, options, _, _) in {**CASES, **LATEST_CASES}.items():
         pmm_dist.merge(sources=[str(runs / run)], out=str(ws1 / case), device="cpu", quiet=True, **options)
@@ -123,8 +99,8 @@ def work(tmp_path_factory):
     spec = {"merges": [_cli_args(runs / run, ws2 / case, options) for case, (run, options, _, _) in CASES.items()],
             "loads": loads}
     (base / "spec.json").write_text(json.dumps(spec))
-    _run(_torchrun(2) + [HELPER, "load", base / "spec.json"],
-         "merging at world size 2 and loading into fresh DeepSpeed engines")
+    run_python([HELPER, "load", base / "spec.json"], nproc=2,
+               check="merging at world size 2 and loading into fresh DeepSpeed engines")
     return {"base": base, "runs": runs, "ws1": ws1, "ws2": ws2, "dumps": base / "dumps"}
 
 
@@ -360,7 +336,7 @@ def test_launchers_give_the_same_bytes(work, tmp_path, launcher):
     run, options, _, _ = CASES[case]
     out = tmp_path / "out"
     args = [a for a in _cli_args(work["runs"] / run, out, options) if a != "--quiet"]
-    proc = _run(prefix() + args, f"pmm_dist merge under {launcher}")
+    proc = run_python(args, launcher=prefix(), check=f"pmm_dist merge under {launcher}")
     assert "world size: 2" in proc.stdout, proc.stdout[-3000:]
     reference = work["ws1"] / case / NEWEST_TAG
     for path in reference.iterdir():
@@ -400,18 +376,16 @@ def test_refuses_a_mixture_of_partition_counts(work, tmp_path):
 @pytest.mark.parametrize("missing", ["global_step4/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
                                      f"{NEWEST_TAG}/zero_pp_rank_1_mp_rank_00_model_states.pt",
                                      f"{NEWEST_TAG}/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"])
-def test_refuses_a_missing_rank_file(work, tmp_path, missing):
-    run = tmp_path / "run"
-    shutil.copytree(work["runs"] / "zero3_bf16", run)
+def test_refuses_a_missing_rank_file(work, tmp_path, missing, fresh_copy):
+    run = fresh_copy(work["runs"] / "zero3_bf16")
     (run / missing).unlink()
     _assert_refused(tmp_path, [run], run / missing, "missing file")
 
 
-def test_pruned_optimizer_states_are_only_needed_where_read(work, tmp_path):
+def test_pruned_optimizer_states_are_only_needed_where_read(work, tmp_path, fresh_copy):
     """ZeRO 0-2 optimizer files hold no weights: pruned from older checkpoints they are not needed
     (the same bytes come out); the newest's are, with --optimizer latest (they are copied)."""
-    run = tmp_path / "run"
-    shutil.copytree(work["runs"] / "zero2_bf16", run)
+    run = fresh_copy(work["runs"] / "zero2_bf16")
     for step in ALL_STEPS[:-1]:
         for path in (run / f"global_step{step}").glob("*optim_states.pt"):
             path.unlink()
@@ -426,25 +400,22 @@ def test_pruned_optimizer_states_are_only_needed_where_read(work, tmp_path):
     _assert_refused(tmp_path, [run], missing, "missing file", optimizer="latest")
 
 
-def test_refuses_a_missing_expert_file(work, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(work["runs"] / "moe_ep2", run)
+def test_refuses_a_missing_expert_file(work, tmp_path, fresh_copy):
+    run = fresh_copy(work["runs"] / "moe_ep2")
     missing = run / NEWEST_TAG / "layer_0_expert_3_mp_rank_00_model_states.pt"
     missing.unlink()
     _assert_refused(tmp_path, [run], missing, "num_experts=[4]")
 
 
-def test_refuses_latest_naming_a_missing_tag(work, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(work["runs"] / "zero1_bf16", run)
+def test_refuses_latest_naming_a_missing_tag(work, tmp_path, fresh_copy):
+    run = fresh_copy(work["runs"] / "zero1_bf16")
     (run / "latest").write_text("global_step10")
     _assert_refused(tmp_path, [run], run / "latest", "global_step10", "does not exist")
 
 
-def _corrupt_zero3_partition(work, tmp_path):
+def _corrupt_zero3_partition(work, fresh_copy):
     """A copy of the ZeRO-3 run where one older optimizer file's flat partition has another size."""
-    run = tmp_path / "run"
-    shutil.copytree(work["runs"] / "zero3_fp32", run)
+    run = fresh_copy(work["runs"] / "zero3_fp32")
     path = run / "global_step6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     state = trusted_load(path)
     flat = state["optimizer_state_dict"]["fp32_flat_groups"]
@@ -453,18 +424,17 @@ def _corrupt_zero3_partition(work, tmp_path):
     return run, path
 
 
-def test_refuses_zero3_partitions_that_do_not_line_up(work, tmp_path):
-    run, path = _corrupt_zero3_partition(work, tmp_path)
+def test_refuses_zero3_partitions_that_do_not_line_up(work, tmp_path, fresh_copy):
+    run, path = _corrupt_zero3_partition(work, fresh_copy)
     _assert_refused(tmp_path, [run], path, "fp32_flat_groups.0", "shape")
 
 
-def test_bad_input_exits_non_zero_on_every_rank(work, tmp_path):
+def test_bad_input_exits_non_zero_on_every_rank(work, tmp_path, fresh_copy):
     """The command line at world size 2: the rank that checks the corrupt file fails the merge for
     all; the error names the file, every rank exits non-zero and nothing is committed."""
-    run, path = _corrupt_zero3_partition(work, tmp_path)
+    run, path = _corrupt_zero3_partition(work, fresh_copy)
     out = tmp_path / "out"
-    proc = _run(LAUNCHERS["mpiexec"][1]() + ["merge", str(run), "--out", str(out), "--device", "cpu"],
-                "a merge that must fail", expect_ok=False)
+    proc = run_python(["merge", str(run), "--out", str(out), "--device", "cpu"], launcher=LAUNCHERS["mpiexec"][1]())
     assert proc.returncode != 0
     assert str(path) in proc.stderr and "fp32_flat_groups.0" in proc.stderr, proc.stderr[-3000:]
     assert not (out / "latest").exists() and not (out / NEWEST_TAG).exists()

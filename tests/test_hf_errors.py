@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import pmm_dist
 from pmm_dist.errors import MergeError
 
-from .helpers import run_cli
+from .conftest import run_cli
 from .hf_models import make_run
 
 STEPS = [10, 20, 30]
@@ -25,11 +25,9 @@ def pristine(tmp_path_factory):
 
 
 @pytest.fixture
-def run(pristine, tmp_path):
+def run(pristine, fresh_copy):
     """A fresh copy of a valid sharded run, to be damaged by one test."""
-    copy = str(tmp_path / "run")
-    shutil.copytree(pristine, copy)
-    return copy
+    return fresh_copy(pristine)
 
 
 def merge_error(sources, tmp_path, **kwargs) -> str:
@@ -162,6 +160,7 @@ def test_not_a_model_directory(tmp_path):
     assert f"{tmp_path}/step_5: not a Hugging Face model directory" in message and "pytorch_model.bin" in message
 
 
+@pytest.mark.multiprocess  # the CLI in a subprocess
 def test_cli_reports_the_problem_and_exits_1(run, tmp_path):
     key = "model.embed_tokens.weight"
     rewrite(os.path.join(run, "step_10"), lambda s: s.__setitem__(key, s[key].float()))

@@ -3,8 +3,6 @@ reference, against mergekit's ``linear`` merge (fp32) of the same inputs, and lo
 safetensors and transformers."""
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +12,8 @@ from safetensors import safe_open
 import pmm_dist
 from pmm_dist.formats.hf import HuggingFaceFormat
 
-from .helpers import REPO, assert_merged_within_one_ulp, ema, run_cli, sma, ulp
+from .conftest import run_cli, start_python
+from .helpers import assert_merged_within_one_ulp, ema, sma, ulp
 from .hf_models import load_model_dir, make_run, save_checkpoint
 
 SINGLE_STEPS = [100, 200, 300, 400]
@@ -81,9 +80,7 @@ def external_process(runs):
         jobs[case] = {"out": str(runs["root"] / f"mergekit_{case}"),
                       "config": {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False},
                                  "models": models}}
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", EXTERNAL], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc = start_python(["-c", EXTERNAL], env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
     proc.stdin.write(json.dumps(list(jobs.values())) + "\n")
     proc.stdin.flush()
     yield proc, {case: job["out"] for case, job in jobs.items()}
@@ -235,6 +232,7 @@ def test_summary_names_format_and_layout(merged):
     assert merged["sharded", 1][1].stdout == ""  # --quiet
 
 
+@pytest.mark.unit  # in this process
 def test_index_is_written_last(runs, tmp_path, monkeypatch):
     """A reader polling the output sees the index only after every shard, config file and the manifest."""
     moves = []
@@ -263,6 +261,7 @@ def test_index_is_written_last(runs, tmp_path, monkeypatch):
         assert_merged_within_one_ulp(merged[name], [s[name] for s in sources], sma(4), name)
 
 
+@pytest.mark.unit  # in this process
 def test_optimizer_latest_copies_trainer_files(runs, tmp_path):
     out = str(tmp_path / "out")
     pmm_dist.merge(sources=[runs["single"]], out=out, method="wma", last=2, optimizer="latest", device="cpu",
@@ -273,6 +272,7 @@ def test_optimizer_latest_copies_trainer_files(runs, tmp_path):
     assert not os.path.exists(os.path.join(out, "pytorch_model.bin"))
 
 
+@pytest.mark.unit  # in this process
 def test_auto_detection_and_run_directory_selection(runs, tmp_path):
     result = pmm_dist.merge(sources=[runs["single"]], out=str(tmp_path / "out"), last=3, interval=100, dry_run=True,
                             quiet=True)

@@ -31,7 +31,7 @@ def test_staged_device_path_matches_direct_path(small_blocks):
     assert torch.equal(direct, staged)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # skipped without CUDA (conftest.py)
 def test_cuda_matches_cpu():
     sources = [torch.randn(3_000_001).bfloat16() for _ in range(3)]
     weights = [0.2, 0.3, 0.5]

@@ -11,21 +11,19 @@ of each tensor's own dtype.
 import argparse
 import hashlib
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-HELPER = ROOT / "tests" / "megatron_real" / "gpt_tp2.py"
+from .conftest import REPO, run_cli, run_python
+from .helpers import ema, ulp
+
+HELPER = pathlib.Path(REPO) / "tests" / "megatron_real" / "gpt_tp2.py"
 ITERATIONS = [10, 20, 30, 40]
 NEWEST = ITERATIONS[-1]
 TP = 2
 ALPHA = 0.2
-TIMEOUT_S = 300
 
 pytestmark = [
     # megatron-core warns on import that Apex / Transformer Engine are missing (CPU fallbacks are used)
@@ -33,27 +31,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*"),
     pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning"),
 ]
-
-
-def _env():
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
-    return env
-
-
-def _run(args, what):
-    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, (
-        f"{what} failed with exit code {proc.returncode}\ncommand: {' '.join(map(str, args))}\n"
-        f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def _torchrun(nproc):
-    # --standalone picks a free rendezvous port, so parallel test runs do not collide.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
 
 
 def _safe_load(path):
@@ -66,13 +43,9 @@ def _shard(run_dir, iteration, tp_rank):
     return pathlib.Path(run_dir) / f"iter_{iteration:07d}" / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
 
 
-def _ema_weights(n, alpha):
-    return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
-
-
 # name -> (extra CLI args, launcher world size, selected iterations, weights oldest first)
 CASES = {
-    "ema_ws1": (["--method", "ema", "--alpha", str(ALPHA)], 1, ITERATIONS, _ema_weights(len(ITERATIONS), ALPHA)),
+    "ema_ws1": (["--method", "ema", "--alpha", str(ALPHA)], 1, ITERATIONS, ema(len(ITERATIONS), ALPHA)),
     "sma_last3_ws2": (["--method", "sma", "--last", "3"], 2, ITERATIONS[-3:], [1 / 3] * 3),
 }
 
@@ -81,20 +54,19 @@ CASES = {
 def workdir(tmp_path_factory):
     base = tmp_path_factory.mktemp("megatron_real")
     run = base / "run"
-    _run(_torchrun(TP) + [str(HELPER), "train", str(run), "--iterations", ",".join(map(str, ITERATIONS))],
-         "training the megatron-core GPTModel (TP=2)")
+    run_python([HELPER, "train", run, "--iterations", ",".join(map(str, ITERATIONS))], nproc=TP,
+               check="training the megatron-core GPTModel (TP=2)")
     outs = {}
     for name, (extra, world, _, _) in CASES.items():
         out = base / f"out_{name}"
-        launcher = [sys.executable] if world == 1 else _torchrun(world)
-        proc = _run(launcher + ["-m", "pmm_dist", "merge", str(run), "--out", str(out), "--quiet"] + extra,
-                    f"pmm_dist merge ({name})")
+        proc = run_cli(["merge", run, "--out", out, "--quiet", *extra], world_size=world,
+                       check=f"pmm_dist merge ({name})")
         outs[name] = (out, proc)
     load_args = []
     for name, (out, _) in outs.items():
         load_args += ["--checkpoint", f"{out}:{NEWEST}:{base / ('loaded_' + name)}"]
-    _run(_torchrun(TP) + [str(HELPER), "load"] + load_args,
-         "strict load of the merged checkpoints into a fresh GPTModel (TP=2)")
+    run_python([HELPER, "load", *load_args], nproc=TP,
+               check="strict load of the merged checkpoints into a fresh GPTModel (TP=2)")
     return {"base": base, "run": run, "outs": outs}
 
 
@@ -124,17 +96,6 @@ def _reference(inputs, iterations, weights, tp_rank):
     return ref
 
 
-def _ulp(ref64, dtype):
-    """One ulp of ``dtype`` at |ref| (subnormal range included)."""
-    info = torch.finfo(dtype)
-    precision_bits = round(-torch.log2(torch.tensor(info.eps, dtype=torch.float64)).item()) + 1
-    min_exp = round(torch.log2(torch.tensor(info.smallest_normal, dtype=torch.float64)).item()) + 1
-    _, exp = torch.frexp(ref64.abs())
-    exp = torch.where(ref64 == 0, torch.full_like(exp, min_exp), exp)  # frexp(0) gives exponent 0
-    exp = torch.clamp(exp, min=min_exp).to(torch.float64)
-    return torch.pow(2.0, exp - precision_bits)
-
-
 def _assert_within_one_ulp(actual, reference, dtype, what):
     """|actual - exact| <= one ulp of ``dtype``, judged against the float64 reference.
 
@@ -149,7 +110,7 @@ def _assert_within_one_ulp(actual, reference, dtype, what):
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, the inputs hold {dtype}"
     assert actual.shape == ref64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
     err = (actual.to(torch.float64) - ref64).abs()
-    tol = _ulp(ref64, dtype) + 2 * len(ITERATIONS) * torch.finfo(torch.float64).eps * magnitude
+    tol = ulp(ref64, dtype) + 2 * len(ITERATIONS) * torch.finfo(torch.float64).eps * magnitude
     bad = err > tol
     if bad.any():
         i = int(torch.argmax((err / tol).flatten()))
@@ -245,7 +206,7 @@ def test_setup_is_not_trivial(inputs):
         dtypes = {newest[k].dtype for k in ref}
         assert torch.bfloat16 in dtypes and torch.float32 in dtypes, dtypes
         differing = [k for k, (r, _) in ref.items()
-                     if ((newest[k].to(torch.float64) - r).abs() > 4 * _ulp(r, newest[k].dtype)).any()]
+                     if ((newest[k].to(torch.float64) - r).abs() > 4 * ulp(r, newest[k].dtype)).any()]
         assert len(differing) == len(ref), f"rank {tp}: merge result equals newest for {set(ref) - set(differing)}"
     # the two TP ranks hold different shards of the column-parallel weights
     key = "decoder.layers.0.mlp.linear_fc1.weight"

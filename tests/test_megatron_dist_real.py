@@ -13,8 +13,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,39 +23,20 @@ from pmm_dist.formats import resolve_format
 from pmm_dist.formats.megatron_dist import MegatronDistFormat
 from pmm_dist.cli.verify import verify_output
 
+from .conftest import REPO, run_cli, run_python
 from .helpers import assert_merged_within_one_ulp, ema, wma
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-HELPER = ROOT / "tests" / "dcp_real" / "gpt_dist.py"
+HELPER = pathlib.Path(REPO) / "tests" / "dcp_real" / "gpt_dist.py"
 ITERATIONS = [2, 4, 6]
 NEWEST = ITERATIONS[-1]
 ALPHA = 0.3
 WEIGHTS = ema(len(ITERATIONS), ALPHA)
-TIMEOUT_S = 300
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*Transformer Engine and Apex are not installed:UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),  # dcp.load in this process
 ]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _run(args, what):
-    proc = subprocess.run(list(map(str, args)), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-    assert proc.returncode == 0, (f"{what} failed ({proc.returncode})\n--- stdout ---\n{proc.stdout[-5000:]}\n"
-                                  f"--- stderr ---\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def _torchrun(nproc):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
 
 
 def _ckpt(root, iteration=NEWEST):
@@ -83,14 +62,13 @@ def _dcp_load(ckpt_dir, metadata, keys):
 def workdir(tmp_path_factory):
     base = tmp_path_factory.mktemp("megatron_dist")
     run = base / "run"
-    _run(_torchrun(2) + [HELPER, "train", run, "--iterations", ",".join(map(str, ITERATIONS))],
-         "training the megatron-core GPTModel at TP=2 with torch_dist checkpoints")
+    run_python([HELPER, "train", run, "--iterations", ",".join(map(str, ITERATIONS))], nproc=2,
+               check="training the megatron-core GPTModel at TP=2 with torch_dist checkpoints")
     # World size 1 through the Python API in this process, 2 through the CLI under torchrun.
     outs = {1: (pmm_dist.merge(sources=[str(run)], out=str(base / "out_ws1"), method="ema", alpha=ALPHA,
                                device="cpu", quiet=True), base / "out_ws1")}
-    outs[2] = _run(_torchrun(2) + ["-m", "pmm_dist", "merge", run, "--out", base / "out_ws2", "--method", "ema",
-                                   "--alpha", ALPHA, "--device", "cpu"], "pmm_dist merge at world size 2"), \
-        base / "out_ws2"
+    outs[2] = run_cli(["merge", run, "--out", base / "out_ws2", "--method", "ema", "--alpha", ALPHA, "--device", "cpu"],
+                      world_size=2, check="pmm_dist merge at world size 2"), base / "out_ws2"
     specs = [(f"in{it}", _ckpt(run, it)) for it in ITERATIONS] + [(f"ws{w}", _ckpt(o)) for w, (_, o) in outs.items()]
     dumps = {}
     for tp in (1, 2):
@@ -98,7 +76,7 @@ def workdir(tmp_path_factory):
         for name, ckpt in specs:
             dumps[(name, tp)] = base / f"dump_{name}_tp{tp}"
             args += ["--checkpoint", f"{ckpt}:{dumps[(name, tp)]}"]
-        _run(_torchrun(tp) + [HELPER, "load"] + args, f"dist_checkpointing.load into fresh GPTModels at TP={tp}")
+        run_python([HELPER, "load", *args], nproc=tp, check=f"dist_checkpointing.load into fresh GPTModels at TP={tp}")
     return {"run": run, "outs": outs, "dumps": dumps}
 
 
@@ -236,9 +214,8 @@ def test_auto_detection_prefers_megatron_dist(workdir):
     assert [r.iteration for r in refs] == [2, 4]
 
 
-def test_discovery_and_incomplete_checkpoints(workdir, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(workdir["run"], run)
+def test_discovery_and_incomplete_checkpoints(workdir, tmp_path, fresh_copy):
+    run = fresh_copy(workdir["run"])
     fmt = MegatronDistFormat()
     # Directories not named iter_*: the iteration comes from common.pt.
     for name, it in (("first", 4), ("second", 2)):

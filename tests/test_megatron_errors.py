@@ -7,7 +7,8 @@ import torch
 
 from pmm_dist.testing.synthetic import generate_run
 
-from .helpers import run_cli, trusted_load
+from .conftest import run_cli
+from .helpers import trusted_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD = "mp_rank_01_001/model_optim_rng.pt"
@@ -23,10 +24,8 @@ def pristine(tmp_path_factory):
 
 
 @pytest.fixture
-def run(pristine, tmp_path):
-    copy = str(tmp_path / "run")
-    shutil.copytree(pristine, copy)
-    return copy
+def run(pristine, fresh_copy):
+    return fresh_copy(pristine)
 
 
 def _rewrite(path, change):

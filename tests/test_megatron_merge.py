@@ -9,7 +9,8 @@ import torch
 import pmm_dist
 from pmm_dist.testing.synthetic import generate_run
 
-from .helpers import assert_merged_within_one_ulp, ema, run_cli, shard_files, trusted_load
+from .conftest import run_cli
+from .helpers import assert_merged_within_one_ulp, ema, shard_files, trusted_load
 
 ITERATIONS = [100, 200, 300, 400, 500]
 MERGED = [200, 300, 400, 500]  # --last 4 --interval 100
@@ -126,6 +127,7 @@ def test_optimizer_latest_copies_training_state(run_dir, tmp_path):
             assert a.read() == b.read()
 
 
+@pytest.mark.unit  # in this process
 def test_python_api_with_explicit_checkpoints_and_weights(run_dir, tmp_path):
     sources = [os.path.join(run_dir, f"iter_{it:07d}") for it in (500, 100, 300)]
     result = pmm_dist.merge(sources=sources, out=str(tmp_path / "out"), method="weighted", weights=[1, 2, 3],

@@ -9,15 +9,10 @@ loss must be below the mean held-out loss of the checkpoints it merged. A merge 
 misweighted, mixed up or dropped tensors would fail this (or the strict load).
 """
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT_S = 300
+from .conftest import run_python
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*Transformer Engine and Apex are not installed:UserWarning"),
@@ -26,11 +21,7 @@ pytestmark = [
 
 
 def test_sma_of_constant_lr_checkpoints_beats_their_mean_loss(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.pma.smoke", "--workdir", str(tmp_path), "--seed", "1234"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc = run_python(["-m", "benchmarks.pma.smoke", "--workdir", tmp_path, "--seed", "1234"], check="the smoke run")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["iterations"] == [240, 260, 280, 300]
     assert result["merged_iteration"] == 300

@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch
 import pmm_dist
 from pmm_dist.testing.synthetic import generate_run
 
-from .helpers import run_cli, trusted_load
+from .conftest import run_cli
+from .helpers import trusted_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ARGS = ["--method", "ema", "--alpha", "0.1", "--last", "3", "--quiet"]
@@ -107,19 +107,19 @@ def test_resume_refuses_changed_options(run_dir, tmp_path):
     assert not os.path.exists(os.path.join(out, TRACKER))
 
 
-def test_one_failing_rank_fails_every_rank_quickly(run_dir, tmp_path):
+def test_one_failing_rank_fails_every_rank(run_dir, tmp_path):
+    # How fast every rank leaves is measured by benchmarks/timings.py, not asserted here
+    # (wall-clock bounds fail on a busy machine); that no rank waits out the collective timeout
+    # is tested in test_collective.py.
     out = str(tmp_path / "out")
-    started = time.monotonic()
     proc = run_cli(["merge", run_dir, "--out", out, *ARGS], world_size=2, env={"PMM_DIST_FAULT": "unit:0@1=raise"})
     assert proc.returncode != 0
     assert "[rank 1]" in proc.stderr and "injected fault at unit:0 on rank 1" in proc.stderr
-    assert time.monotonic() - started < 60
     assert not os.path.exists(os.path.join(out, TRACKER))
 
 
-def test_nonfinite_inputs(run_dir, tmp_path):
-    run = str(tmp_path / "run")
-    shutil.copytree(run_dir, run)
+def test_nonfinite_inputs(run_dir, tmp_path, fresh_copy):
+    run = fresh_copy(run_dir)
     path = os.path.join(run, "iter_0000003", "mp_rank_00_001", "model_optim_rng.pt")
     state = trusted_load(path)
     key = "decoder.layers.0.self_attention.linear_proj.weight"
@@ -134,9 +134,9 @@ def test_nonfinite_inputs(run_dir, tmp_path):
     assert proc.returncode == 0 and "NaN" not in proc.stderr
 
 
-def test_input_modified_during_merge_is_detected(run_dir, tmp_path, monkeypatch):
-    run = str(tmp_path / "run")
-    shutil.copytree(run_dir, run)
+@pytest.mark.unit  # in this process
+def test_input_modified_during_merge_is_detected(run_dir, tmp_path, monkeypatch, fresh_copy):
+    run = fresh_copy(run_dir)
     victim = os.path.join(run, "iter_0000002", "mp_rank_01_001", "model_optim_rng.pt")
     import pmm_dist.engine.faults as faults
 
@@ -151,9 +151,8 @@ def test_input_modified_during_merge_is_detected(run_dir, tmp_path, monkeypatch)
     assert not os.path.exists(tmp_path / "out" / TRACKER)
 
 
-def test_symlinked_input_is_refused(run_dir, tmp_path):
-    run = str(tmp_path / "run")
-    shutil.copytree(run_dir, run)
+def test_symlinked_input_is_refused(run_dir, tmp_path, fresh_copy):
+    run = fresh_copy(run_dir)
     shard = os.path.join(run, "iter_0000004", "mp_rank_00_000")
     os.rename(shard, str(tmp_path / "elsewhere"))
     os.symlink(str(tmp_path / "elsewhere"), shard)

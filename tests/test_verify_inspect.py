@@ -7,7 +7,8 @@ import torch
 
 from pmm_dist.testing.synthetic import generate_run
 
-from .helpers import run_cli, trusted_load
+from .conftest import run_cli
+from .helpers import trusted_load
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,14 @@ def _chunks(path: str):
 def copy_atomically(src: str, dst: str) -> tuple:
     """Byte-for-byte copy (no unpickling) with checksum; returns (num_bytes, sha256)."""
     def produce(writer):
-        for chunk in _chunks(src):
+        chunks = _chunks(src)
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except OSError as exc:  # name the source: write_atomically would name the destination
+                raise MergeError(f"{src}: cannot read ({exc.strerror or exc})") from exc
+            if chunk is None:
+                return
             writer.write(chunk)
     return write_atomically(dst, produce)
 

@@ -1,0 +1,120 @@
+"""pmm_dist.io.atomic: a file appears under its name complete or not at all, with its checksum."""
+import errno
+import hashlib
+import json
+import os
+
+import pytest
+
+from pmm_dist.errors import MergeError
+from pmm_dist.io import atomic
+from pmm_dist.io.atomic import (copy_atomically, remove_tree_quietly, sha256_of_file, temporary_name,
+                                write_atomically, write_json_atomically, write_text_atomically)
+
+
+def _leftovers(directory):
+    return [name for name in os.listdir(directory) if ".tmp." in name]
+
+
+def test_write_returns_size_and_sha256_of_the_bytes_written(tmp_path):
+    path = str(tmp_path / "deep" / "er" / "file.bin")  # missing parents are created
+    num_bytes, digest = write_atomically(path, lambda f: (f.write(b"abc"), f.write(b"defg")))
+    assert open(path, "rb").read() == b"abcdefg"
+    assert (num_bytes, digest) == (7, hashlib.sha256(b"abcdefg").hexdigest())
+    assert _leftovers(tmp_path / "deep" / "er") == []
+
+
+def test_nothing_is_under_the_final_name_while_writing(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    seen = []
+
+    def produce(f):
+        f.write(b"new, partly")
+        f.flush()
+        seen.append(path.read_bytes())  # a reader meanwhile sees the old file, whole
+        seen.append(os.path.exists(temporary_name(str(path))))
+        f.write(b" and finished")
+    write_atomically(str(path), produce)
+    assert seen == [b"old", True]
+    assert path.read_bytes() == b"new, partly and finished"
+
+
+@pytest.mark.parametrize("error", [ValueError("bad tensor"), KeyboardInterrupt()])
+def test_a_failing_producer_leaves_the_old_file_and_no_temporary(tmp_path, error):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+
+    def produce(f):
+        f.write(b"half")
+        raise error
+    with pytest.raises(type(error)):  # not wrapped: a bug stays a bug, Ctrl-C stays Ctrl-C
+        write_atomically(str(path), produce)
+    assert path.read_bytes() == b"old" and _leftovers(tmp_path) == []
+
+
+def test_an_os_error_names_the_file(tmp_path):
+    path = str(tmp_path / "out.bin")
+
+    def disk_full(f):
+        f.write(b"some")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(MergeError, match=rf"^{path}: cannot write \(No space left on device\)$"):
+        write_atomically(path, disk_full)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_place_names_the_file(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    path = str(tmp_path / "a_file" / "out.bin")  # fails even as root, unlike a read-only directory
+    with pytest.raises(MergeError, match=f"^{path}: cannot write"):
+        write_text_atomically(path, "x")
+
+
+def test_text_and_json(tmp_path):
+    text = str(tmp_path / "t.txt")
+    assert write_text_atomically(text, "40\n")[0] == 3 and open(text).read() == "40\n"
+    obj = {"files": [{"path": "a", "bytes": 1}], "ünïcode": "ok"}
+    num_bytes, digest = write_json_atomically(str(tmp_path / "m.json"), obj)
+    data = (tmp_path / "m.json").read_bytes()
+    assert json.loads(data) == obj and data.endswith(b"\n")
+    assert (num_bytes, digest) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * 7 + 3])
+def test_copy_is_byte_identical_in_chunks(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(atomic, "_COPY_CHUNK", 7)  # several chunks and a ragged last one
+    src, dst = tmp_path / "src.bin", tmp_path / "copy" / "dst.bin"
+    content = bytes(range(256))[:size]
+    src.write_bytes(content)
+    num_bytes, digest = copy_atomically(str(src), str(dst))
+    assert dst.read_bytes() == content and src.read_bytes() == content
+    assert (num_bytes, digest) == (size, hashlib.sha256(content).hexdigest())
+    assert sha256_of_file(str(dst)) == digest
+
+
+def test_copy_of_a_missing_source_names_the_source_and_leaves_nothing(tmp_path):
+    src = str(tmp_path / "missing.bin")
+    with pytest.raises(MergeError, match=rf"^{src}: cannot read \(No such file or directory\)$"):
+        copy_atomically(src, str(tmp_path / "out" / "dst.bin"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_copy_onto_an_unwritable_place_names_the_destination(tmp_path):
+    src, dst = tmp_path / "src.bin", tmp_path / "src.bin" / "dst.bin"
+    src.write_bytes(b"x")
+    with pytest.raises(MergeError, match=f"^{dst}: cannot write"):
+        copy_atomically(str(src), str(dst))
+
+
+def test_temporary_name_is_per_process_and_recognisable():
+    # staging removes files with ".tmp." in their name on --resume: a killed writer's leftovers
+    assert temporary_name("/out/x.pt") == f"/out/x.pt.tmp.{os.getpid()}"
+
+
+def test_remove_tree_quietly(tmp_path):
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "f").write_text("x")
+    remove_tree_quietly(str(tmp_path / "tree"))
+    remove_tree_quietly(str(tmp_path / "never_existed"))
+    assert os.listdir(tmp_path) == []
