@@ -52,6 +52,7 @@ MODULE_TIERS = {
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",
     "test_resilience": "multiprocess",
+    "test_safety": "multiprocess",    # issue 15's contracts through the CLI
     "test_verify_inspect": "multiprocess",
     "test_dcp_merge": "real",
     "test_deepspeed_real": "real",

@@ -114,7 +114,7 @@ def test_sigterm_handler_is_left_alone_outside_the_main_thread():
 
 def test_describe_failure_keeps_messages_flags_and_bug_tracebacks():
     error = describe_failure(InputError("/x.pt: truncated"))
-    assert error == RankError("/x.pt: truncated", "InputError")
+    assert error == RankError("/x.pt: truncated", "InputError", resumable=False)
     assert describe_failure(UsageError("--last must be positive")).usage
     try:
         {}["missing"]

@@ -12,8 +12,9 @@ import pmm_dist
 from pmm_dist.errors import InputError
 from pmm_dist.formats import resolve_format
 from pmm_dist.testing.synthetic import generate_run
-from tests.helpers import run_cli, trusted_load
-from tests.hf_models import make_run as make_hf_run
+from .conftest import run_cli
+from .helpers import trusted_load
+from .hf_models import make_run as make_hf_run
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ARGS = ["--last", "2", "--quiet"]
@@ -190,17 +191,21 @@ def test_nonfinite_error_suggests_a_way_out_not_resume(run, tmp_path):
     assert "--on-nonfinite" in proc.stderr and "--iterations" in proc.stderr and "--resume" not in proc.stderr
 
 
-def test_summary_after_resume_counts_only_this_runs_work(run, tmp_path):
-    full = run_cli(["merge", run, "--out", str(tmp_path / "full"), "--last", "2"])
+def test_summary_after_resume_counts_only_this_runs_work(tmp_path):
+    run = str(tmp_path / "run")  # 8 shard files: more than the units a rank has in flight
+    generate_run(run, iterations=[10, 20], tp=4, pp=2, ep=1, num_layers=2, hidden_size=16,
+                 ffn_hidden_size=32, num_experts=0, vocab_size=32)
+    full = run_cli(["merge", run, "--out", str(tmp_path / "full")])
     out = str(tmp_path / "out")
-    assert run_cli(["merge", run, "--out", out, "--last", "2", "--quiet"],
-                   env={"PMM_DIST_FAULT": "unit:0@0=kill"}).returncode != 0
-    resumed = run_cli(["merge", run, "--out", out, "--last", "2", "--resume"])
+    assert run_cli(["merge", run, "--out", out, "--quiet"], env={"PMM_DIST_FAULT": "unit:0@0=kill"}).returncode != 0
+    resumed = run_cli(["merge", run, "--out", out, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "1 files were finished by the interrupted run and are not counted below" in resumed.stdout
+    done = int(resumed.stdout.split("resuming: ", 1)[1].split(" ", 1)[0])
+    assert 1 <= done < 8
+    assert f"{done} files were finished by the interrupted run and are not counted below" in resumed.stdout
     manifest = json.load(open(os.path.join(out, "pmm_manifest.json")))
     complete = json.load(open(os.path.join(tmp_path / "full", "pmm_manifest.json")))
-    assert manifest["units_resumed"] == 1
+    assert manifest["units_resumed"] == done
     assert 0 < manifest["bytes_read"] < complete["bytes_read"]
     assert 0 < manifest["bytes_written"] < complete["bytes_written"]
     assert "files were finished" not in full.stdout

@@ -94,7 +94,7 @@ def _stage_file(staging, unit, num_bytes):
 def staging(tmp_path):
     out = tmp_path / "out"
     staging = Staging(str(out), "iter_0000040")
-    assert staging.prepare("fp-1", resume=False) == 0
+    assert staging.prepare("fp-1", {}, resume=False) == 0
     return staging
 
 
@@ -102,7 +102,7 @@ def test_layout_under_the_output(tmp_path, staging):
     root = tmp_path / "out" / STAGING
     assert staging.root == str(root) and staging.exists()
     assert staging.data_dir == str(root / "data" / "iter_0000040") and os.path.isdir(staging.data_dir)
-    assert json.loads((root / "state" / "fingerprint.json").read_text()) == {"fingerprint": "fp-1"}
+    assert json.loads((root / "state" / "fingerprint.json").read_text()) == {"fingerprint": "fp-1", "identity": {}}
     # a format whose output is OUT itself stages straight into data/
     assert Staging(str(tmp_path / "o2"), "").data_dir == str(tmp_path / "o2" / STAGING / "data")
 
@@ -145,7 +145,7 @@ def test_resume_with_the_same_fingerprint_keeps_finished_units(tmp_path, staging
     os.makedirs(os.path.dirname(leftover))
     open(leftover, "wb").close()  # a writer killed mid-file
     again = Staging(str(tmp_path / "out"), "iter_0000040")
-    assert again.prepare("fp-1", resume=True) == 2
+    assert again.prepare("fp-1", {}, resume=True) == 2
     assert again.completed(UNIT) == _result(UNIT, 10) and again.completed(OTHER) == _result(OTHER, 10)
     assert not os.path.exists(leftover)
 
@@ -154,7 +154,7 @@ def test_resume_with_another_fingerprint_is_refused_and_keeps_the_work(tmp_path,
     _stage_file(staging, UNIT, 10)
     staging.mark_done(UNIT, _result(UNIT, 10))
     with pytest.raises(MergeError, match=f"refusing to --resume in {staging.root}: the inputs or options differ"):
-        Staging(str(tmp_path / "out"), "iter_0000040").prepare("fp-2", resume=True)
+        Staging(str(tmp_path / "out"), "iter_0000040").prepare("fp-2", {}, resume=True)
     assert staging.completed(UNIT) == _result(UNIT, 10)
 
 
@@ -163,7 +163,7 @@ def test_without_resume_a_previous_merge_is_started_over(tmp_path, staging):
     staging.mark_done(UNIT, _result(UNIT, 10))
     staging.set_flag("cleared")
     again = Staging(str(tmp_path / "out"), "iter_0000040")
-    assert again.prepare("fp-1", resume=False) == 0
+    assert again.prepare("fp-1", {}, resume=False) == 0
     assert again.completed(UNIT) is None and not again.has_flag("cleared")
     assert os.listdir(again.data_dir) == []
 
@@ -171,7 +171,7 @@ def test_without_resume_a_previous_merge_is_started_over(tmp_path, staging):
 def test_resume_without_a_previous_merge_starts_afresh(tmp_path):
     staging = Staging(str(tmp_path / "out"), "iter_0000040")
     assert not staging.exists()
-    assert staging.prepare("fp-1", resume=True) == 0 and staging.exists()
+    assert staging.prepare("fp-1", {}, resume=True) == 0 and staging.exists()
 
 
 def test_commit_record_flags_and_discard(tmp_path, staging):

@@ -79,8 +79,8 @@ def describe_failure(exc: BaseException) -> RankError:
         first = exc.errors_by_rank[min(exc.errors_by_rank)]
         return first
     if isinstance(exc, (KeyboardInterrupt, SystemExit, Interrupted)):
-        reason = str(exc) if isinstance(exc, Terminated) else "interrupted (Ctrl-C)" \
-            if isinstance(exc, KeyboardInterrupt) else f"interrupted ({type(exc).__name__})"
+        reason = "interrupted (Ctrl-C)" if type(exc) is KeyboardInterrupt else \
+            str(exc) or f"interrupted ({type(exc).__name__})"
         return RankError(reason, type(exc).__name__, interrupted=True)
     if isinstance(exc, MergeError):
         return RankError(str(exc), type(exc).__name__, usage=isinstance(exc, UsageError), resumable=exc.resumable)
