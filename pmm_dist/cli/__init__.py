@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from .. import __version__
 from ..formats import available_formats
-from .merge import EPILOG, add_merge_arguments, run_merge
+from .merge import add_merge_arguments, epilog, run_merge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    m = commands.add_parser("merge", help="merge N checkpoints into one", epilog=EPILOG,
+    m = commands.add_parser("merge", help="merge N checkpoints into one", epilog=epilog(),
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Merge N checkpoints of one run into one checkpoint in the same format. "
                                         "Run it in one process or on every rank of torchrun / deepspeed / mpiexec: "

@@ -10,20 +10,26 @@ from typing import List
 
 from ..dist.collective import sigterm_as_exception
 from ..engine import MergeOptions, merge
+from ..engine.options import METHOD_OPTION
 from ..errors import MergeError, UsageError
+from ..formats import loading_hints
+from ..merge.methods import available_methods, get_method
 from ..io.staging import Staging
 from ..plan.types import Choice
 from ..engine.report import format_summary
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-EPILOG = """\
-methods (weights w_i, oldest checkpoint first, N checkpoints):
-  sma       w_i = 1/N
-  wma       w_i = i / (N(N+1)/2)
-  ema       w_1 = (1-alpha)^(N-1), w_i = alpha (1-alpha)^(N-i) for i >= 2  (sums to 1)
-  weighted  w_i from --weights, normalised to sum 1 unless --no-normalize
+def epilog() -> str:
+    """--help's closing text: the methods' formulas and the formats' loading commands come from
+    their own modules' registries."""
+    methods = "\n".join(f"  {name:9} {get_method(name).summary}" for name in available_methods())
+    loading = "\n".join(f"  {name:14} {hint}" for name, hint in loading_hints().items())
+    return (f"methods (weights w_i, oldest checkpoint first, N checkpoints):\n{methods}\n\n{_USAGE_NOTES}"
+            f"loading the result (see README.md):\n{loading}\n\n{_EXIT_NOTES}")
 
+
+_USAGE_NOTES = """\
 selection (default: every checkpoint found):
   --last N                 the newest N checkpoints
   --interval V [--last N]  newest, newest-V, newest-2V, ... (a missing one is an error)
@@ -34,12 +40,8 @@ examples:
   torchrun --standalone --nproc-per-node 8 -m pmm_dist merge /ckpt/run --out /ckpt/run_sma --last 10
   pmm-dist merge /ckpt/run/iter_0009000 /ckpt/run/iter_0010000 --out /tmp/avg --dry-run
 
-loading the result (same parallel layout as the sources; see README.md):
-  Megatron-LM (torch, torch_dist):  --load OUT --finetune --no-load-optim --no-load-rng
-  DeepSpeed:  engine.load_checkpoint(OUT, load_module_only=True, load_optimizer_states=False,
-                                     load_lr_scheduler_states=False)
-  PyTorch DCP: dcp.load(state, checkpoint_id=OUT);  Hugging Face: from_pretrained(OUT)
-
+"""
+_EXIT_NOTES = """\
 after a crash or kill: re-run the same command with --resume (finished files are kept).
 Exit status: 0 on success, 1 on a merge error (message names the file and key), 2 on bad usage,
 130 when interrupted.
@@ -81,6 +83,11 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         kwargs = {"dest": f.name, "help": meta["help"], "default": None if f.default is MISSING else f.default}
+        if meta.get(METHOD_OPTION):  # which methods take it, and their default, from the methods themselves
+            takers = [m for m in available_methods() if f.name in get_method(m).defaults]
+            defaults = {get_method(m).defaults[f.name] for m in takers} - {None}
+            kwargs["help"] += f" (--method {' or '.join(takers)}" + \
+                (f"; default: {defaults.pop()})" if len(defaults) == 1 and "const" not in meta else ")")
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
         if "const" in meta:
             kwargs.update(action="store_const", const=meta["const"])

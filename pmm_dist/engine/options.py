@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UsageError
 from ..formats import available_formats
-from ..merge.methods import available_methods, get_method
+from ..merge.methods import DEFAULT_METHOD, available_methods, get_method
 from ..plan.selection import TensorFilter
 from ..plan.types import NonfinitePolicy, OptimizerPolicy
 
@@ -31,10 +31,10 @@ class MergeOptions:
     sources: Sequence[str] = option((), "one run directory (tracker + checkpoint dirs) or several checkpoint "
                                         "directories", positional=True, metavar="SOURCE")
     out: str = option("", "output directory (refused if it exists, unless --overwrite)", required=True)
-    method: str = option("sma", "merge method (default: sma)", choices=available_methods())
-    alpha: Optional[float] = option(None, "EMA rate, 0 < alpha <= 1 (default: 0.2)", method_option=True)
-    weights: Optional[Sequence[float]] = option(None, "explicit weights w1,w2,... oldest first (method 'weighted')",
-                                                method_option=True, parse="floats")
+    method: str = option(DEFAULT_METHOD, f"merge method (default: {DEFAULT_METHOD})", choices=available_methods())
+    alpha: Optional[float] = option(None, "the rate alpha, 0 < alpha <= 1", method_option=True)
+    weights: Optional[Sequence[float]] = option(None, "explicit weights w1,w2,... oldest first", method_option=True,
+                                                parse="floats")
     normalize: Optional[bool] = option(None, "use --weights as given instead of normalising them to sum 1",
                                        method_option=True, flag="--no-normalize", const=False)
     last: Optional[int] = option(None, "merge the newest N checkpoints")
@@ -53,7 +53,7 @@ class MergeOptions:
     exclude: Optional[Sequence[str]] = option(None, "do not merge the tensors whose names match one of these glob "
                                               "patterns; they are the newest checkpoint's", parse="globs")
     allow_mixed_runs: bool = option(False, "merge checkpoints even though what identifies their runs differs "
-                                           "(Megatron args, Hugging Face config.json)")
+                                           "(as the format records it: saved args, model config)")
     dry_run: bool = option(False, "print the plan and write nothing")
     overwrite: bool = option(False, "replace an existing output directory")
     resume: bool = option(False, "finish an interrupted merge into the same --out (same inputs and options), "

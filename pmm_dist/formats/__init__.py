@@ -11,12 +11,18 @@ from .base import CheckpointFormat, MergeContext
 
 # Detection order matters: megatron-dist before megatron (a torch_dist run has the legacy tracker
 # too) and before dcp (a torch_dist checkpoint is a DCP checkpoint too).
-_REGISTRY: Dict[str, Tuple[str, str]] = {
-    "megatron-dist": ("pmm_dist.formats.megatron_dist", "MegatronDistFormat"),
-    "megatron": ("pmm_dist.formats.megatron", "MegatronLegacyFormat"),
-    "dcp": ("pmm_dist.formats.dcp", "DcpFormat"),
-    "hf": ("pmm_dist.formats.hf", "HuggingFaceFormat"),
-    "deepspeed": ("pmm_dist.formats.deepspeed", "DeepSpeedFormat"),
+# name -> (module, class, how to load a merged output: shown by --help without importing the format)
+_REGISTRY: Dict[str, Tuple[str, str, str]] = {
+    "megatron-dist": ("pmm_dist.formats.megatron_dist", "MegatronDistFormat",
+                      "Megatron-LM --ckpt-format torch_dist --load OUT --finetune --no-load-optim --no-load-rng"),
+    "megatron": ("pmm_dist.formats.megatron", "MegatronLegacyFormat",
+                 "Megatron-LM --ckpt-format torch --load OUT --finetune --no-load-optim --no-load-rng "
+                 "(same TP/PP/EP as the newest source)"),
+    "dcp": ("pmm_dist.formats.dcp", "DcpFormat", "dcp.load(state_dict, checkpoint_id=OUT)"),
+    "hf": ("pmm_dist.formats.hf", "HuggingFaceFormat", "AutoModelForCausalLM.from_pretrained(OUT)"),
+    "deepspeed": ("pmm_dist.formats.deepspeed", "DeepSpeedFormat",
+                  "engine.load_checkpoint(OUT, load_module_only=True, load_optimizer_states=False, "
+                  "load_lr_scheduler_states=False)"),
 }
 
 
@@ -24,9 +30,14 @@ def available_formats() -> List[str]:
     return list(_REGISTRY)
 
 
+def loading_hints() -> Dict[str, str]:
+    """How each format's merged output is loaded, by format name (no format is imported)."""
+    return {name: hint for name, (_, _, hint) in _REGISTRY.items()}
+
+
 def format_class(name: str) -> Type[CheckpointFormat]:
     try:
-        module, attr = _REGISTRY[name]
+        module, attr, _ = _REGISTRY[name]
     except KeyError:
         raise UsageError(f"unknown format {name!r}; choose one of: auto, {', '.join(_REGISTRY)}") from None
     return getattr(importlib.import_module(module), attr)

@@ -38,13 +38,24 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from ..io.safe_load import safe_load
+from ..io.safe_load import register_framework_globals, safe_load
 from ..io.tree import remove_subtree, replace_subtree
 from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
 from .common import discover_run_or_checkpoints, listdir, number_in_name
 from .pickled import PickledFileFormat
 
 TRACKER = "latest"
+
+
+def _deepspeed_safe_globals() -> list:
+    """DeepSpeed's classes that its checkpoints pickle (loss scaler, ZeRO stage, fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+register_framework_globals("deepspeed.", _deepspeed_safe_globals)
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
 
 # File kinds of a tag directory, by name (DeepSpeed's own naming, see the module docstring).

@@ -13,12 +13,15 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from ..io.safe_load import safe_load
+from ..io.safe_load import register_framework_globals, safe_load
 from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
 from .common import discover_run_or_checkpoints, listdir, number_in_name
 from .pickled import PickledFileFormat
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# Megatron's own allow-list (enums in saved args, ...), as Megatron itself loads with it.
+register_framework_globals(
+    "megatron.", lambda: __import__("megatron.core.safe_globals", fromlist=["SAFE_GLOBALS"]).SAFE_GLOBALS)
 MODEL_FILE = "model_optim_rng.pt"
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 _ITER_DIR = re.compile(r"^iter_(\d+)$")

@@ -16,18 +16,22 @@ import re
 import signal
 import threading
 import types
-from typing import Any, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
 from ..errors import InputError
 
-_FRAMEWORK_SAFE_GLOBALS = {
-    # module path prefix -> callable returning the framework's own allow-list
-    "megatron.": lambda: __import__("megatron.core.safe_globals", fromlist=["SAFE_GLOBALS"]).SAFE_GLOBALS,
-    "deepspeed.": lambda: _deepspeed_safe_globals(),
-}
+# module path prefix -> callable returning that framework's own allow-list; each format registers
+# its framework's (register_framework_globals), and a list is loaded only when a file needs it.
+_FRAMEWORK_SAFE_GLOBALS: Dict[str, Callable[[], List[Any]]] = {}
 _loaded_frameworks: set = set()
+
+
+def register_framework_globals(prefix: str, loader: Callable[[], List[Any]]) -> None:
+    """Classes under the module path ``prefix`` are allowed by their exact names as ``loader()``
+    lists them (imported only when a checkpoint references one, and only if installed)."""
+    _FRAMEWORK_SAFE_GLOBALS[prefix] = loader
 _LOAD_LOCK = threading.RLock()
 
 
@@ -41,13 +45,6 @@ def _numpy_safe_globals() -> List[Any]:
     allowed += [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct")]
     allowed += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
     return allowed
-
-
-def _deepspeed_safe_globals() -> List[Any]:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 @functools.lru_cache(maxsize=None)

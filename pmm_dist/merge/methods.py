@@ -72,22 +72,25 @@ def available_methods() -> List[str]:
     return sorted(_REGISTRY)
 
 
+DEFAULT_METHOD = "sma"  # the PMA paper's default
+
+
 @register("sma")
 def simple_moving_average(num_checkpoints: int) -> List[float]:
-    """SMA: w_i = 1/N."""
+    """w_i = 1/N"""
     return [1.0 / num_checkpoints] * num_checkpoints
 
 
 @register("wma")
 def weighted_moving_average(num_checkpoints: int) -> List[float]:
-    """WMA: w_i = i / sum_j j (later checkpoints weigh more)."""
+    """w_i = i / (N(N+1)/2): later checkpoints weigh more"""
     total = num_checkpoints * (num_checkpoints + 1) / 2
     return [i / total for i in range(1, num_checkpoints + 1)]
 
 
 @register("ema")
 def exponential_moving_average(num_checkpoints: int, *, alpha: float = 0.2) -> List[float]:
-    """EMA: E_1 = M_1, E_i = alpha*M_i + (1-alpha)*E_{i-1}; weights sum to 1."""
+    """w_1 = (1-alpha)^(N-1), w_i = alpha (1-alpha)^(N-i) for i >= 2 (E_1 = M_1, E_i = alpha M_i + (1-alpha) E_{i-1}; sums to 1)"""
     if not 0.0 < alpha <= 1.0:
         raise UsageError(f"--alpha must be in (0, 1], got {alpha}")
     # The recursion starts from M_1, not from zero: w_1 = (1-alpha)^(N-1). The closed form
@@ -99,7 +102,7 @@ def exponential_moving_average(num_checkpoints: int, *, alpha: float = 0.2) -> L
 @register("weighted")
 def explicit_weights(num_checkpoints: int, *, weights: Optional[Sequence[float]] = None,
                      normalize: bool = True) -> List[float]:
-    """Explicit weights w1..wN (oldest first), normalised to sum 1 unless normalize=False."""
+    """w_i from --weights (oldest first), normalised to sum 1 unless --no-normalize"""
     if weights is None:
         raise UsageError("method 'weighted' needs --weights w1,w2,... (oldest checkpoint first)")
     if len(weights) != num_checkpoints:
