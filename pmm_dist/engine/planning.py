@@ -29,6 +29,7 @@ class MergePlan:
     checkpoints: List[CheckpointRef]
     weights: List[float]
     layout: Dict[str, object]
+    source_layouts: List[Dict[str, object]]   # each checkpoint's own layout, oldest first
     output: OutputLayout
     out: str
     optimizer_policy: OptimizerPolicy
@@ -71,7 +72,8 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
                    "units": [(u.relpath, u.action, u.num_bytes) for u in units]}
     plan = MergePlan(format_name=fmt.name, method=method.name,
                      method_options={k: v for k, v in method.options(options.method_options()).items() if v is not None},
-                     checkpoints=checkpoints, weights=weights, layout=fmt.layout(checkpoints), output=output,
+                     checkpoints=checkpoints, weights=weights, layout=fmt.layout(checkpoints),
+                     source_layouts=[fmt.checkpoint_layout(c) for c in checkpoints], output=output,
                      out=os.path.abspath(options.out), optimizer_policy=options.optimizer,
                      on_nonfinite=options.on_nonfinite, fingerprint=fingerprint(description, snapshot),
                      num_units=len(units), units=tuple(units),

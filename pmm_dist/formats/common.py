@@ -27,6 +27,49 @@ def number_in_name(path: str, pattern: Pattern = STEP_OR_TRAILING_NUMBER) -> Opt
     return int(next(group for group in match.groups() if group is not None))
 
 
+def layout_text(layout: Dict[str, object], keys: Optional[Sequence[str]] = None) -> str:
+    """``tp=2, pp=1`` (every entry, or those of ``keys`` in their order)."""
+    return ", ".join(f"{k}={layout.get(k)}" for k in (keys if keys is not None else layout))
+
+
+def layout_change_refusal(checkpoints: Sequence[CheckpointRef], layouts: Sequence[Dict[str, object]],
+                          keys: Sequence[str], *, reason: str, hint: str = "") -> Optional[str]:
+    """ONE message refusing a merge whose checkpoints differ in the layout entries ``keys``
+    (``layouts``: one ``checkpoint_layout`` per checkpoint, oldest first), or None if they agree.
+
+    It groups the checkpoints by layout, so a run that changed layout once reads as two lines
+    however many keys and files are affected, and suggests the newest's same-layout window
+    (the trailing checkpoints that share its layout) as ``--iterations``; ``hint`` adds what
+    else would work (another format, another option)."""
+    def of(layout):
+        return tuple(layout.get(k) for k in keys)
+
+    if all(of(layout) == of(layouts[-1]) for layout in layouts):
+        return None
+    groups: Dict[str, List[CheckpointRef]] = {}
+    for ckpt, layout in zip(checkpoints, layouts):
+        groups.setdefault(layout_text(layout, keys), []).append(ckpt)
+    window = []
+    for ckpt, layout in zip(reversed(checkpoints), reversed(layouts)):
+        if of(layout) != of(layouts[-1]):
+            break
+        window.insert(0, ckpt)
+    parents = {os.path.dirname(os.path.normpath(c.path)) for c in checkpoints}
+    where = f" (in {parents.pop()})" if len(parents) == 1 else ""
+    lines = [f"the selected checkpoints were saved at different layouts{where}: {reason}"]
+    lines += [f"    {text}: {_checkpoint_names(ckpts, bool(where))}" for text, ckpts in groups.items()]
+    lines.append(f"  merge one layout at a time, e.g. the newest's: --iterations "
+                 f"{','.join(str(c.iteration) for c in window)}" + (f"; {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def _checkpoint_names(ckpts: Sequence[CheckpointRef], short: bool, most: int = 6) -> str:
+    names = [os.path.basename(os.path.normpath(c.path)) if short else c.path for c in ckpts]
+    if len(names) > most:
+        names = names[:3] + [f"... ({len(names) - 5} more)"] + names[-2:]
+    return ", ".join(names)
+
+
 def listdir(path: str) -> List[str]:
     """Sorted entries of ``path``; [] if it is missing, not a directory or unreadable."""
     try:
