@@ -149,15 +149,17 @@ def compare_entries(path: str, entries: Dict[str, EntrySpec], newest_path: str, 
     return problems
 
 
-def leaf_specs(leaves: Dict[tuple, object]) -> Dict[str, EntrySpec]:
+def leaf_specs(leaves: Dict[tuple, object], where: Optional[Dict[tuple, str]] = None) -> Dict[str, EntrySpec]:
     """State-dict leaves (path -> value) as entries: float tensors are checked, the rest (taken
-    from the newest) only need to be present."""
+    from the newest) only need to be present; ``where``: the file of a leaf, for messages."""
     specs = {}
+    where = where or {}
     for path, leaf in leaves.items():
         if isinstance(leaf, torch.Tensor):
-            specs[dotted(path)] = EntrySpec("a tensor", leaf.dtype, tuple(leaf.shape), checked=is_mergeable(leaf))
+            specs[dotted(path)] = EntrySpec("a tensor", leaf.dtype, tuple(leaf.shape), checked=is_mergeable(leaf),
+                                            where=where.get(path))
         else:
-            specs[dotted(path)] = EntrySpec(type(leaf).__name__, checked=False)
+            specs[dotted(path)] = EntrySpec(type(leaf).__name__, checked=False, where=where.get(path))
     return specs
 
 
