@@ -33,22 +33,26 @@ def layout_text(layout: Dict[str, object], keys: Optional[Sequence[str]] = None)
 
 
 def layout_change_refusal(checkpoints: Sequence[CheckpointRef], layouts: Sequence[Dict[str, object]],
-                          keys: Sequence[str], *, reason: str, hint: str = "") -> Optional[str]:
+                          keys: Sequence[str], *, reason: str, hint: str = "",
+                          show: Sequence[str] = ()) -> Optional[str]:
     """ONE message refusing a merge whose checkpoints differ in the layout entries ``keys``
     (``layouts``: one ``checkpoint_layout`` per checkpoint, oldest first), or None if they agree.
 
-    It groups the checkpoints by layout, so a run that changed layout once reads as two lines
-    however many keys and files are affected, and suggests the newest's same-layout window
-    (the trailing checkpoints that share its layout) as ``--iterations``; ``hint`` adds what
-    else would work (another format, another option)."""
+    It groups the checkpoints by layout (the entries of ``keys`` that differ, and those of
+    ``show``), so a run that changed layout once reads as two lines however many keys and files
+    are affected, and suggests the newest's same-layout window (the trailing checkpoints that
+    share its layout) as ``--iterations``; ``hint`` adds what else would work."""
     def of(layout):
         return tuple(layout.get(k) for k in keys)
 
     if all(of(layout) == of(layouts[-1]) for layout in layouts):
         return None
+    differing = {k for k in keys if len({repr(layout.get(k)) for layout in layouts}) > 1}
+    shown = [k for k in layouts[-1] if k in differing or k in show] + \
+        [k for k in (*keys, *show) if k not in layouts[-1] and (k in differing or k in show)]
     groups: Dict[str, List[CheckpointRef]] = {}
     for ckpt, layout in zip(checkpoints, layouts):
-        groups.setdefault(layout_text(layout, keys), []).append(ckpt)
+        groups.setdefault(layout_text(layout, shown), []).append(ckpt)
     window = []
     for ckpt, layout in zip(reversed(checkpoints), reversed(layouts)):
         if of(layout) != of(layouts[-1]):
