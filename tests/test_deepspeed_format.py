@@ -65,7 +65,15 @@ def make_checkpoint(run, step, *, stage=2, dp=2, bf16=False, num_experts=None, e
         _save(os.path.join(tag, f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt"),
               {"optimizer_state_dict": optim, "ds_config": states["ds_config"]})
         if stage == 3:
-            _save(os.path.join(tag, f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"), states)
+            rank_states = dict(states)
+            if geometry:  # a frozen parameter: partitioned in the model states, like DeepSpeed's
+                rank_states["frozen_param_shapes"] = {"f": torch.Size([5])}
+                size = -(-5 // dp)
+                fragment = torch.full((size,), 999.0)
+                piece = (torch.arange(5.0) * step)[dp_rank * size:(dp_rank + 1) * size]
+                fragment[:piece.numel()] = piece
+                rank_states["frozen_param_fragments"] = {"f": fragment}
+            _save(os.path.join(tag, f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"), rank_states)
     if stage != 3:
         _save(os.path.join(tag, "mp_rank_00_model_states.pt"), states)
     for name in extra:
@@ -240,6 +248,10 @@ def test_zero3_partitions_are_remapped_onto_the_newest_dp_size(tmp_path, dps):
             assert torch.allclose(full[:value.numel()].double(), value.reshape(-1), rtol=0, atol=1e-5), name
             assert torch.all(full[value.numel():] == 0)  # padding: zeros, never the sources' 999
             offset += size
+        fragments = [trusted_load(os.path.join(tag, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
+                     ["frozen_param_fragments"]["f"] for r in range(newest)]
+        frozen = torch.cat(fragments)[:5].double()
+        assert torch.allclose(frozen, sum(w * torch.arange(5.0).double() * 10 * (i + 1) for i, w in enumerate(weights)))
 
 
 def test_zero12_dp_change_merges_the_whole_weights(tmp_path):
