@@ -33,8 +33,8 @@ def layout_text(layout: Dict[str, object], keys: Optional[Sequence[str]] = None)
 
 
 def layout_change_refusal(checkpoints: Sequence[CheckpointRef], layouts: Sequence[Dict[str, object]],
-                          keys: Sequence[str], *, reason: str, hint: str = "",
-                          show: Sequence[str] = ()) -> Optional[str]:
+                          keys: Sequence[str], *, reason: str, hint: str = "", show: Sequence[str] = (),
+                          heading: str = "the selected checkpoints were saved at different layouts") -> Optional[str]:
     """ONE message refusing a merge whose checkpoints differ in the layout entries ``keys``
     (``layouts``: one ``checkpoint_layout`` per checkpoint, oldest first), or None if they agree.
 
@@ -60,7 +60,7 @@ def layout_change_refusal(checkpoints: Sequence[CheckpointRef], layouts: Sequenc
         window.insert(0, ckpt)
     parents = {os.path.dirname(os.path.normpath(c.path)) for c in checkpoints}
     where = f" (in {parents.pop()})" if len(parents) == 1 else ""
-    lines = [f"the selected checkpoints were saved at different layouts{where}: {reason}"]
+    lines = [f"{heading}{where}: {reason}"]
     lines += [f"    {text}: {_checkpoint_names(ckpts, bool(where))}" for text, ckpts in groups.items()]
     lines.append(f"  merge one layout at a time, e.g. the newest's: --iterations "
                  f"{','.join(str(c.iteration) for c in window)}" + (f"; {hint}" if hint else ""))
