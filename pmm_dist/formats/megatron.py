@@ -7,6 +7,11 @@ Every shard file is a unit: the merged file keeps the newest source's non-tensor
 (args, checkpoint_version, iteration, ...) and replaces each float tensor under ``model`` /
 ``model{i}`` (one per virtual-pipeline chunk) by the weighted sum of that tensor in every
 source. Integer tensors and ``_extra_state`` come from the newest source.
+
+The output has the newest checkpoint's layout. A source saved at another PP, EP or VP layout
+(same TP) is renumbered: each output key's global name (global layer, global expert; see
+megatron_layout) is looked up in whichever of that source's shards holds it. A TP change is
+refused in one message: the files do not record how each parameter is split over TP ranks.
 """
 import os
 import re
