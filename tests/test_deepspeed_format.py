@@ -226,16 +226,17 @@ def _make_mixed(run, layouts, **kwargs):
     return run
 
 
-@pytest.mark.parametrize("dps", [(2, 2, 1), (1, 1, 2), (3, 1, 2), (2, 3, 4)])
-def test_zero3_partitions_are_remapped_onto_the_newest_dp_size(tmp_path, dps):
-    run = _make_mixed(str(tmp_path / "run"), [(3, dp) for dp in dps], geometry=True)
+@pytest.mark.parametrize("dps,bf16", [((2, 2, 1), False), ((1, 1, 2), True), ((3, 1, 2), False), ((2, 3, 4), False)])
+def test_zero3_partitions_are_remapped_onto_the_newest_dp_size(tmp_path, dps, bf16):
+    run = _make_mixed(str(tmp_path / "run"), [(3, dp) for dp in dps], geometry=True, bf16=bf16)
+    prefix = "bf16_" if bf16 else ""
     for policy in ("drop", "latest"):
         out = _merge(run, str(tmp_path / f"out_{policy}"), method="wma", optimizer=policy)
         tag = os.path.join(out, f"global_step{10 * len(dps)}")
         newest = dps[-1]
-        assert sorted(os.listdir(tag)) == sorted(f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt"
+        assert sorted(os.listdir(tag)) == sorted(f"{prefix if k == 'optim' else ''}zero_pp_rank_{r}_mp_rank_00_{k}_states.pt"
                                                  for r in range(newest) for k in ("model", "optim"))
-        streams = [trusted_load(os.path.join(tag, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+        streams = [trusted_load(os.path.join(tag, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
                    ["optimizer_state_dict"] for r in range(newest)]
         assert all(("optimizer_state_dict" in s) == (policy == "latest") for s in streams)
         weights = [1 / 6, 2 / 6, 3 / 6]

@@ -375,45 +375,42 @@ class DeepSpeedFormat(PickledFileFormat):
     def _partition_sources(self, relpath: str, checkpoints: Sequence[CheckpointRef]):
         """For one output ZeRO-3 optimizer file: the newest's file (loaded), the parameters'
         element counts (param_shapes order) and per source (checkpoint, partition count, its
-        optimizer files by dp rank), each file checked to hold exactly the stream that
-        param_shapes and its partition count imply. InputError lists every problem."""
+        optimizer files by dp rank), each file this output reads checked to hold exactly the
+        stream that param_shapes and its partition count imply. InputError lists every problem."""
         dp, mp = _dp_mp(relpath)
-        newest_ckpt = checkpoints[-1]
-        newest_path = os.path.join(newest_ckpt.path, relpath)
-        shapes_path = os.path.join(newest_ckpt.path, _zero3_model_name(0, mp))
+        newest = checkpoints[-1]
+        newest_path = os.path.join(newest.path, relpath)
+        shapes_path = os.path.join(newest.path, _zero3_model_name(0, mp))
         shapes = _shapes(safe_load(shapes_path).get("param_shapes"))
         if not isinstance(shapes, list):
             raise InputError(f"{shapes_path}: no 'param_shapes' (is this a ZeRO-3 model-states file?)")
         numels = [math.prod(shape) for group in shapes for _, shape in group]
-        output, problems, sources = None, [], []
-        reference_dtype = None
-        for ckpt in reversed(checkpoints):  # the newest first: its dtype is the reference
+        count = zero3_partition_count(self._inventory(newest))
+        output, problem = _flat_partition_problem(newest_path, count, numels, None, newest_path)
+        if problem:
+            raise InputError(problem)
+        dtype = output[OPTIMIZER_STATE][FP32_FLAT_GROUPS][0].dtype
+        problems, sources = [], []
+        for ckpt in checkpoints:
             inv = self._inventory(ckpt)
-            count = zero3_partition_count(inv)
-            if ckpt is not newest_ckpt:
-                path = os.path.join(ckpt.path, _zero3_model_name(0, mp))
-                if _shapes(safe_load(path).get("param_shapes")) != shapes:
-                    problems.append(f"{path}: param_shapes differ from the newest checkpoint's ({shapes_path})")
-                    continue
+            source_count = zero3_partition_count(inv)
             files = {rank: os.path.join(ckpt.path, name) for name, kind in inv.files.items() if kind == ZERO_OPTIM
                      for rank, file_mp in [_dp_mp(name)] if file_mp == mp}
-            ranks = sorted({piece.source_rank for piece in gather_pieces(numels, zero3_partition_count(
-                self._inventory(newest_ckpt)), dp, count)}) if ckpt is not newest_ckpt else [dp]
-            for rank in ranks:
-                path = files.get(rank)
-                if path is None:
-                    problems.append(f"{os.path.join(ckpt.path, _optim_name('bf16_' if inv.bf16 else '', rank, mp, {}))}: "
-                                    "missing file")
+            sources.append((ckpt, source_count, files))
+            if ckpt is newest:
+                continue
+            path = os.path.join(ckpt.path, _zero3_model_name(0, mp))
+            if _shapes(safe_load(path).get("param_shapes")) != shapes:
+                problems.append(f"{path}: param_shapes differ from the newest checkpoint's ({shapes_path})")
+                continue
+            for rank in sorted({piece.source_rank for piece in gather_pieces(numels, count, dp, source_count)}):
+                if rank not in files:
+                    name = _optim_name("bf16_" if inv.bf16 else "", rank, mp, {})
+                    problems.append(f"{os.path.join(ckpt.path, name)}: missing file")
                     continue
-                state, problem = _flat_partition_problem(path, count, numels, reference_dtype, newest_path)
+                _, problem = _flat_partition_problem(files[rank], source_count, numels, dtype, newest_path)
                 if problem:
                     problems.append(problem)
-                elif ckpt is newest_ckpt:
-                    output = state
-                    reference_dtype = state[OPTIMIZER_STATE][FP32_FLAT_GROUPS][0].dtype
-            sources.insert(0, (ckpt, count, files))
-            if output is None:  # the newest file itself is unusable: nothing to compare against
-                raise InputError(problems)
         if problems:
             raise InputError(problems)
         return output, numels, sources
