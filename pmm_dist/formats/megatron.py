@@ -90,6 +90,11 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
     name = "megatron"
     description = "Megatron-LM legacy torch format: latest_checkpointed_iteration.txt + iter_*/mp_rank_*/model_optim_rng.pt"
 
+    def __init__(self):
+        # per checkpoint: (file, saved args) of its first shard, and its shard layout (read once)
+        self._saved_args: Dict[str, Tuple[str, object]] = {}
+        self._layouts: Dict[str, ShardLayout] = {}
+
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -126,10 +131,6 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         return iteration
 
     # -- layout ------------------------------------------------------------------------------
-    def __init__(self):
-        self._saved_args: Dict[str, Tuple[str, object]] = {}
-        self._layouts: Dict[str, ShardLayout] = {}
-
     def _args(self, ckpt: CheckpointRef) -> Tuple[str, object]:
         """(the file read, its saved args or None) of a checkpoint's first shard."""
         if ckpt.path not in self._saved_args:
