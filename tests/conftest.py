@@ -48,14 +48,17 @@ MODULE_TIERS = {
     "test_staging": "unit",
     "test_atomic": "unit",
     "test_tree": "unit",
+    "test_zero3_partitions": "unit",
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",
     "test_resilience": "multiprocess",
     "test_safety": "multiprocess",    # issue 15's contracts through the CLI
     "test_verify_inspect": "multiprocess",
+    "test_megatron_layouts": "multiprocess",
     "test_dcp_merge": "real",
     "test_deepspeed_real": "real",
+    "test_deepspeed_layouts_real": "real",
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
     "test_pma_smoke": "real",

@@ -3,6 +3,7 @@
 The files here only have the shape of DeepSpeed's (the keys planning reads); what DeepSpeed
 really writes and loads is proven in tests/test_deepspeed_real.py against the real engine.
 """
+import json
 import os
 
 import pytest
@@ -15,6 +16,7 @@ from pmm_dist.formats.deepspeed import (EXPERT, EXPERT_OPTIM, LAYER, MODEL, ZERO
                                         classify)
 from pmm_dist.testing.synthetic import generate_run
 
+from .conftest import run_cli
 from .helpers import trusted_load
 
 
@@ -23,8 +25,27 @@ def _save(path, obj):
     torch.save(obj, path)
 
 
-def make_checkpoint(run, step, *, stage=2, dp=2, bf16=False, num_experts=None, extra=()):
-    """A tag directory shaped like DeepSpeed's for a 2-tensor model (values depend on ``step``)."""
+def true_params(step):
+    """The full weights of the 2-tensor model at ``step`` (what ZeRO-3 partitions hold, with geometry=True)."""
+    return {"w": torch.arange(12.0).reshape(4, 3) + step, "b": -torch.arange(3.0) - step}
+
+
+def zero3_partition(step, dp, dp_rank):
+    """Rank ``dp_rank``'s stream at partition count ``dp``: each parameter's ceil(numel/dp) slice,
+    padded (with 999: padding must never reach a weight)."""
+    parts = []
+    for value in true_params(step).values():
+        flat, size = value.reshape(-1), -(-value.numel() // dp)
+        part = torch.full((size,), 999.0)
+        piece = flat[dp_rank * size:(dp_rank + 1) * size]
+        part[:piece.numel()] = piece
+        parts.append(part)
+    return torch.cat(parts)
+
+
+def make_checkpoint(run, step, *, stage=2, dp=2, bf16=False, num_experts=None, extra=(), geometry=False):
+    """A tag directory shaped like DeepSpeed's for a 2-tensor model (values depend on ``step``);
+    ``geometry``: ZeRO-3 flat partitions hold true partitions of ``true_params(step)``."""
     tag = os.path.join(run, f"global_step{step}")
     weight = torch.full((4, 3), float(step))
     module = {"w": torch.empty(0) if stage == 3 else weight, "b": torch.full((3,), -float(step))}
@@ -38,14 +59,22 @@ def make_checkpoint(run, step, *, stage=2, dp=2, bf16=False, num_experts=None, e
                   {f"moe.experts.{expert}.w": torch.full((2,), float(step + expert))})
     prefix = "bf16_" if bf16 else ""
     for dp_rank in range(dp if stage else 0):
-        flat = torch.full((8,), float(step + dp_rank))
+        flat = zero3_partition(step, dp, dp_rank) if geometry else torch.full((8,), float(step + dp_rank))
         optim = {"zero_stage": stage, "partition_count": dp if stage == 3 else [dp]}
         optim["fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"] = [flat]
         optim["optimizer_state_dict" if stage == 3 else "base_optimizer_state"] = {"state": {0: {"exp_avg": flat * 0}}}
         _save(os.path.join(tag, f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt"),
               {"optimizer_state_dict": optim, "ds_config": states["ds_config"]})
         if stage == 3:
-            _save(os.path.join(tag, f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"), states)
+            rank_states = dict(states)
+            if geometry:  # a frozen parameter: partitioned in the model states, like DeepSpeed's
+                rank_states["frozen_param_shapes"] = {"f": torch.Size([5])}
+                size = -(-5 // dp)
+                fragment = torch.full((size,), 999.0)
+                piece = (torch.arange(5.0) * step)[dp_rank * size:(dp_rank + 1) * size]
+                fragment[:piece.numel()] = piece
+                rank_states["frozen_param_fragments"] = {"f": fragment}
+            _save(os.path.join(tag, f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"), rank_states)
     if stage != 3:
         _save(os.path.join(tag, "mp_rank_00_model_states.pt"), states)
     for name in extra:
@@ -133,7 +162,7 @@ def test_zero12_optimizer_files_are_dropped_or_copied(tmp_path):
         ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "copy"),
         ("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "copy")}
     assert fmt.layout(refs) == {"zero_stage": 2, "dp": 2, "bf16": True, "mp": 1, "experts": 0,
-                                "pipeline_layers": 0, "files": 3}
+                                "pipeline_layers": 0}
 
 
 def test_zero3_optimizer_files_are_always_merged(tmp_path):
@@ -181,3 +210,124 @@ def test_dry_run_prints_the_layout(tmp_path, capsys):
     assert "zero_stage=3" in printed and "pipeline_layers=1" in printed
     assert "global_step20" in printed and "global_step10" not in printed  # --last 2
     assert not os.path.exists(tmp_path / "out")
+
+
+# -- layout changes: only the data-parallel size may change -----------------------------------------
+def _merge(run, out, **options):
+    pmm_dist.merge(sources=[run], out=out, device="cpu", quiet=True, **options)
+    return out
+
+
+def _make_mixed(run, layouts, **kwargs):
+    """A run whose checkpoints (steps 10, 20, ...) were saved at ``layouts``: (stage, dp) each."""
+    for index, (stage, dp) in enumerate(layouts):
+        make_checkpoint(run, 10 * (index + 1), stage=stage, dp=dp, **kwargs)
+    with open(os.path.join(run, "latest"), "w") as f:
+        f.write(f"global_step{10 * len(layouts)}")
+    return run
+
+
+@pytest.mark.parametrize("dps,bf16", [((2, 2, 1), False), ((1, 1, 2), True), ((3, 1, 2), False), ((2, 3, 4), False)])
+def test_zero3_partitions_are_remapped_onto_the_newest_dp_size(tmp_path, dps, bf16):
+    run = _make_mixed(str(tmp_path / "run"), [(3, dp) for dp in dps], geometry=True, bf16=bf16)
+    prefix = "bf16_" if bf16 else ""
+    for policy in ("drop", "latest"):
+        out = _merge(run, str(tmp_path / f"out_{policy}"), method="wma", optimizer=policy)
+        tag = os.path.join(out, f"global_step{10 * len(dps)}")
+        newest = dps[-1]
+        assert sorted(os.listdir(tag)) == sorted(f"{prefix if k == 'optim' else ''}zero_pp_rank_{r}_mp_rank_00_{k}_states.pt"
+                                                 for r in range(newest) for k in ("model", "optim"))
+        streams = [trusted_load(os.path.join(tag, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+                   ["optimizer_state_dict"] for r in range(newest)]
+        assert all(("optimizer_state_dict" in s) == (policy == "latest") for s in streams)
+        weights = [1 / 6, 2 / 6, 3 / 6]
+        expected = {name: sum(w * true_params(10 * (i + 1))[name].double() for i, w in enumerate(weights))
+                    for name in ("w", "b")}
+        offset = 0
+        for name, value in expected.items():  # rebuild each parameter as zero_to_fp32 does
+            size = -(-value.numel() // newest)
+            full = torch.cat([s["fp32_flat_groups"][0][offset:offset + size] for s in streams])
+            assert torch.allclose(full[:value.numel()].double(), value.reshape(-1), rtol=0, atol=1e-5), name
+            assert torch.all(full[value.numel():] == 0)  # padding: zeros, never the sources' 999
+            offset += size
+        fragments = [trusted_load(os.path.join(tag, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
+                     ["frozen_param_fragments"]["f"] for r in range(newest)]
+        frozen = torch.cat(fragments)[:5].double()
+        assert torch.allclose(frozen, sum(w * torch.arange(5.0).double() * 10 * (i + 1) for i, w in enumerate(weights)))
+
+
+def test_zero12_dp_change_merges_the_whole_weights(tmp_path):
+    run = _make_mixed(str(tmp_path / "run"), [(2, 2), (2, 2), (2, 1)], bf16=True)
+    fmt = DeepSpeedFormat()
+    refs = fmt.discover([run])
+    assert _relpaths(fmt.plan_units(refs, "drop", 1)) == {("mp_rank_00_model_states.pt", "merge")}
+    assert _relpaths(fmt.plan_units(refs, "latest", 1)) == {  # the newest's partitions, copied
+        ("mp_rank_00_model_states.pt", "merge"), ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "copy")}
+    out = _merge(run, str(tmp_path / "out"), method="sma")
+    merged = trusted_load(os.path.join(out, "global_step30", "mp_rank_00_model_states.pt"))
+    assert torch.allclose(merged["module"]["w"], torch.full((4, 3), 20.0)) and merged["dp_world_size"] == 1
+
+
+def _refusal(run, tmp_path, **options):
+    with pytest.raises(MergeError) as info:
+        _merge(run, str(tmp_path / "refused"), **options)
+    assert not os.path.exists(tmp_path / "refused")
+    assert "problems:" not in str(info.value)  # ONE message
+    return str(info.value)
+
+
+def test_a_zero_stage_change_is_refused_in_one_message(tmp_path):
+    run = _make_mixed(str(tmp_path / "run"), [(1, 2), (1, 2), (2, 1), (2, 2)])
+    message = _refusal(run, tmp_path)
+    assert f"(in {run})" in message
+    assert "zero_stage=1, dp=2: global_step10, global_step20" in message
+    assert "zero_stage=2, dp=1: global_step30" in message and "zero_stage=2, dp=2: global_step40" in message
+    assert "--iterations 30,40" in message  # the newest's same-layout window
+
+
+def test_a_param_shapes_change_is_refused_in_one_message(tmp_path):
+    run = _make_mixed(str(tmp_path / "run"), [(3, 2), (3, 1), (3, 1)], geometry=True)
+    for dp_rank in range(2):
+        path = os.path.join(run, "global_step10", f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt")
+        state = trusted_load(path)
+        state["param_shapes"] = [{"w": torch.Size([3, 4]), "b": torch.Size([3])}]
+        torch.save(state, path)
+    message = _refusal(run, tmp_path)
+    assert "param_shapes" in message and os.path.join(run, "global_step10") in message
+    assert "global_step20" not in message
+
+
+def test_zero3_groups_of_several_partition_counts_are_refused(tmp_path):
+    run = _make_mixed(str(tmp_path / "run"), [(3, 2), (3, 1)], geometry=True)
+    for dp_rank in range(2):
+        path = os.path.join(run, "global_step10", f"zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt")
+        state = trusted_load(path)
+        state["optimizer_state_dict"]["partition_count"] = [2, 1]
+        torch.save(state, path)
+    assert "one partition count" in _refusal(run, tmp_path)
+
+
+def test_dry_run_and_manifest_show_each_source_layout(tmp_path, capsys):
+    run = _make_mixed(str(tmp_path / "run"), [(3, 2), (3, 1), (3, 1)], geometry=True)
+    pmm_dist.merge(sources=[run], out=str(tmp_path / "dry"), dry_run=True, device="cpu")
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if "zero_stage=3" in line]
+    assert len(lines) == 4  # the output's, then one per source
+    assert "dp=2" in lines[1] and "dp=1" in lines[2] and "layout changes" in lines[2]
+    assert "layout changes" not in lines[3]
+    out = _merge(run, str(tmp_path / "out"))
+    manifest = json.load(open(os.path.join(out, "pmm_manifest.json")))
+    assert [layout["dp"] for layout in manifest["source_layouts"]] == [2, 1, 1] and manifest["layout"]["dp"] == 1
+
+
+def test_inspect_marks_where_the_layout_changes(tmp_path):
+    run = _make_mixed(str(tmp_path / "run"), [(2, 2), (2, 1), (2, 1)])
+    proc = run_cli(["inspect", run])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "global_step" in line]
+    assert ["layout changes" in line for line in rows] == [False, True, False]
+    assert "dp=2" in rows[0] and "dp=1" in rows[1]
+    info = json.loads(run_cli(["inspect", run, "--json"]).stdout)
+    assert info["layout_changes"] == [20]
+    assert [c["layout"]["dp"] for c in info["checkpoints"]] == [2, 1, 1]
+    assert [c["layout_changed"] for c in info["checkpoints"]] == [False, True, False]

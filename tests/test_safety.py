@@ -124,7 +124,7 @@ def test_checkpoints_of_two_runs_are_refused_unless_allowed(run, tmp_path):
     sources = [os.path.join(run, "iter_0000030"), os.path.join(other, "iter_0000040")]
     proc = run_cli(["merge", *sources, "--out", str(tmp_path / "out"), "--quiet"])
     assert proc.returncode == 1 and "different runs" in proc.stderr
-    assert "seed=1234 (newest: 777)" in proc.stderr and "--allow-mixed-runs" in proc.stderr
+    assert "seed=1234 (the newest has seed=777)" in proc.stderr and "--allow-mixed-runs" in proc.stderr
     assert not os.path.exists(tmp_path / "out")
     proc = run_cli(["merge", *sources, "--out", str(tmp_path / "out"), "--quiet", "--allow-mixed-runs"])
     assert proc.returncode == 0, proc.stderr

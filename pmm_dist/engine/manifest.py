@@ -24,7 +24,7 @@ class Manifest:
     weights: List[float]
     sources: List[Dict[str, Any]]           # [{"iteration", "path"}], oldest first
     optimizer: str
-    layout: Dict[str, Any]
+    layout: Dict[str, Any]                  # the output's (the newest source's) parallel layout
     output_checkpoint: str                  # the checkpoint directory relative to OUT ("" = OUT itself)
     tracker: str                            # the commit marker relative to OUT
     files: List[Dict[str, Any]]             # [{"path", "bytes", "sha256"}], every file written
@@ -39,6 +39,7 @@ class Manifest:
     metadata_bytes_exchanged: int = 0
     peak_rss_bytes_by_rank: List[int] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
+    source_layouts: List[Dict[str, Any]] = field(default_factory=list)  # each source's layout, as `sources`
     created_unix: float = 0.0
     pmm_dist_version: str = ""
     format_version: int = MANIFEST_FORMAT_VERSION

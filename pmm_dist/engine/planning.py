@@ -29,6 +29,7 @@ class MergePlan:
     checkpoints: List[CheckpointRef]
     weights: List[float]
     layout: Dict[str, object]
+    source_layouts: List[Dict[str, object]]   # each checkpoint's own layout, oldest first
     output: OutputLayout
     out: str
     optimizer_policy: OptimizerPolicy
@@ -75,7 +76,8 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
                    "units": [(u.relpath, u.action, u.num_bytes) for u in units]}
     plan = MergePlan(format_name=fmt.name, method=method.name,
                      method_options={k: v for k, v in method.options(options.method_options()).items() if v is not None},
-                     checkpoints=checkpoints, weights=weights, layout=fmt.layout(checkpoints), output=output,
+                     checkpoints=checkpoints, weights=weights, layout=fmt.layout(checkpoints),
+                     source_layouts=[fmt.checkpoint_layout(c) for c in checkpoints], output=output,
                      out=os.path.abspath(options.out), optimizer_policy=options.optimizer,
                      on_nonfinite=options.on_nonfinite, tensor_filter=options.tensor_filter(), fingerprint=fingerprint(description, snapshot),
                      num_units=len(units), units=tuple(units),
@@ -95,11 +97,12 @@ def _check_one_run(fmt: CheckpointFormat, checkpoints: Sequence[CheckpointRef], 
         keys = sorted(k for k in set(identity) & set(newest) if identity[k] != newest[k])
         if keys:
             differing.append(f"{ckpt.path} has " + ", ".join(
-                f"{k}={identity.get(k)!r} (newest: {newest.get(k)!r})" for k in keys[:4]) + (" ..." if len(keys) > 4 else ""))
+                f"{k}={identity[k]!r} (the newest has {k}={newest[k]!r})" for k in keys[:4]) +
+                (" ..." if len(keys) > 4 else ""))
     if differing and not allow_mixed_runs:
         shown = "; ".join(differing[:3]) + (f"; and {len(differing) - 3} more" if len(differing) > 3 else "")
-        raise InputError(f"the checkpoints come from different runs than the newest, {checkpoints[-1].path}: {shown}. "
-                         "Pass --allow-mixed-runs to merge them anyway")
+        raise InputError(f"the checkpoints come from different runs (or different models) than the newest, "
+                         f"{checkpoints[-1].path}: {shown}. Pass --allow-mixed-runs to merge them anyway")
 
 
 def _committed_already(plan: MergePlan) -> bool:

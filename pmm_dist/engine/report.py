@@ -62,6 +62,16 @@ def format_summary(result) -> str:
     return "\n".join(lines)
 
 
+def format_source_layouts(checkpoints, layouts, indent: str = "  ") -> list:
+    """Each source's parallel layout, with the places where it changes marked (the output
+    takes the newest's)."""
+    lines = [f"{indent}source layouts (oldest first; the output takes the newest's):"]
+    for i, (ckpt, layout) in enumerate(zip(checkpoints, layouts)):
+        changed = "  <- layout changes" if i and layout != layouts[i - 1] else ""
+        lines.append(f"{indent}  {ckpt.iteration:>10}  {', '.join(f'{k}={v}' for k, v in layout.items())}{changed}")
+    return lines
+
+
 def format_plan(plan) -> str:
     """The --dry-run report: what would be read, merged and written, and by which rank."""
     lines = [f"plan: {plan.method} merge of {len(plan.checkpoints)} {plan.format_name} checkpoints -> {plan.out}",
@@ -69,6 +79,7 @@ def format_plan(plan) -> str:
              "  checkpoints (oldest first) and weights:"]
     lines += [f"    {ckpt.iteration:>10}  w={w:.6g}  {ckpt.path}" for ckpt, w in zip(plan.checkpoints, plan.weights)]
     lines.append(f"  weights sum: {sum(plan.weights):.6g}")
+    lines += format_source_layouts(plan.checkpoints, plan.source_layouts)
     for rank, share in enumerate(plan.shares):
         num_bytes = sum(u.num_bytes for u in share)
         lines.append(f"  rank {rank}: {len(share)} files, {human_bytes(num_bytes)} to write, "

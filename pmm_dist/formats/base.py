@@ -73,7 +73,14 @@ class CheckpointFormat(ABC):
 
     @abstractmethod
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
-        """A short description of the parallel layout (for plans, manifests, inspect)."""
+        """A short description of the parallel layout (for plans, manifests, inspect): the
+        newest checkpoint's, which is the output's."""
+
+    def checkpoint_layout(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        """The parallel layout one checkpoint was saved at, in the same terms as ``layout``
+        (inspect shows it per checkpoint, --dry-run and the manifest per source, and a refused
+        layout change lists it; see ``common.layout_change_refusal``)."""
+        return self.layout([ckpt])
 
     @abstractmethod
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:

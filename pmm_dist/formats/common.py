@@ -27,6 +27,53 @@ def number_in_name(path: str, pattern: Pattern = STEP_OR_TRAILING_NUMBER) -> Opt
     return int(next(group for group in match.groups() if group is not None))
 
 
+def layout_text(layout: Dict[str, object], keys: Optional[Sequence[str]] = None) -> str:
+    """``tp=2, pp=1`` (every entry, or those of ``keys`` in their order)."""
+    return ", ".join(f"{k}={layout.get(k)}" for k in (keys if keys is not None else layout))
+
+
+def layout_change_refusal(checkpoints: Sequence[CheckpointRef], layouts: Sequence[Dict[str, object]],
+                          keys: Sequence[str], *, reason: str, hint: str = "", show: Sequence[str] = (),
+                          heading: str = "the selected checkpoints were saved at different layouts") -> Optional[str]:
+    """ONE message refusing a merge whose checkpoints differ in the layout entries ``keys``
+    (``layouts``: one ``checkpoint_layout`` per checkpoint, oldest first), or None if they agree.
+
+    It groups the checkpoints by layout (the entries of ``keys`` that differ, and those of
+    ``show``), so a run that changed layout once reads as two lines however many keys and files
+    are affected, and suggests the newest's same-layout window (the trailing checkpoints that
+    share its layout) as ``--iterations``; ``hint`` adds what else would work."""
+    def of(layout):
+        return tuple(layout.get(k) for k in keys)
+
+    if all(of(layout) == of(layouts[-1]) for layout in layouts):
+        return None
+    differing = {k for k in keys if len({repr(layout.get(k)) for layout in layouts}) > 1}
+    shown = [k for k in layouts[-1] if k in differing or k in show] + \
+        [k for k in (*keys, *show) if k not in layouts[-1] and (k in differing or k in show)]
+    groups: Dict[str, List[CheckpointRef]] = {}
+    for ckpt, layout in zip(checkpoints, layouts):
+        groups.setdefault(layout_text(layout, shown), []).append(ckpt)
+    window = []
+    for ckpt, layout in zip(reversed(checkpoints), reversed(layouts)):
+        if of(layout) != of(layouts[-1]):
+            break
+        window.insert(0, ckpt)
+    parents = {os.path.dirname(os.path.normpath(c.path)) for c in checkpoints}
+    where = f" (in {parents.pop()})" if len(parents) == 1 else ""
+    lines = [f"{heading}{where}: {reason}"]
+    lines += [f"    {text}: {_checkpoint_names(ckpts, bool(where))}" for text, ckpts in groups.items()]
+    lines.append(f"  merge one layout at a time, e.g. the newest's: --iterations "
+                 f"{','.join(str(c.iteration) for c in window)}" + (f"; {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def _checkpoint_names(ckpts: Sequence[CheckpointRef], short: bool, most: int = 6) -> str:
+    names = [os.path.basename(os.path.normpath(c.path)) if short else c.path for c in ckpts]
+    if len(names) > most:
+        names = names[:3] + [f"... ({len(names) - 5} more)"] + names[-2:]
+    return ", ".join(names)
+
+
 def listdir(path: str) -> List[str]:
     """Sorted entries of ``path``; [] if it is missing, not a directory or unreadable."""
     try:
@@ -106,15 +153,17 @@ def compare_entries(path: str, entries: Dict[str, EntrySpec], newest_path: str, 
     return problems
 
 
-def leaf_specs(leaves: Dict[tuple, object]) -> Dict[str, EntrySpec]:
+def leaf_specs(leaves: Dict[tuple, object], where: Optional[Dict[tuple, str]] = None) -> Dict[str, EntrySpec]:
     """State-dict leaves (path -> value) as entries: float tensors are checked, the rest (taken
-    from the newest) only need to be present."""
+    from the newest) only need to be present; ``where``: the file of a leaf, for messages."""
     specs = {}
+    where = where or {}
     for path, leaf in leaves.items():
         if isinstance(leaf, torch.Tensor):
-            specs[dotted(path)] = EntrySpec("a tensor", leaf.dtype, tuple(leaf.shape), checked=is_mergeable(leaf))
+            specs[dotted(path)] = EntrySpec("a tensor", leaf.dtype, tuple(leaf.shape), checked=is_mergeable(leaf),
+                                            where=where.get(path))
         else:
-            specs[dotted(path)] = EntrySpec(type(leaf).__name__, checked=False)
+            specs[dotted(path)] = EntrySpec(type(leaf).__name__, checked=False, where=where.get(path))
     return specs
 
 

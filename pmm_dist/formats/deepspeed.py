@@ -10,39 +10,56 @@
         layer_{idx:02d}[-model_{tp:02d}]-model_states.pt         # PipelineModule layers
 
 Every weight-bearing file is a unit, merged tensor by tensor; the merged file keeps the newest
-source's non-tensor state (ds_config, param_shapes, global_steps, client state, ...):
+source's non-tensor state (ds_config, param_shapes, global_steps, client state, ...). The output
+has the newest checkpoint's layout: its data-parallel size and its file set.
 
 - model states: the float tensors of ``module`` (ZeRO 0-2 weights and buffers; ZeRO-3 buffers and
   empty placeholders) and ``frozen_param_fragments``. ``--optimizer drop`` sets the non-ZeRO
   ``optimizer`` entry to None, as DeepSpeed itself saves it under ZeRO.
 - expert and pipeline layer files: every float tensor.
-- ZeRO-3 optimizer files: the weights live only here, so the fp32 flat partitions
-  (``fp32_flat_groups``) are merged elementwise, which is exact because every source must have the
-  same partitioning (same ZeRO stage, partition count, param_shapes and flat sizes; anything else is
-  refused). The Adam moments (``optimizer_state_dict.optimizer_state_dict``) are removed under
-  ``--optimizer drop`` and kept from the newest checkpoint under ``--optimizer latest``.
+- ZeRO-3 optimizer files: the weights live only here, in the fp32 flat partitions
+  (``fp32_flat_groups``). Sources of the newest's partitioning are merged elementwise. If some
+  source was saved at another data-parallel size, each output rank's partitions are rebuilt from
+  every source's, parameter by parameter (the geometry is in zero3_partitions: it follows from
+  param_shapes, the partition count and DeepSpeed's padding), one source at a time, with zeros in
+  the padding; ``frozen_param_fragments`` of the model states likewise. The Adam moments
+  (``optimizer_state_dict.optimizer_state_dict``) are removed under ``--optimizer drop`` and kept
+  from the newest checkpoint under ``--optimizer latest``: they are partitioned like the newest,
+  and so is the output, so a full resume at the newest's DP size continues from the merged
+  weights with the newest's moments (older moments, partitioned otherwise, are never mixed in).
 - ZeRO 1/2 (and bf16-optimizer) optimizer files and MoE ``expp_rank_*`` files hold no weights that
-  ``load_checkpoint(load_module_only=True)`` reads: dropped, or copied unchanged with
-  ``--optimizer latest``.
+  ``load_checkpoint(load_module_only=True)`` reads: dropped, or the newest's copied unchanged with
+  ``--optimizer latest`` (they match the newest's DP size, which the output has). The model
+  states hold whole weights, so a change of data-parallel size changes nothing there.
 
-Validation, before anything is written: the selected checkpoints must share one ZeRO stage, one
-partition count (dp_world_size, partition_count) and param_shapes; the newest must hold every rank
-file its own metadata implies (dp_world_size, num_experts, model-parallel ranks 0..N-1); every other
-checkpoint must hold the same files the merge reads (the optimizer files of older ZeRO 0-2
-checkpoints are never read, so pruning them is fine); a file that is no DeepSpeed checkpoint file
-is refused. Tensor names, shapes and dtypes are compared per file by the rank that merges it.
+Validation, before anything is written: the selected checkpoints must share one ZeRO stage,
+model-parallel size, optimizer-file dtype (bf16_), MoE expert set, pipeline layer set and
+param_shapes (a change of any is refused in one message listing which checkpoint has which);
+only the data-parallel size may differ (ZeRO-3: where every group has one partition count). The
+newest must hold every rank file its own metadata implies (dp_world_size, num_experts,
+model-parallel ranks 0..N-1); every other checkpoint of the newest's partitioning must hold the
+same files the merge reads, one of another (ZeRO-3) those its own metadata implies (the optimizer
+files of older ZeRO 0-2 checkpoints are never read, so pruning them is fine); a file that is no
+DeepSpeed checkpoint file is refused. Tensor names, shapes and dtypes, and the flat partitions'
+sizes against param_shapes, are checked per file by the rank that merges it.
 """
+import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from ..errors import InputError
+from ..io.atomic import write_atomically
 from ..io.safe_load import register_framework_globals, safe_load
 from ..io.tree import remove_subtree, replace_subtree
-from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
-from .common import discover_run_or_checkpoints, listdir, number_in_name
-from .pickled import PickledFileFormat
+from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, UnitResult, WorkUnit
+from .base import MergeContext
+from .common import discover_run_or_checkpoints, layout_change_refusal, listdir, number_in_name
+from .pickled import PickledFileFormat, SourceLeaves
+from .zero3_partitions import copy_pieces, gather_pieces, stream_numel
 
 TRACKER = "latest"
 
@@ -77,7 +94,11 @@ _MERGED_SUBTREES = {
     LAYER: ((),),
     ZERO_OPTIM: (("optimizer_state_dict", "fp32_flat_groups"),),  # ZeRO-3 only (see plan_units)
 }
+# Layout entries that must agree across the merged checkpoints (dp and the file count may change).
+# (Expert, pipeline-layer and bf16_ optimizer files are compared by name, file by file.)
+FIXED_LAYOUT = ("zero_stage", "mp")
 OPTIMIZER_STATE = "optimizer_state_dict"
+FP32_FLAT_GROUPS = "fp32_flat_groups"
 ZERO3_MOMENTS = (OPTIMIZER_STATE, "optimizer_state_dict")  # the base optimizer's state inside a ZeRO-3 file
 
 
@@ -168,11 +189,14 @@ class DeepSpeedFormat(PickledFileFormat):
         return self._inventories[ckpt.path]
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
-        inv = self._inventory(checkpoints[-1])
+        return self.checkpoint_layout(checkpoints[-1])
+
+    def checkpoint_layout(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        inv = self._inventory(ckpt)
         kinds = list(inv.files.values())
         return {"zero_stage": inv.zero_stage, "dp": inv.dp_world_size, "bf16": inv.bf16,
                 "mp": len({_mp_rank(name) for name, kind in inv.files.items() if kind == MODEL}),
-                "experts": kinds.count(EXPERT), "pipeline_layers": kinds.count(LAYER), "files": len(kinds)}
+                "experts": kinds.count(EXPERT), "pipeline_layers": kinds.count(LAYER)}
 
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
@@ -192,19 +216,28 @@ class DeepSpeedFormat(PickledFileFormat):
         problems = _unknown_entries(newest, reference)
         problems += [f"{os.path.join(newest.path, name)}: missing file ({why})" for name, why in missing]
         expected = {name for name in set(reference.files) | {name for name, _ in missing} if needed(name, False)}
-        # ... then every other checkpoint against it.
+        # ... then every other checkpoint: one layout the merge can combine, then its files.
+        inventories, unreadable = {}, []
         for ckpt in checkpoints[:-1]:
             try:
-                inv = self._inventory(ckpt)
+                inventories[ckpt.path] = self._inventory(ckpt)
+                problems += _unknown_entries(ckpt, inventories[ckpt.path])
             except InputError as exc:  # e.g. a tag directory without its model states: report them all
-                problems += exc.problems
-                continue
-            problems += _unknown_entries(ckpt, inv)
-            mismatch = _layout_mismatch(inv, reference)
-            if mismatch:
-                problems.append(mismatch)
-                continue
+                unreadable += exc.problems
+        refusal = None if unreadable else self._layout_refusal(checkpoints)
+        if unreadable or refusal:  # the file sets of other layouts are not compared: one message says why
+            raise InputError(([refusal] if refusal else []) + unreadable + problems)
+        for ckpt in checkpoints[:-1]:
+            inv = inventories[ckpt.path]
             found = {name for name in inv.files if needed(name, False)}
+            if reference.zero_stage == 3 and not _same_partitioning(inv, reference):
+                # Its own partition count implies its own rank files (they are remapped onto the newest's).
+                own = {name for name in _implied_files(inv) if needed(name, False)}
+                problems += [f"{os.path.join(ckpt.path, name)}: missing file ({why})"
+                             for name, why in _missing_rank_files(inv) if needed(name, False)]
+                problems += [f"{os.path.join(ckpt.path, name)}: unexpected file (its dp_world_size is "
+                             f"{inv.dp_world_size})" for name in sorted(found - own)]
+                continue
             problems += [f"{os.path.join(ckpt.path, name)}: missing file (present in the newest checkpoint {newest.path})"
                          for name in sorted(expected - found)]
             problems += [f"{os.path.join(ckpt.path, name)}: unexpected file (absent from the newest checkpoint "
@@ -220,6 +253,33 @@ class DeepSpeedFormat(PickledFileFormat):
             units.append(WorkUnit(name, os.path.getsize(os.path.join(newest.path, name)),
                                   action=Action.MERGE if merged else Action.COPY))
         return units
+
+    def _layout_refusal(self, checkpoints: Sequence[CheckpointRef]) -> Optional[str]:
+        """One message if the checkpoints' layouts cannot be merged: only the data-parallel
+        size may change (ZeRO 0-2: the weights are whole in the model states; ZeRO-3: the
+        partitions are remapped, see zero3_partitions)."""
+        layouts = [self.checkpoint_layout(ckpt) for ckpt in checkpoints]
+        refusal = layout_change_refusal(
+            checkpoints, layouts, FIXED_LAYOUT,
+            reason="DeepSpeed checkpoints merge across data-parallel sizes only (the ZeRO stage and the "
+                   "model-parallel size must not change)", show=("dp",))
+        if refusal:
+            return refusal
+        ref = self._inventory(checkpoints[-1])
+        other = [ckpt for ckpt in checkpoints[:-1] if self._inventory(ckpt).param_shapes != ref.param_shapes]
+        if other:
+            return (f"param_shapes of {', '.join(c.path for c in other)} differ from the newest checkpoint's "
+                    f"({ref.reference}): another model or another parameter order, whose ZeRO partitions do not "
+                    "line up; merge checkpoints of one model")
+        if ref.zero_stage == 3 and any(not _same_partitioning(self._inventory(c), ref) for c in checkpoints[:-1]):
+            odd = [ckpt for ckpt in checkpoints if zero3_partition_count(self._inventory(ckpt)) is None]
+            if odd:
+                return ("ZeRO-3 partitions are remapped across data-parallel sizes only when every parameter group "
+                        "has one partition count, equal to dp_world_size; not so in " +
+                        ", ".join(f"{c.path} (partition_count {self._inventory(c).partition_count}, dp_world_size "
+                                  f"{self._inventory(c).dp_world_size})" for c in odd) +
+                        "; merge the checkpoints of one data-parallel size (--iterations ...)")
+        return None
 
     # -- per-file hooks of the pickled-file skeleton ----------------------------------------------
     def merged_subtrees(self, state: dict, relpath: str) -> List[tuple]:
@@ -238,6 +298,133 @@ class DeepSpeedFormat(PickledFileFormat):
         if kind == ZERO_OPTIM:
             return remove_subtree(state, ZERO3_MOMENTS)
         return state
+
+    def source_leaves(self, relpath: str, checkpoints: Sequence[CheckpointRef], index: int,
+                      newest: dict) -> SourceLeaves:
+        """A ZeRO-3 model-states file of a source saved at another data-parallel size: its
+        ``module`` (buffers, which every rank saves whole, and empty parameter placeholders)
+        from the source's file of the same rank, or of rank 0 where it has fewer ranks; the
+        frozen parameters' partitions (``frozen_param_fragments``) remapped from all of its
+        ranks' files onto this rank's (gathered in memory: frozen parameters are few)."""
+        ckpt, ref = checkpoints[index], self._inventory(checkpoints[-1])
+        inv = self._inventory(ckpt)
+        if classify(relpath) != MODEL or ref.zero_stage != 3 or _same_partitioning(inv, ref):
+            return super().source_leaves(relpath, checkpoints, index, newest)
+        dp, mp = _dp_mp(relpath)
+        count, out_count = zero3_partition_count(inv), zero3_partition_count(ref)
+        files = {rank: os.path.join(ckpt.path, _zero3_model_name(rank, mp)) for rank in range(count)}
+        path = files[dp if dp < count else 0]
+        state = safe_load(path)
+        problem = self.file_problem(path, state, relpath)
+        if problem:
+            raise InputError(problem)
+        leaves = {p: v for p, v in self.merged_leaves(state, relpath).items() if p[0] != "frozen_param_fragments"}
+        where: Dict[tuple, str] = {}
+        frozen = newest.get("frozen_param_fragments") or {}
+        if frozen:
+            shapes = newest.get("frozen_param_shapes") or {}
+            fragments = {rank: (safe_load(p).get("frozen_param_fragments") or {}) for rank, p in files.items()}
+            for name, fragment in frozen.items():
+                if name not in shapes or any(name not in f for f in fragments.values()):
+                    continue  # reported as missing by the comparison
+                gathered = torch.zeros_like(fragment)
+                pieces = gather_pieces([math.prod(shapes[name])], out_count, dp, count)
+                copy_pieces(pieces, lambda rank: [fragments[rank][name].reshape(-1)], [gathered.view(-1)])
+                leaves[("frozen_param_fragments", name)] = gathered
+                where[("frozen_param_fragments", name)] = f"{ckpt.path} (frozen_param_fragments of its {count} ranks)"
+        return SourceLeaves(path, leaves, where)
+
+    # -- ZeRO-3 fp32 partitions across data-parallel sizes -----------------------------------------
+    def _remaps_partitions(self, relpath: str, checkpoints: Sequence[CheckpointRef]) -> bool:
+        """A ZeRO-3 optimizer file, and some source is partitioned otherwise than the newest."""
+        ref = self._inventory(checkpoints[-1])
+        return classify(relpath) == ZERO_OPTIM and ref.zero_stage == 3 and \
+            any(not _same_partitioning(self._inventory(c), ref) for c in checkpoints[:-1])
+
+    def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
+        if not self._remaps_partitions(unit.relpath, checkpoints):
+            return super().check_unit(unit, checkpoints)
+        try:
+            self._partition_sources(unit.relpath, checkpoints)
+        except InputError as exc:
+            return exc.problems
+        return []
+
+    def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
+                   context: MergeContext) -> UnitResult:
+        if not self._remaps_partitions(unit.relpath, checkpoints):
+            return super().merge_unit(unit, checkpoints, destination, context)
+        output, numels, sources = self._partition_sources(unit.relpath, checkpoints)
+        out_groups = output[OPTIMIZER_STATE][FP32_FLAT_GROUPS]
+        dp, _ = _dp_mp(unit.relpath)
+        count = zero3_partition_count(self._inventory(checkpoints[-1]))
+        accumulators = [context.accumulator(group.shape, f"key '{OPTIMIZER_STATE}.{FP32_FLAT_GROUPS}.{i}'")
+                        for i, group in enumerate(out_groups)]
+        num_read = 0
+        # One source at a time: memory is the output partition (float64) plus one gathered copy.
+        for (ckpt, source_count, files), weight in zip(sources, context.weights):
+            loaded: Dict[int, list] = {}
+
+            def groups_of(rank: int, files=files, loaded=loaded):
+                if rank not in loaded:
+                    loaded[rank] = safe_load(files[rank])[OPTIMIZER_STATE][FP32_FLAT_GROUPS]
+                return loaded[rank]
+
+            gathered = [torch.zeros(group.shape, dtype=group.dtype) for group in out_groups]  # padding: zeros
+            copied = copy_pieces(gather_pieces(numels, count, dp, source_count), groups_of, gathered)
+            for accumulator, group in zip(accumulators, gathered):
+                accumulator.add(group, weight, ckpt.path)
+            num_read += copied * out_groups[0].element_size()
+            context.on_progress(copied * out_groups[0].element_size())
+        merged = [accumulator.result() for accumulator in accumulators]
+        output = replace_subtree(output, (OPTIMIZER_STATE, FP32_FLAT_GROUPS), lambda groups: type(groups)(merged))
+        if context.optimizer_policy == OptimizerPolicy.DROP:
+            output = self.without_training_state(output, unit.relpath)
+        num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: torch.save(output, f))
+        return UnitResult(unit.relpath, num_bytes, num_read, sha, len(merged))
+
+    def _partition_sources(self, relpath: str, checkpoints: Sequence[CheckpointRef]):
+        """For one output ZeRO-3 optimizer file: the newest's file (loaded), the parameters'
+        element counts (param_shapes order) and per source (checkpoint, partition count, its
+        optimizer files by dp rank), each file this output reads checked to hold exactly the
+        stream that param_shapes and its partition count imply. InputError lists every problem."""
+        dp, mp = _dp_mp(relpath)
+        newest = checkpoints[-1]
+        newest_path = os.path.join(newest.path, relpath)
+        shapes_path = os.path.join(newest.path, _zero3_model_name(0, mp))
+        shapes = _shapes(safe_load(shapes_path).get("param_shapes"))
+        if not isinstance(shapes, list):
+            raise InputError(f"{shapes_path}: no 'param_shapes' (is this a ZeRO-3 model-states file?)")
+        numels = [math.prod(shape) for group in shapes for _, shape in group]
+        count = zero3_partition_count(self._inventory(newest))
+        output, problem = _flat_partition_problem(newest_path, count, numels, None, newest_path)
+        if problem:
+            raise InputError(problem)
+        dtype = output[OPTIMIZER_STATE][FP32_FLAT_GROUPS][0].dtype
+        problems, sources = [], []
+        for ckpt in checkpoints:
+            inv = self._inventory(ckpt)
+            source_count = zero3_partition_count(inv)
+            files = {rank: os.path.join(ckpt.path, name) for name, kind in inv.files.items() if kind == ZERO_OPTIM
+                     for rank, file_mp in [_dp_mp(name)] if file_mp == mp}
+            sources.append((ckpt, source_count, files))
+            if ckpt is newest:
+                continue
+            path = os.path.join(ckpt.path, _zero3_model_name(0, mp))
+            if _shapes(safe_load(path).get("param_shapes")) != shapes:
+                problems.append(f"{path}: param_shapes differ from the newest checkpoint's ({shapes_path})")
+                continue
+            for rank in sorted({piece.source_rank for piece in gather_pieces(numels, count, dp, source_count)}):
+                if rank not in files:
+                    name = _optim_name("bf16_" if inv.bf16 else "", rank, mp, {})
+                    problems.append(f"{os.path.join(ckpt.path, name)}: missing file")
+                    continue
+                _, problem = _flat_partition_problem(files[rank], source_count, numels, dtype, newest_path)
+                if problem:
+                    problems.append(problem)
+        if problems:
+            raise InputError(problems)
+        return output, numels, sources
 
     def weight_files(self, checkpoint_dir: str) -> List[str]:
         """The files whose merged tensors carry weights (ZeRO 1/2 optimizer files excluded)."""
@@ -320,7 +507,9 @@ def _read_inventory(tag_dir: str) -> _Inventory:
     return _Inventory(files=files, unknown=unknown, reference=reference_path, zero_stage=stage,
                       stage_source=stage_source, dp_world_size=state.get("dp_world_size"),
                       partition_count=partition_count, param_shapes=_shapes(state.get("param_shapes")),
-                      num_experts=state.get("num_experts"), bf16=any(n.startswith("bf16_") for n in optim))
+                      num_experts=state.get("num_experts"),
+                      # the optimizer files' names; where they were pruned, the saved config
+                      bf16=any(n.startswith("bf16_") for n in optim) if optim else _config_bf16(state.get("ds_config")))
 
 
 def _config_stage(ds_config) -> Optional[int]:
@@ -334,6 +523,11 @@ def _config_stage(ds_config) -> Optional[int]:
         return None
 
 
+def _config_bf16(ds_config) -> bool:
+    section = ds_config.get("bf16") if isinstance(ds_config, dict) else None
+    return bool(section.get("enabled")) if isinstance(section, dict) else False
+
+
 def _shapes(param_shapes):
     """param_shapes as plain tuples (DeepSpeed saves torch.Size or tuples), for comparison."""
     if isinstance(param_shapes, list):
@@ -341,8 +535,8 @@ def _shapes(param_shapes):
     return param_shapes
 
 
-def _missing_rank_files(inv: _Inventory) -> List[Tuple[str, str]]:
-    """Rank files the newest checkpoint's own metadata says must exist but do not."""
+def _implied_files(inv: _Inventory) -> Dict[str, str]:
+    """The rank files a checkpoint's own metadata says it has (name -> why)."""
     expected: Dict[str, str] = {}
     mp_ranks = sorted({_mp_rank(name) for name, kind in inv.files.items() if kind == MODEL})
     mp_ranks = list(range(max(mp_ranks) + 1)) if mp_ranks else [0]
@@ -357,16 +551,26 @@ def _missing_rank_files(inv: _Inventory) -> List[Tuple[str, str]]:
             expected[f"mp_rank_{mp:02d}_model_states.pt"] = f"model-parallel ranks 0..{mp_ranks[-1]}"
         if inv.zero_stage >= 1 or any(kind == ZERO_OPTIM for kind in inv.files.values()):
             for dp_rank in range(dp):
-                expected[f"{optim_prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"] = \
+                expected[_optim_name(optim_prefix, dp_rank, mp, inv.files)] = \
                     f"one ZeRO partition per data-parallel rank, dp_world_size={dp} in {inv.reference}"
         if isinstance(inv.num_experts, list):
             for layer, num_experts in enumerate(inv.num_experts):
                 for expert in range(int(num_experts)):
                     expected[f"layer_{layer}_expert_{expert}_mp_rank_{mp:02d}_model_states.pt"] = \
                         f"num_experts={inv.num_experts} in {inv.reference}"
-    # DeepSpeed still loads optimizer files under their old name "..._mp_rank_00optim_states.pt".
-    return [(name, why) for name, why in sorted(expected.items())
-            if name not in inv.files and name.replace("_optim_states.pt", "optim_states.pt") not in inv.files]
+    return expected
+
+
+def _optim_name(prefix: str, dp_rank: int, mp: int, files) -> str:
+    """A ZeRO optimizer file's name; DeepSpeed still loads its old name "..._mp_rank_00optim_states.pt"."""
+    name = f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
+    old = name.replace("_optim_states.pt", "optim_states.pt")
+    return old if old in files and name not in files else name
+
+
+def _missing_rank_files(inv: _Inventory) -> List[Tuple[str, str]]:
+    """Rank files a checkpoint's own metadata says must exist but do not."""
+    return [(name, why) for name, why in sorted(_implied_files(inv).items()) if name not in inv.files]
 
 
 def _unknown_entries(ckpt: CheckpointRef, inv: _Inventory) -> List[str]:
@@ -374,21 +578,61 @@ def _unknown_entries(ckpt: CheckpointRef, inv: _Inventory) -> List[str]:
             "of the tag directory)" for name in inv.unknown]
 
 
-def _layout_mismatch(inv: _Inventory, ref: _Inventory) -> Optional[str]:
-    if inv.zero_stage != ref.zero_stage:
-        return (f"{inv.stage_source}: ZeRO stage {inv.zero_stage}, but the newest checkpoint has stage "
-                f"{ref.zero_stage} ({ref.stage_source}); checkpoints of different ZeRO stages are not merged")
-    partitioned = ref.zero_stage >= 1 or ref.partition_count is not None
+def _same_partitioning(inv: _Inventory, ref: _Inventory) -> bool:
+    """Both checkpoints' ZeRO partitions line up element for element."""
     counts_differ = None not in (inv.partition_count, ref.partition_count) and inv.partition_count != ref.partition_count
-    if partitioned and (inv.dp_world_size != ref.dp_world_size or counts_differ):
-        source, ref_source = (inv.stage_source, ref.stage_source) if counts_differ else (inv.reference, ref.reference)
-        return (f"{source}: dp_world_size {inv.dp_world_size}, partition_count {inv.partition_count}, but the "
-                f"newest checkpoint has dp_world_size {ref.dp_world_size}, partition_count {ref.partition_count} "
-                f"({ref_source}); ZeRO partitions of different partition counts do not line up and are not merged")
-    if inv.param_shapes != ref.param_shapes:
-        return (f"{inv.reference}: param_shapes differ from the newest checkpoint's ({ref.reference}): another "
-                "model or parameter order, so the ZeRO flat partitions do not line up")
-    return None
+    return inv.dp_world_size == ref.dp_world_size and not counts_differ
+
+
+def zero3_partition_count(inv: _Inventory) -> Optional[int]:
+    """The one partition count of a ZeRO-3 checkpoint's parameters (None if its groups differ,
+    or it disagrees with dp_world_size: then its partitions cannot be remapped)."""
+    count = inv.partition_count if inv.partition_count is not None else inv.dp_world_size
+    if isinstance(count, (list, tuple)):
+        count = count[0] if count and all(c == count[0] for c in count) else None
+    return count if isinstance(count, int) and count == inv.dp_world_size else None
+
+
+def _dp_mp(name: str) -> Tuple[int, int]:
+    """(dp rank, mp rank) of a ZeRO rank file's name."""
+    for pattern, _ in _FILE_PATTERNS:
+        match = pattern.match(name)
+        if match and match.groupdict().get("dp") is not None:
+            return int(match.group("dp")), int(match.group("mp"))
+    raise AssertionError(f"{name} is no ZeRO rank file")
+
+
+def _zero3_model_name(dp_rank: int, mp: int) -> str:
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_model_states.pt"
+
+
+def _flat_partition_problem(path: str, count: int, numels: Sequence[int], dtype, newest_path: str):
+    """(state, None) if the ZeRO-3 optimizer file at ``path`` holds one rank's stream at
+    partition count ``count`` (stage 3, that partition count, 1-D float groups of ``dtype``
+    whose sizes add up to what param_shapes imply), else (None, the problem naming file and key)."""
+    try:
+        state = safe_load(path)
+    except InputError as exc:
+        return None, str(exc)
+    optim = state.get(OPTIMIZER_STATE) if isinstance(state, dict) else None
+    groups = optim.get(FP32_FLAT_GROUPS) if isinstance(optim, dict) else None
+    if not isinstance(groups, (list, tuple)) or not groups or \
+            not all(isinstance(g, torch.Tensor) and g.is_floating_point() and g.dim() == 1 for g in groups):
+        return None, f"{path}: no '{OPTIMIZER_STATE}.{FP32_FLAT_GROUPS}' of 1-D float tensors (is this a ZeRO-3 optimizer file?)"
+    if int(optim.get("zero_stage", 0)) != 3:
+        return None, f"{path}: ZeRO stage {int(optim.get('zero_stage', 0))} in a ZeRO-3 checkpoint"
+    recorded = optim.get("partition_count")
+    if recorded != count and not (isinstance(recorded, (list, tuple)) and set(recorded) == {count}):
+        return None, f"{path}: partition_count {recorded}, but its model states say dp_world_size {count}"
+    if dtype is not None and groups[0].dtype != dtype:
+        return None, (f"{path}: key '{OPTIMIZER_STATE}.{FP32_FLAT_GROUPS}' has dtype {groups[0].dtype}, the newest "
+                      f"checkpoint has {dtype} ({newest_path})")
+    held, need = sum(g.numel() for g in groups), stream_numel(numels, count)
+    if held != need:
+        return None, (f"{path}: key '{OPTIMIZER_STATE}.{FP32_FLAT_GROUPS}' holds {held} elements, but param_shapes "
+                      f"({len(numels)} parameters) at partition count {count} need {need} per rank; the "
+                      "partitions cannot be mapped")
+    return state, None
 
 
 def _zero3_partitioning_problem(path: str, state: dict, newest_path: Optional[str] = None,

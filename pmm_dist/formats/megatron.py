@@ -7,6 +7,11 @@ Every shard file is a unit: the merged file keeps the newest source's non-tensor
 (args, checkpoint_version, iteration, ...) and replaces each float tensor under ``model`` /
 ``model{i}`` (one per virtual-pipeline chunk) by the weighted sum of that tensor in every
 source. Integer tensors and ``_extra_state`` come from the newest source.
+
+The output has the newest checkpoint's layout. A source saved at another PP, EP or VP layout
+(same TP) is renumbered: each output key's global name (global layer, global expert; see
+megatron_layout) is looked up in whichever of that source's shards holds it. A TP change is
+refused in one message: the files do not record how each parameter is split over TP ranks.
 """
 import os
 import re
@@ -15,8 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import InputError
 from ..io.safe_load import register_framework_globals, safe_load
 from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
-from .common import discover_run_or_checkpoints, listdir, number_in_name
-from .pickled import PickledFileFormat
+from .common import discover_run_or_checkpoints, layout_change_refusal, listdir, number_in_name
+from .megatron_layout import ShardLayout, shard_layout
+from .pickled import PickledFileFormat, SourceLeaves
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # Megatron's own allow-list (enums in saved args, ...), as Megatron itself loads with it.
@@ -27,6 +33,12 @@ DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 _SHARD_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3}){0,2}$")
 _MODEL_KEY = re.compile(r"^model\d*$")
+# The saved args that place layers and experts on shards (see megatron_layout) ...
+_PLACEMENT_ARGS = ("pipeline_model_parallel_size", "expert_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                   "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                   "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                   "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
+                   "pipeline_model_parallel_layout", "num_layers", "num_experts")
 # Entries that make up the training state rather than the weights: dropped by --optimizer drop.
 TRAINING_STATE_KEYS = ("optimizer", "opt_param_scheduler", "rng_state")
 # Saved args that identify a run: the model's architecture and the seed. Parallel sizes, data
@@ -90,6 +102,11 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
     name = "megatron"
     description = "Megatron-LM legacy torch format: latest_checkpointed_iteration.txt + iter_*/mp_rank_*/model_optim_rng.pt"
 
+    def __init__(self):
+        # per checkpoint: (file, saved args) of its first shard, and its shard layout (read once)
+        self._saved_args: Dict[str, Tuple[str, object]] = {}
+        self._layouts: Dict[str, ShardLayout] = {}
+
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -126,49 +143,89 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         return iteration
 
     # -- layout ------------------------------------------------------------------------------
-    def _args(self, ckpt: CheckpointRef):
-        """The saved argparse Namespace of a checkpoint's first shard (None if it has none)."""
-        shards = _shard_dirs(ckpt.path)
-        if not shards:
-            raise InputError(f"{ckpt.path}: no mp_rank_* shard directories")
-        return safe_load(os.path.join(ckpt.path, shards[0], MODEL_FILE)).get("args")
+    def _args(self, ckpt: CheckpointRef) -> Tuple[str, object]:
+        """(the file read, its saved args or None) of a checkpoint's first shard."""
+        if ckpt.path not in self._saved_args:
+            shards = _shard_dirs(ckpt.path)
+            if not shards:
+                raise InputError(f"{ckpt.path}: no mp_rank_* shard directories")
+            path = os.path.join(ckpt.path, shards[0], MODEL_FILE)
+            self._saved_args[ckpt.path] = (path, safe_load(path).get("args"))
+        return self._saved_args[ckpt.path]
 
     def _degrees(self, ckpt: CheckpointRef) -> Optional[Tuple[int, int, int]]:
-        args = self._args(ckpt)
+        args = self._args(ckpt)[1]
         return parallel_degrees(args) if args is not None else None
 
+    def _shard_layout(self, ckpt: CheckpointRef) -> ShardLayout:
+        if ckpt.path not in self._layouts:
+            path, args = self._args(ckpt)
+            self._layouts[ckpt.path] = shard_layout(args, path)
+        return self._layouts[ckpt.path]
+
+    def _placement(self, ckpt: CheckpointRef) -> Optional[tuple]:
+        """What decides which global layer and expert each local key is (None without args):
+        equal for two checkpoints, their shard files hold the same keys."""
+        args = self._args(ckpt)[1]
+        return None if args is None else tuple(getattr(args, name, None) for name in _PLACEMENT_ARGS)
+
+    def checkpoint_layout(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        args = self._args(ckpt)[1]
+        tp, pp, ep = parallel_degrees(args) if args is not None else (None, None, None)
+        vp = (getattr(args, "virtual_pipeline_model_parallel_size", None) or 1) if args is not None else None
+        return {"tp": tp, "pp": pp, "ep": ep, "vp": vp, "shards": len(_shard_dirs(ckpt.path))}
+
     def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
-        return run_identity_from_args(self._args(ckpt))
+        return run_identity_from_args(self._args(ckpt)[1])
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
-        degrees = self._degrees(checkpoints[-1])
-        if degrees is None:
-            return {"tp": None, "pp": None, "ep": None, "shards": len(_shard_dirs(checkpoints[-1].path))}
-        return {"tp": degrees[0], "pp": degrees[1], "ep": degrees[2], "shards": len(_shard_dirs(checkpoints[-1].path))}
+        return self.checkpoint_layout(checkpoints[-1])
+
+    def _layout_refusal(self, checkpoints: Sequence[CheckpointRef], layouts: List[dict]) -> Optional[str]:
+        """One message if the checkpoints' layouts cannot be merged: TP must not change (the
+        files do not say how each parameter is split); PP, EP and VP may (renumbering)."""
+        if any(self._args(c)[1] is None for c in checkpoints):  # no saved args: nothing to renumber by
+            return layout_change_refusal(checkpoints, layouts, ("tp", "pp", "ep", "vp", "shards"), show=("tp", "pp", "ep"),
+                                         reason="a checkpoint without saved args (layers and experts cannot "
+                                                "be renumbered) merges only with checkpoints of its own shards")
+        refusal = layout_change_refusal(
+            checkpoints, layouts, ("tp",), show=("tp", "pp", "ep"),
+            reason="legacy Megatron files do not record how each parameter is split over tensor-parallel ranks "
+                   "(SwiGLU fc1 [gate; up] halves, QKV head groups, the padded vocabulary), so a TP change "
+                   "cannot be merged (PP, EP and VP changes can)",
+            hint="or save with --ckpt-format torch_dist, whose checkpoints pmm_dist merges across TP")
+        return refusal  # another model (layers, experts) is refused by the engine's run-identity check
 
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
         newest = checkpoints[-1]
         problems: List[str] = []
+        layouts = [self.checkpoint_layout(ckpt) for ckpt in checkpoints]
+        refusal = self._layout_refusal(checkpoints, layouts)
+        if refusal:
+            raise InputError(refusal)
         reference = self._degrees(newest)
         expected = self._expected_shards(newest, reference)
         for ckpt in checkpoints:
-            degrees = reference if ckpt is newest else self._degrees(ckpt)
-            if degrees != reference:
-                problems.append(f"{ckpt.path}: parallel layout TP/PP/EP={_fmt(degrees)} (from its saved args) "
-                                f"differs from the newest checkpoint's {_fmt(reference)} ({newest.path})")
-                continue
+            degrees = self._degrees(ckpt)
+            if self._placement(ckpt) != self._placement(newest):
+                try:  # its keys are renumbered onto the newest's shards: its own layout must be known
+                    self._shard_layout(ckpt), self._shard_layout(newest)
+                except InputError as exc:
+                    problems += exc.problems
+                    continue
+            own = expected if degrees == reference else self._expected_shards(ckpt, degrees)
             found = set(_shard_dirs(ckpt.path))
-            problems += [f"{os.path.join(ckpt.path, name)}: missing shard (expected for TP/PP/EP={_fmt(reference)})"
-                         for name in sorted(expected - found)]
-            problems += [f"{os.path.join(ckpt.path, name)}: unexpected shard for TP/PP/EP={_fmt(reference)}"
-                         for name in sorted(found - expected)]
-            for name in sorted(expected & found):
+            problems += [f"{os.path.join(ckpt.path, name)}: missing shard (expected for TP/PP/EP={_fmt(degrees)})"
+                         for name in sorted(own - found)]
+            problems += [f"{os.path.join(ckpt.path, name)}: unexpected shard for TP/PP/EP={_fmt(degrees)}"
+                         for name in sorted(found - own)]
+            for name in sorted(own & found):
                 path = os.path.join(ckpt.path, name, MODEL_FILE)
                 if not os.path.isfile(path):
                     problems.append(f"{path}: missing file")
         if problems:
-            raise InputError(problems)
+            raise InputError(sorted(set(problems), key=problems.index))
         units = [WorkUnit(f"{name}/{MODEL_FILE}", os.path.getsize(os.path.join(newest.path, name, MODEL_FILE)))
                  for name in sorted(expected)]
         if optimizer_policy == OptimizerPolicy.LATEST:
@@ -196,12 +253,95 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
     def without_training_state(self, state: dict, relpath: str) -> dict:
         return {key: value for key, value in state.items() if key not in TRAINING_STATE_KEYS}
 
+    def source_leaves(self, relpath: str, checkpoints: Sequence[CheckpointRef], index: int,
+                      newest: dict) -> SourceLeaves:
+        """A source saved at another PP/EP/VP layout: each leaf of the newest's shard file
+        ``relpath``, under its global name (global layer, global expert), from whichever of the
+        source's shards holds it; keys outside the decoder layers (embedding, final norm, output
+        layer, ...) are looked up by name, first in the source's chunk of the same role (first
+        or last)."""
+        ckpt, newest_ckpt = checkpoints[index], checkpoints[-1]
+        if self._placement(ckpt) == self._placement(newest_ckpt):
+            return super().source_leaves(relpath, checkpoints, index, newest)
+        out, src = self._shard_layout(newest_ckpt), self._shard_layout(ckpt)
+        tp, out_pp, out_ep = out.rank_of(relpath.split("/")[0])
+        ep = out_ep if out_ep < src.ep else 0  # what every EP rank holds alike: from this one
+        files: Dict[Tuple[int, int], Tuple[str, dict]] = {}
+
+        def shard(pp: int, ep_rank: int) -> Tuple[str, dict]:
+            if (pp, ep_rank) not in files:
+                path = os.path.join(ckpt.path, shard_dirname(tp, pp, ep_rank, src.pp, src.ep), MODEL_FILE)
+                state = safe_load(path)
+                problem = self.file_problem(path, state, relpath)
+                if problem:
+                    raise InputError(problem)
+                files[(pp, ep_rank)] = (path, state)
+            return files[(pp, ep_rank)]
+
+        leaves, where, problems = {}, {}, []
+        for leaf_path in self.merged_leaves(newest, relpath):
+            chunk_key, key, rest = leaf_path[0], leaf_path[1], leaf_path[2:]
+            chunk = int(chunk_key[len("model"):] or 0)
+            name = out.global_key(key, out_pp, chunk, out_ep)
+            if out.stacks_experts(key) and out.num_local_experts != src.num_local_experts:
+                problems.append(f"{os.path.join(newest_ckpt.path, relpath)}: key '{chunk_key}.{key}' holds all of an "
+                                f"EP rank's experts in one tensor (legacy GroupedMLP); EP changed from {src.ep} to "
+                                f"{out.ep} ({ckpt.path}), which would split it: merge checkpoints of one EP size")
+                continue
+            located = src.local_key(name, prefer_ep=ep)
+            if located is None:  # outside the decoder layers: by name, in the chunk of the same role first
+                candidates = [(pp, c, ep, key) for pp, c in _chunks_by_role(out, out_pp, chunk, src)]
+            elif located[0] < 0:
+                problems.append(f"{ckpt.path}: has no '{name}' (the newest checkpoint's {relpath} key "
+                                f"'{chunk_key}.{key}'): its saved args place no such layer or expert")
+                continue
+            else:
+                candidates = [located]
+            for pp, source_chunk, ep_rank, source_key in candidates:
+                path, state = shard(pp, ep_rank)
+                value = _lookup(state.get(src.model_key(source_chunk)), (source_key, *rest))
+                if value is not _MISSING:
+                    leaves[leaf_path], where[leaf_path] = value, path
+                    break
+            else:
+                looked = ", ".join(dict.fromkeys(f"{shard(pp, e)[0]}:{src.model_key(c)}.{k}" for pp, c, e, k in candidates))
+                problems.append(f"{ckpt.path}: key '{name}' missing (the newest checkpoint's {relpath} key "
+                                f"'{chunk_key}.{key}'; looked for it in {looked})")
+        if problems:
+            raise InputError(problems)
+        return SourceLeaves(ckpt.path, leaves, where)
+
     def weight_files(self, checkpoint_dir: str) -> List[str]:
         return [f"{name}/{MODEL_FILE}" for name in _shard_dirs(checkpoint_dir)]
 
 
 def _shard_dirs(path: str) -> List[str]:
     return [e for e in listdir(path) if _SHARD_DIR.match(e) and os.path.isdir(os.path.join(path, e))]
+
+
+_MISSING = object()
+
+
+def _lookup(obj, path: tuple):
+    """The value at ``path`` inside nested dicts, or _MISSING (a stored None is a value)."""
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _MISSING
+        obj = obj[key]
+    return obj
+
+
+def _chunks_by_role(out: ShardLayout, pp: int, chunk: int, src: ShardLayout) -> List[Tuple[int, int]]:
+    """The source's (pp rank, chunk) pairs to look for a key outside the decoder layers in: the
+    first model chunk for the output's first (the embedding), the last for its last (final
+    norm, output layer), then all others."""
+    order = []
+    if pp == 0 and chunk == 0:
+        order.append((0, 0))
+    if pp == out.pp - 1 and chunk == out.vp - 1:
+        order.append((src.pp - 1, src.vp - 1))
+    order += [(p, c) for c in range(src.vp) for p in range(src.pp)]
+    return list(dict.fromkeys(order))
 
 
 def _fmt(degrees) -> str:

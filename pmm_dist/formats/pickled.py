@@ -2,12 +2,14 @@
 DeepSpeed): every file is a unit, merged leaf by leaf inside the subtrees the format names.
 
 A format says, per file: which subtrees hold the merged tensors (``merged_subtrees``), what
-makes a file unusable beyond its leaves (``file_problem``), and what ``--optimizer drop``
-removes (``without_training_state``). Checking, merging, writing and the tensor inventory are
-the same for both.
+makes a file unusable beyond its leaves (``file_problem``), what ``--optimizer drop`` removes
+(``without_training_state``), and, for sources saved at another layout than the newest,
+where each of the output file's leaves is in that source (``source_leaves``). Checking,
+merging, writing and the tensor inventory are the same for both.
 """
 import os
 from abc import abstractmethod
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +22,14 @@ from ..merge.kernel import is_mergeable
 from ..plan.types import CheckpointRef, OptimizerPolicy, UnitResult, WorkUnit
 from .base import CheckpointFormat, MergeContext
 from .common import LeafMerger, compare_entries, leaf_specs
+
+
+@dataclass
+class SourceLeaves:
+    """One source's leaves for one output file, keyed by the output's leaf paths."""
+    name: str                                   # names the source in messages: its file, or its checkpoint
+    leaves: Dict[tuple, object]
+    where: Dict[tuple, str] = field(default_factory=dict)  # the file holding a leaf, where not ``name``
 
 
 class PickledFileFormat(CheckpointFormat):
@@ -53,6 +63,21 @@ class PickledFileFormat(CheckpointFormat):
                 leaves.update(flatten(value, subtree))
         return leaves
 
+    def source_leaves(self, relpath: str, checkpoints: Sequence[CheckpointRef], index: int,
+                      newest: dict) -> "SourceLeaves":
+        """The leaves of ``checkpoints[index]`` (an older source) that go into the output file
+        ``relpath``, keyed by the output's leaf paths. By default the source's file of the same
+        name; a format whose sources may be laid out differently (other PP/EP, other ZeRO-3
+        partition count) finds each leaf where that source keeps it. Raises InputError (naming
+        file and key) for a source that cannot supply them."""
+        newest_path = os.path.join(checkpoints[-1].path, relpath)
+        path = os.path.join(checkpoints[index].path, relpath)
+        state = safe_load(path)
+        problem = self.file_problem(path, state, relpath, newest_path, newest)
+        if problem:
+            raise InputError(problem)
+        return SourceLeaves(path, self.merged_leaves(state, relpath))
+
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
         newest_path = os.path.join(checkpoints[-1].path, unit.relpath)
         try:
@@ -64,27 +89,22 @@ class PickledFileFormat(CheckpointFormat):
             return [problem]
         reference = leaf_specs(self.merged_leaves(newest, unit.relpath))
         problems: List[str] = []
-        for ckpt in checkpoints[:-1]:
-            path = os.path.join(ckpt.path, unit.relpath)
+        for index in range(len(checkpoints) - 1):
             try:
-                state = safe_load(path)
+                source = self.source_leaves(unit.relpath, checkpoints, index, newest)
             except InputError as exc:
-                problems.append(str(exc))
+                problems += exc.problems
                 continue
-            problem = self.file_problem(path, state, unit.relpath, newest_path, newest)
-            if problem:
-                problems.append(problem)
-                continue
-            problems += compare_entries(path, leaf_specs(self.merged_leaves(state, unit.relpath)), newest_path,
-                                        reference)
+            problems += compare_entries(source.name, leaf_specs(source.leaves, source.where), newest_path, reference)
         return problems
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
-        paths = [os.path.join(ckpt.path, unit.relpath) for ckpt in checkpoints]
-        sources = [safe_load(path) for path in paths]
-        merge = LeafMerger([self.merged_leaves(src, unit.relpath) for src in sources], paths, context)
-        output = sources[-1]
+        newest_path = os.path.join(checkpoints[-1].path, unit.relpath)
+        output = safe_load(newest_path)
+        sources = [self.source_leaves(unit.relpath, checkpoints, index, output) for index in range(len(checkpoints) - 1)]
+        sources.append(SourceLeaves(newest_path, self.merged_leaves(output, unit.relpath)))
+        merge = LeafMerger([source.leaves for source in sources], [source.name for source in sources], context)
         for subtree in self.merged_subtrees(output, unit.relpath):
             output = replace_subtree(output, subtree, lambda value, at=subtree: map_leaves(value, merge, at))
         if context.optimizer_policy == OptimizerPolicy.DROP:

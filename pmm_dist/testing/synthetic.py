@@ -1,7 +1,9 @@
 """Generate a synthetic Megatron-LM legacy training run, for demos, tests and benchmarks.
 
 The files have what real Megatron-LM checkpoints (--ckpt-format torch) have: TP/PP/EP shard
-directories named as Megatron names them, virtual-pipeline chunks (model0, model1, ...),
+directories named as Megatron names them, virtual-pipeline chunks (model0, model1, ...) with
+stage-local layer and EP-local expert numbers (the same model generated at another PP/EP/VP
+layout holds the same weights under other local names),
 SwiGLU fc1 holding [gate; up] per TP rank, MoE local experts, an fp32 router next to bf16
 weights, Transformer Engine ``_extra_state`` entries, the argparse ``args``, optimizer and
 scheduler state and an RNG state holding numpy arrays. Weights drift slowly between
@@ -13,6 +15,7 @@ import argparse
 import io
 import os
 import random
+import re
 import zlib
 from typing import Dict, List, Sequence
 
@@ -61,27 +64,32 @@ def model_chunk(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int, c
     is_last = pp_rank == cfg.pp - 1 and chunk == cfg.vp - 1
     state: Dict[str, object] = {}
 
-    def put(name, shape, dtype, *owner):
-        base = _tensor(shape, torch.float32, "base", name, *owner)
-        drift = _tensor(shape, torch.float32, "drift", name, *owner, scale=0.002)
-        noise = _tensor(shape, torch.float32, "noise", name, *owner, iteration, scale=0.0005)
+    def put(name, shape, dtype, global_name, *owner):
+        # Seeded by the GLOBAL name (global layer and expert): the same model saved at another
+        # PP/EP/VP layout holds the same weights under other local names, as a resumed run would.
+        base = _tensor(shape, torch.float32, "base", global_name, *owner)
+        drift = _tensor(shape, torch.float32, "drift", global_name, *owner, scale=0.002)
+        noise = _tensor(shape, torch.float32, "noise", global_name, *owner, iteration, scale=0.0005)
         state[name] = (base + drift * (iteration / cfg.interval) + noise).to(dtype)
 
     vocab = cfg.padded_vocab_size
     if is_first:
-        put("embedding.word_embeddings.weight", (vocab // cfg.tp, cfg.hidden_size), cfg.dtype, tp_rank)
+        name = "embedding.word_embeddings.weight"
+        put(name, (vocab // cfg.tp, cfg.hidden_size), cfg.dtype, name, tp_rank)
+    local_experts = cfg.num_experts // cfg.ep if cfg.num_experts else 0
     for local in range(layers_per_chunk):
         global_layer = first_layer + local
         for name, (shape, dtype) in layer_tensors(cfg, tp_rank, ep_rank).items():
-            expert_owner = ep_rank if ".experts." in name else "all"
-            put(f"decoder.layers.{local}.{name}", shape, dtype, global_layer, tp_rank, expert_owner)
+            global_name = re.sub(r"local_experts\.(\d+)\.",
+                                 lambda m: f"local_experts.{ep_rank * local_experts + int(m.group(1))}.", name)
+            put(f"decoder.layers.{local}.{name}", shape, dtype, f"decoder.layers.{global_layer}.{global_name}", tp_rank)
         for module in ("self_attention.linear_qkv", "self_attention.linear_proj"):
             # TE keeps FP8 metadata as an opaque extra state: never a weight, never averaged.
             state[f"decoder.layers.{local}.{module}._extra_state"] = io.BytesIO(f"te-{iteration}".encode())
+        state[f"decoder.layers.{local}.self_attention.core_attention._extra_state"] = None
     if is_last:
-        put("decoder.final_layernorm.weight", (cfg.hidden_size,), cfg.dtype, "final")
-        put("output_layer.weight", (vocab // cfg.tp, cfg.hidden_size), cfg.dtype, "out", tp_rank)
-    state["decoder.layers.0.self_attention.core_attention._extra_state"] = None
+        put("decoder.final_layernorm.weight", (cfg.hidden_size,), cfg.dtype, "decoder.final_layernorm.weight")
+        put("output_layer.weight", (vocab // cfg.tp, cfg.hidden_size), cfg.dtype, "output_layer.weight", tp_rank)
     state["rotary_pos_emb.inv_freq_step"] = torch.tensor([iteration], dtype=torch.int64)  # integer: newest wins
     return state
 

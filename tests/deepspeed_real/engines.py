@@ -23,6 +23,7 @@ Launch with torchrun (2 processes unless said otherwise):
       resume; with "step_with_lr0": then one optimizer step at learning rate 0), and a dump of what
       this rank holds to DUMP/rank{r}.pt: every parameter (ZeRO-3: gathered; MoE experts under
       their GLOBAL ids; pipeline: this stage's layers) and buffer, and which parameters changed.
+      A "_dp1" run's engine is built at data-parallel size 1, as it was trained.
 
 The models: "dense" (Linear 8->15, LayerNorm, Linear 15->6, a float buffer updated in forward and an
 integer buffer; 135-element weight, so ZeRO-3 partitions need padding), "moe" (Linear, a
@@ -48,6 +49,7 @@ RUNS = {f"zero{stage}_{dtype}": ("dense", stage, dtype) for stage in range(4) fo
 RUNS["moe_ep2"] = ("moe", 2, "bf16")
 RUNS["pipe_2stage"] = ("pipe", 1, "fp32")
 RUNS["zero2_fp32_dp1"] = ("dense", 2, "fp32")  # data-parallel size 1 (see SoloMPU)
+RUNS["zero3_fp32_dp1"] = ("dense", 3, "fp32")  # the same, under ZeRO-3 (layout-change tests)
 
 
 def _deepspeed():
@@ -219,7 +221,9 @@ def cmd_load(opts):
         model, optimizer, config = build(run, seed=LOAD_SEED)
         for section, values in load.get("config", {}).items():
             config.setdefault(section, {}).update(values)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # a "_dp1" run's engine has data-parallel size 1, as it was trained (see SoloMPU)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                               mpu=SoloMPU() if run.endswith("_dp1") else None)
         before = _named_parameters(engine, run)
         if load.get("full"):
             path, client_state = engine.load_checkpoint(load["checkpoint"])
