@@ -5,8 +5,9 @@ and saves steps 10, 20, 30 as RUN/step-{N}/ (model, AdamW state, LR scheduler an
 as bytes entries). pmm_dist merges the run at world sizes 1 (in process) and 2 (torchrun); the
 results are loaded back with ``torch.distributed.checkpoint.load``, in one process and into the
 FSDP2 model on 2 ranks, and compared with an independent float64 reference of the inputs as
-``dcp.load`` reads them. A source re-chunked (another layout) merges to the same result. Bad inputs (other global shape, a missing ``.distcp``
-file, a corrupt or hostile ``.metadata``) must fail with a message naming checkpoint and key.
+``dcp.load`` reads them. A source re-chunked (another layout) merges to the same result. Bad
+inputs (other global shape, a missing ``.distcp`` file, a corrupt or hostile ``.metadata``) must
+fail with a message naming checkpoint and key.
 """
 import json
 import os

@@ -20,7 +20,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..merge.kernel import Accumulator, weighted_sum
-from ..plan.types import CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputLayout, UnitResult, WorkUnit
+from ..plan.types import Action, CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputLayout, UnitResult, WorkUnit
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,16 @@ class CheckpointFormat(ABC):
     @abstractmethod
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         """A short description of the parallel layout (for plans, manifests, inspect)."""
+
+    def bytes_read_by_source(self, units: Sequence[WorkUnit], checkpoints: Sequence[CheckpointRef]) -> List[int]:
+        """What merging ``units`` reads from each checkpoint (oldest first), from the plan alone
+        (for --dry-run and the manifest). By default a merged file is read once from every source,
+        at about its output size, and a copied one from the newest."""
+        totals = [0] * len(checkpoints)
+        for unit in units:
+            for position in (range(len(checkpoints)) if unit.action == Action.MERGE else [len(checkpoints) - 1]):
+                totals[position] += unit.num_bytes
+        return totals
 
     @abstractmethod
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
