@@ -53,7 +53,7 @@ from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, Out
                           UnitResult, WorkUnit)
 from .base import CheckpointFormat, MergeContext
 from .common import EntrySpec, compare_entries, listdir, number_in_name, sorted_unique
-from .dcp_reads import PieceReader, SourceFiles, load_chunk, piece_is_whole, piece_region
+from .dcp_reads import SMALL_BLOB_BYTES, PieceReader, SourceFiles, load_chunk, piece_is_whole, piece_region
 
 DCP_METADATA = ".metadata"
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -473,6 +473,7 @@ class DcpFormat(CheckpointFormat):
             sizes = chunk_sizes(metadata)
             total = 0
             for unit in units:
+                small_read = set()  # small stored chunks are read whole once per unit (dcp_reads)
                 for item in unit.items:
                     if item.action != Action.MERGE and position != last:
                         continue
@@ -482,9 +483,12 @@ class DcpFormat(CheckpointFormat):
                         continue
                     itemsize = metadata.state_dict_metadata[item.key].properties.dtype.itemsize
                     for piece in pieces:
-                        stored = sizes[(item.key, piece.stored)]
+                        stored, info = sizes[(item.key, piece.stored)], index[(item.key, piece.stored)]
                         if piece_is_whole(piece, stored):
-                            total += index[(item.key, piece.stored)].length
+                            total += info.length
+                        elif info.length <= SMALL_BLOB_BYTES:
+                            total += 0 if (item.key, piece.stored) in small_read else info.length
+                            small_read.add((item.key, piece.stored))
                         else:
                             relative = [o - b for o, b in zip(piece.offsets, piece.stored)]
                             total += read_span(stored, relative, piece.sizes).num_bytes_read(itemsize)

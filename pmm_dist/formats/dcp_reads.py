@@ -8,6 +8,7 @@ are read: the tensor's raw record is located inside the blob from its zip direct
 as one slab or run by run. A stored chunk that spans several output chunks is so read by each
 for its part only. Blobs this cannot locate (another serialisation) are read whole and sliced.
 """
+import collections
 import io
 import math
 import os
@@ -86,24 +87,34 @@ def piece_is_whole(piece: Piece, stored_sizes) -> bool:
     return tuple(piece.offsets) == tuple(piece.stored) and tuple(piece.sizes) == tuple(stored_sizes)
 
 
+# Stored chunks up to this size are read whole (and kept for the unit's other pieces of them):
+# locating the tensor inside the blob would read about as much.
+SMALL_BLOB_BYTES = 64 << 10
+_SMALL_CHUNKS_KEPT = 64
+
+
 class PieceReader:
-    """Reads pieces of stored chunks; remembers where each chunk's tensor lies in its blob, so a
-    chunk split over several output chunks of this rank is located once."""
+    """Reads pieces of stored chunks for one unit; remembers where each chunk's tensor lies in
+    its blob (and small chunks whole), so a chunk split over several output chunks of this
+    rank is located, or read, once."""
 
     def __init__(self, files: SourceFiles):
         self.files = files
-        self._locations: Dict[Tuple[str, str, tuple], object] = {}
+        self._locations: Dict[Tuple[str, str, tuple], Optional[TensorLocation]] = {}
+        self._small: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 
     def read(self, ckpt_dir: str, info, fqn: str, dtype: torch.dtype, stored_sizes, piece: Piece) -> torch.Tensor:
         """The piece's elements, shaped as the piece (a view of a freshly read buffer)."""
         path = os.path.join(ckpt_dir, info.relative_path)
         if piece_is_whole(piece, stored_sizes):
             return load_chunk(self.files.read(ckpt_dir, info), path, fqn, piece.stored, dtype, stored_sizes)
-        location = self._location(path, info, fqn, piece.stored)
         relative = [o - base for o, base in zip(piece.offsets, piece.stored)]
+        box = tuple(slice(r, r + s) for r, s in zip(relative, piece.sizes))
+        if info.length <= SMALL_BLOB_BYTES:
+            return self._small_chunk(ckpt_dir, path, info, fqn, piece.stored, dtype, stored_sizes)[box]
+        location = self._location(path, info, fqn, piece.stored)
         if location is None:  # a blob we cannot look into: whole, then the box
-            chunk = load_chunk(self.files.read(ckpt_dir, info), path, fqn, piece.stored, dtype, stored_sizes)
-            return chunk[tuple(slice(r, r + s) for r, s in zip(relative, piece.sizes))]
+            return load_chunk(self.files.read(ckpt_dir, info), path, fqn, piece.stored, dtype, stored_sizes)[box]
         if location.dtype != dtype or location.shape != tuple(stored_sizes) or not location.is_row_major() \
                 or location.record_bytes < math.prod(stored_sizes) * dtype.itemsize:
             raise InputError(f"{path}: key '{fqn}' chunk at {list(piece.stored)}: stored {location.shape} "
@@ -122,6 +133,16 @@ class PieceReader:
         self.files.read_into(path, memoryview(buffer), start + span.first * itemsize)
         # The slab starts at the box's first element: the box is a strided view of it.
         return torch.frombuffer(buffer, dtype=dtype).as_strided(piece.sizes, contiguous_strides(stored_sizes))
+
+    def _small_chunk(self, ckpt_dir, path, info, fqn, stored, dtype, stored_sizes) -> torch.Tensor:
+        key = (path, fqn, tuple(stored))
+        chunk = self._small.pop(key, None)
+        if chunk is None:
+            chunk = load_chunk(self.files.read(ckpt_dir, info), path, fqn, stored, dtype, stored_sizes)
+        self._small[key] = chunk
+        if len(self._small) > _SMALL_CHUNKS_KEPT:
+            self._small.popitem(last=False)
+        return chunk
 
     def _location(self, path: str, info, fqn: str, stored) -> Optional[TensorLocation]:
         key = (path, fqn, tuple(stored))

@@ -168,9 +168,10 @@ def contiguous_strides(sizes: Sequence[int]) -> Tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-# Separate reads of the runs of a box instead of one read of the slab holding them: only when
-# each run is long enough that a read call per run costs less than reading the bytes between.
-MIN_RUN_BYTES = 64 << 10
+# Separate reads of the runs of a box instead of one read of the slab holding them, when the
+# bytes between two runs are at least this many: skipping them then costs less than reading
+# them (a read call costs about as much as copying a few KiB from the page cache).
+MIN_GAP_BYTES = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -204,9 +205,10 @@ class ReadSpan:
             yield self.first + sum(i * step for i, step in zip(index, self.steps))
 
     def reads_runs(self, itemsize: int) -> bool:
-        """Read run by run (True) or the slab at once: runs when they are long and the slab
-        would read noticeably more than the box."""
-        return self.num_runs > 1 and self.run * itemsize >= MIN_RUN_BYTES and self.slab_numel > self.numel * 9 // 8
+        """Read run by run (True) or the slab at once: run by run when the gaps between runs
+        are large (a box of columns of a wide chunk), the slab when the runs are contiguous or
+        nearly so (a box of rows)."""
+        return self.num_runs > 1 and (self.steps[-1] - self.run) * itemsize >= MIN_GAP_BYTES
 
     def num_bytes_read(self, itemsize: int) -> int:
         return (self.numel if self.reads_runs(itemsize) else self.slab_numel) * itemsize
