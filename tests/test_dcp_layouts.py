@@ -120,14 +120,16 @@ def test_mixed_layouts_merge_to_the_reference(tmp_path, order, monkeypatch):
     dcp.load(state, checkpoint_id=str(out))
     assert state["train_state"] == {"step": 3}
 
-    # Reads: each stored chunk's bytes at most once (pieces of one chunk are disjoint), the
-    # large ones never whole when only part is needed; the plan's per-source count is what was read.
+    # Reads: the large ranges (model.proj.weight's pieces) never overlap: each byte of a stored
+    # chunk is read once, though the chunk spans several output chunks; small boxes of columns
+    # are read as the slab of rows holding them (model.embed.weight: a few KiB read twice).
+    # The plan's per-source count is what was read, zip headers aside.
     by_file = {}
     for path, offset, length in log.reads:
         by_file.setdefault(path, []).append((offset, length))
     for path, ranges in by_file.items():
         ranges.sort()
-        big = [r for r in ranges if r[1] > 4096]
+        big = [r for r in ranges if r[1] > 64 << 10]
         assert all(a[0] + a[1] <= b[0] for a, b in zip(big, big[1:])), f"{path}: a byte range read twice"
     data_bytes = [sum(os.path.getsize(c / f) for f in os.listdir(c) if f.endswith(".distcp")) for c in ckpts]
     manifest = json.loads((out / "pmm_manifest.json").read_text())

@@ -88,8 +88,8 @@ def piece_is_whole(piece: Piece, stored_sizes) -> bool:
 
 
 # Stored chunks up to this size are read whole (and kept for the unit's other pieces of them):
-# locating the tensor inside the blob would read about as much.
-SMALL_BLOB_BYTES = 64 << 10
+# their blob is mostly zip and pickle headers, which locating the tensor would read anyway.
+SMALL_BLOB_BYTES = 2048
 _SMALL_CHUNKS_KEPT = 64
 
 

@@ -26,7 +26,7 @@ _EOCD = b"PK\x05\x06"
 _EOCD64 = b"PK\x06\x06"
 _CENTRAL = b"PK\x01\x02"
 _LOCAL = b"PK\x03\x04"
-_TAIL_BYTES = 4096        # enough for the directory of a one-tensor blob (about ten records)
+_TAIL_BYTES = 1024        # the directory of a one-tensor blob (seven records, ~650 bytes); more is read if needed
 _MAX_PICKLE_BYTES = 1 << 20
 
 _STORAGE_DTYPES = {
