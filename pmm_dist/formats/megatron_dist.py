@@ -54,6 +54,10 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
                    ".metadata, __*_*.distcp, common.pt")
     training_state_keys = tuple(TRAINING_STATE_KEYS)
 
+    def __init__(self):
+        super().__init__()
+        self._layout_cache: Dict[str, str] = {}
+
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -113,6 +117,20 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
             layout.update(zip(("saved_tp", "saved_pp", "saved_ep"), parallel_degrees(args)))
         layout.update(super().layout(checkpoints))
         return layout
+
+    def checkpoint_layout(self, ckpt: CheckpointRef) -> str:
+        """TP/PP/EP as saved in the checkpoint's args (common.pt), else what the DCP files tell."""
+        path = os.path.join(ckpt.path, COMMON_FILE)
+        if ckpt.path not in self._layout_cache:
+            args = None
+            if os.path.isfile(path):
+                try:
+                    args = _common_state(ckpt.path).get("args")
+                except InputError:
+                    args = None  # reported where common.pt is needed (the newest's)
+            self._layout_cache[ckpt.path] = ("TP={}, PP={}, EP={}".format(*parallel_degrees(args)) if args is not None
+                                             else super().checkpoint_layout(ckpt))
+        return self._layout_cache[ckpt.path]
 
     def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> List[str]:
         path = os.path.join(checkpoints[-1].path, COMMON_FILE)
