@@ -1,4 +1,4 @@
-"""DCP checkpoints saved at different layouts, in one process: hand-made chunkings (tests/dcp_synthetic.py).
+"""DCP checkpoints saved at different layouts, in one process: hand-made chunkings (testing/synthetic_dcp.py).
 
 Three checkpoints of one model, chunked as if saved at world sizes 3, 1 and 2 (rows, columns,
 whole, 3-D), are merged; ``dcp.load`` of the result must match the float64 reference of the
@@ -24,8 +24,8 @@ from pmm_dist.formats import dcp_reads
 from pmm_dist.formats.dcp import DcpFormat
 from pmm_dist.io.torch_blob import locate_tensor
 from pmm_dist.plan import assign_units
+from pmm_dist.testing.synthetic_dcp import read_metadata, split, write_dcp, write_metadata
 
-from .dcp_synthetic import read_metadata, split, write_dcp, write_metadata
 from .helpers import assert_merged_within_one_ulp, wma
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

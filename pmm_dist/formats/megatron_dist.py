@@ -7,8 +7,11 @@
     RUN/iter_0001000/common.pt          # non-sharded state: args, iteration, optimizer param_groups, ...
 
 The sharded part is merged exactly like plain DCP (see ``dcp.py``): chunk by chunk, into one
-``__{k}_0.distcp`` per merging rank, keeping every tensor's global shape and chunking (Megatron
-reshards on load, so the merged checkpoint loads at any TP/PP). ShardedObjects (``_extra_state``,
+``__{k}_0.distcp`` per merging rank, keeping every tensor's global shape and the newest's
+chunking (Megatron reshards on load, so the merged checkpoint loads at any TP/PP). Checkpoints
+saved at other TP/PP (a run resumed on another layout) chunk tensors differently and are mapped
+onto the newest's chunks from the chunk boxes; their layout, for messages, is read from the
+``args`` in ``common.pt``. ShardedObjects (``_extra_state``,
 ``rng_state``) are bytes entries and come from the newest checkpoint. Training state (the
 ``optimizer.*`` tensors, ``rng_state`` objects and the ``optimizer`` / ``opt_param_scheduler`` /
 ``rng_state`` entries of ``common.pt``) is dropped by ``--optimizer drop`` and copied from the

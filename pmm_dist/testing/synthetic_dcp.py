@@ -1,5 +1,6 @@
-"""Hand-made DCP checkpoints for tests: chosen chunkings, real ``torch.save`` blobs, ``.metadata``
-as DCP writes it. ``torch.distributed.checkpoint.load`` reads them like its own (tests check it)."""
+"""Hand-made DCP checkpoints for tests and benchmarks: chosen chunkings (as if saved at any
+parallel layout), real ``torch.save`` blobs, ``.metadata`` as DCP writes it.
+``torch.distributed.checkpoint.load`` reads them like its own (tests/test_dcp_layouts.py checks it)."""
 import io
 import os
 import pickle
@@ -55,7 +56,8 @@ def write_dcp(root: str, tensors: Dict[str, Tuple[torch.Tensor, List[Box]]], num
 
 
 def read_metadata(root: str) -> Metadata:
-    with open(os.path.join(root, ".metadata"), "rb") as f:  # our own test files
+    """The ``.metadata`` of a checkpoint this module wrote (plain unpickling: our own files)."""
+    with open(os.path.join(root, ".metadata"), "rb") as f:
         return pickle.load(f)
 
 
