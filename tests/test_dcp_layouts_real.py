@@ -89,7 +89,8 @@ def runs(tmp_path_factory):
         for name, entry in found.items():
             entry[f"fsdp{nproc}"] = base / f"{name}_fsdp{nproc}.pt"
             pairs += [entry["outs"][3], entry[f"fsdp{nproc}"]]
-        _run(_torchrun(nproc) + [HELPER, "load", *pairs] + SHAPE_ARGS, f"dcp.load into the FSDP2 model on {nproc} ranks")
+        _run(_torchrun(nproc) + [HELPER, "load", *pairs] + SHAPE_ARGS,
+             f"dcp.load into the FSDP2 model on {nproc} ranks")
     return found
 
 

@@ -65,7 +65,8 @@ def format_plan(plan) -> str:
              f"  layout: {', '.join(f'{k}={v}' for k, v in plan.layout.items())}",
              "  checkpoints (oldest first) and weights:"]
     reads = plan.bytes_read_by_source or [None] * len(plan.checkpoints)
-    lines += [f"    {ckpt.iteration:>10}  w={w:.6g}  {ckpt.path}" + ("" if num is None else f"  (reads {human_bytes(num)})")
+    lines += [f"    {ckpt.iteration:>10}  w={w:.6g}  {ckpt.path}"
+              + ("" if num is None else f"  (reads {human_bytes(num)})")
               for ckpt, w, num in zip(plan.checkpoints, plan.weights, reads)]
     lines.append(f"  weights sum: {sum(plan.weights):.6g}")
     for rank, share in enumerate(plan.shares):

@@ -359,30 +359,11 @@ class DcpFormat(CheckpointFormat):
         pieces_by_source: List[Dict[str, Dict[tuple, Tuple[Piece, ...]]]] = []
         reshaped: Dict[str, List[str]] = {}  # checkpoint -> keys whose global shape changed with the layout
         for ckpt in checkpoints[:-1]:
-            pieces_by_source.append({})
-            try:
-                metadata = self.metadata(ckpt)
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            moved = self._reshaped_by_layout(ckpt, metadata, newest_ref, newest, compared)
+            found, trouble, moved = self._plan_source(ckpt, newest_ref, newest, compared, merged)
+            pieces_by_source.append(found)
+            problems += trouble
             if moved:
                 reshaped[ckpt.path] = moved
-            mismatches = compare_metadata(ckpt.path, metadata, newest_ref.path, newest,
-                                          [fqn for fqn in compared if fqn not in set(moved)],
-                                          ignored=lambda fqn, md=metadata: self.is_training_state(md, fqn))
-            problems += mismatches
-            if mismatches or moved:
-                continue
-            for fqn in merged:
-                found, trouble = plan_pieces(ckpt.path, fqn, metadata.state_dict_metadata[fqn],
-                                             newest.state_dict_metadata[fqn])
-                problems += trouble
-                if found is not None:
-                    pieces_by_source[-1][fqn] = found
-            # This source's own chunks are what it reads, whatever its layout.
-            problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in set(merged)],
-                                         check_files=False)
         if reshaped:
             problems.append(self._layout_change_problem(checkpoints, reshaped))
         problems += self.extra_plan_problems(checkpoints, optimizer_policy)
@@ -414,6 +395,35 @@ class DcpFormat(CheckpointFormat):
                 share.sort(key=lambda it: (location[it.storage_key].relative_path, location[it.storage_key].offset))
                 units.append(WorkUnit(f"__{k}_0.distcp", sum(it.num_bytes for it in share), items=tuple(share)))
         return units
+
+    def _plan_source(self, ckpt: CheckpointRef, newest_ref: CheckpointRef, newest, compared: Sequence[str],
+                     merged: Sequence[str]) -> Tuple[Dict[str, Dict[tuple, Tuple[Piece, ...]]], List[str], List[str]]:
+        """One older checkpoint against the newest, from metadata: the pieces of its chunks for
+        each merged key it chunks differently, the problems, and the keys whose global shape
+        changed together with the layout (reported once for all checkpoints)."""
+        try:
+            metadata = self.metadata(ckpt)
+        except InputError as exc:
+            return {}, [str(exc)], []
+        moved = self._reshaped_by_layout(ckpt, metadata, newest_ref, newest, compared)
+        moved_set = set(moved)
+        problems = compare_metadata(ckpt.path, metadata, newest_ref.path, newest,
+                                    [fqn for fqn in compared if fqn not in moved_set],
+                                    ignored=lambda fqn: self.is_training_state(metadata, fqn))
+        if problems or moved:
+            return {}, problems, moved
+        pieces = {}
+        for fqn in merged:
+            found, trouble = plan_pieces(ckpt.path, fqn, metadata.state_dict_metadata[fqn],
+                                         newest.state_dict_metadata[fqn])
+            problems += trouble
+            if found is not None:
+                pieces[fqn] = found
+        # This source's own chunks are what it reads, whatever its layout.
+        merged_set = set(merged)
+        problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in merged_set],
+                                     check_files=False)
+        return pieces, problems, []
 
     def _reshaped_by_layout(self, ckpt: CheckpointRef, metadata, newest_ref: CheckpointRef, newest,
                             fqns: Sequence[str]) -> List[str]:
@@ -548,8 +558,8 @@ class DcpFormat(CheckpointFormat):
                     if k is None:
                         path = os.path.join(checkpoints[i].path, indexes[i][key].relative_path)
                         context.on_progress(len(fetched))
-                        chunk = load_chunk(fetched, path, fqn, offsets, newest.state_dict_metadata[fqn].properties.dtype,
-                                           sizes_of[-1][key])
+                        chunk = load_chunk(fetched, path, fqn, offsets,
+                                           newest.state_dict_metadata[fqn].properties.dtype, sizes_of[-1][key])
                         region = None
                     else:
                         piece = item.pieces(i)[k]
@@ -559,8 +569,9 @@ class DcpFormat(CheckpointFormat):
                     del fetched
                     if accumulator is None:
                         accumulator = context.accumulator(sizes_of[-1][key], item.describe())
-                    accumulator.add(chunk, context.weights[i], path, **({} if region is None else
-                                                                      {"region": region, "first": i == 0}))
+                    # A piece goes into its region; the first source's pieces start it.
+                    accumulator.add(chunk, context.weights[i], path, region=region,
+                                    first=None if region is None else i == 0)
                     del chunk
                     if i == last:
                         start = writer.num_bytes
