@@ -314,3 +314,24 @@ def test_mixed_layout_plan_at_scale_is_metadata_only(tmp_path):
     assert len(pickle.dumps(units)) / len(items) < 400  # bytes per output chunk of a mixed-layout plan
     # The data files are checked by each rank (check_unit), and are absent here.
     assert any("missing file" in p for p in fmt.check_unit(units[0], refs))
+
+
+def test_bytes_entries_named_by_shard_may_differ_across_layouts(tmp_path):
+    """A ShardedObject's key names its shard (e.g. 'rng_state/shard_0.1_1.2' at TP=2): at another
+    layout the bytes entries may have other keys. They come from the newest alone, so only a
+    same-layout checkpoint must have the same ones."""
+    ckpts = _write_run(tmp_path / "run", (0, 1, 2))
+
+    def rename(md):
+        md.state_dict_metadata["extra/shard_0_3"] = md.state_dict_metadata.pop("train_state")
+        index = next(k for k in md.storage_data if k.fqn == "train_state")
+        md.storage_data[MetadataIndex("extra/shard_0_3")] = md.storage_data.pop(index)
+    _edit_metadata(ckpts[0], rename)  # world size 3, the newest 2: merges
+    pmm_dist.merge(sources=[str(tmp_path / "run")], out=str(tmp_path / "out"), device="cpu", quiet=True)
+    state = {"train_state": {}}
+    dcp.load(state, checkpoint_id=str(tmp_path / "out"))
+    assert state["train_state"] == {"step": 3}
+    same = _write_run(tmp_path / "same", (2, 1, 2))
+    _edit_metadata(same[0], rename)  # world size 2 like the newest: the keys must agree
+    _refused(tmp_path / "same", tmp_path / "out2", f"{same[0]}: key 'train_state' missing",
+             f"{same[0]}: unexpected key 'extra/shard_0_3'")

@@ -157,3 +157,23 @@ def test_manifest_counts_bytes_per_source(runs, name):
     # about 1.5 KiB per stored chunk read, whole or located).
     assert all(model_bytes <= n <= model_bytes + 32 * 1536 for n in per_source), per_source
     assert manifest["bytes_read"] >= sum(per_source)
+
+
+def test_optimizer_latest_takes_the_newest_training_state(runs, tmp_path):
+    """--optimizer latest across the layout change: the newest's optimizer state (its own
+    chunking), never the older ones' (chunked otherwise, and training state is not averaged)."""
+    run = runs["ws2-ws1"]["run"]
+    out = tmp_path / "out"
+    pmm_dist.merge(sources=[str(run)], out=str(out), method="sma", optimizer="latest", device="cpu", quiet=True)
+    merged_md, newest_md = _metadata(out), _metadata(run / "step-30")
+    assert merged_md.state_dict_metadata == newest_md.state_dict_metadata
+    keys = [k for k, v in newest_md.state_dict_metadata.items() if k.startswith("optimizer.state.") and hasattr(v, "size")]
+    assert len(keys) >= 10
+
+    def load(ckpt):
+        state = {k: torch.empty(tuple(newest_md.state_dict_metadata[k].size),
+                                dtype=newest_md.state_dict_metadata[k].properties.dtype) for k in keys}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)))
+        return state
+    merged, newest = load(out), load(run / "step-30")
+    assert all(torch.equal(merged[k], newest[k]) for k in keys)

@@ -407,9 +407,18 @@ class DcpFormat(CheckpointFormat):
             return {}, [str(exc)], []
         moved = self._reshaped_by_layout(ckpt, metadata, newest_ref, newest, compared)
         moved_set = set(moved)
-        problems = compare_metadata(ckpt.path, metadata, newest_ref.path, newest,
-                                    [fqn for fqn in compared if fqn not in moved_set],
-                                    ignored=lambda fqn: self.is_training_state(metadata, fqn))
+        # Bytes entries come from the newest alone. Saved at another layout, their keys may name
+        # other shards (a ShardedObject's key holds its offsets and global shape): then only the
+        # tensors must match.
+        relayout = self.checkpoint_layout(ckpt) != self.checkpoint_layout(newest_ref)
+        entries = metadata.state_dict_metadata
+
+        def ignored(fqn: str) -> bool:
+            return self.is_training_state(metadata, fqn) or \
+                (relayout and not isinstance(entries[fqn], dcp_metadata.TensorStorageMetadata))
+        checked = [fqn for fqn in compared if fqn not in moved_set and not (
+            relayout and not isinstance(newest.state_dict_metadata[fqn], dcp_metadata.TensorStorageMetadata))]
+        problems = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, checked, ignored=ignored)
         if problems or moved:
             return {}, problems, moved
         pieces = {}
