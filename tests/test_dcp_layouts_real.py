@@ -167,7 +167,8 @@ def test_optimizer_latest_takes_the_newest_training_state(runs, tmp_path):
     pmm_dist.merge(sources=[str(run)], out=str(out), method="sma", optimizer="latest", device="cpu", quiet=True)
     merged_md, newest_md = _metadata(out), _metadata(run / "step-30")
     assert merged_md.state_dict_metadata == newest_md.state_dict_metadata
-    keys = [k for k, v in newest_md.state_dict_metadata.items() if k.startswith("optimizer.state.") and hasattr(v, "size")]
+    keys = [k for k, v in newest_md.state_dict_metadata.items()
+            if k.startswith("optimizer.state.") and hasattr(v, "size")]
     assert len(keys) >= 10
 
     def load(ckpt):
