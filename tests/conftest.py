@@ -49,6 +49,8 @@ MODULE_TIERS = {
     "test_atomic": "unit",
     "test_tree": "unit",
     "test_zero3_partitions": "unit",
+    "test_regions": "unit",
+    "test_dcp_layouts": "unit",
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",
@@ -59,6 +61,8 @@ MODULE_TIERS = {
     "test_dcp_merge": "real",
     "test_deepspeed_real": "real",
     "test_deepspeed_layouts_real": "real",
+    "test_dcp_layouts_real": "real",
+    "test_megatron_dist_layouts": "real",
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
     "test_pma_smoke": "real",

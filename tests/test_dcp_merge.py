@@ -5,8 +5,9 @@ and saves steps 10, 20, 30 as RUN/step-{N}/ (model, AdamW state, LR scheduler an
 as bytes entries). pmm_dist merges the run at world sizes 1 (in process) and 2 (torchrun); the
 results are loaded back with ``torch.distributed.checkpoint.load``, in one process and into the
 FSDP2 model on 2 ranks, and compared with an independent float64 reference of the inputs as
-``dcp.load`` reads them. Bad inputs (other chunking, other global shape, a missing ``.distcp``
-file, a corrupt or hostile ``.metadata``) must fail with a message naming checkpoint and key.
+``dcp.load`` reads them. A source re-chunked (another layout) merges to the same result. Bad
+inputs (other global shape, a missing ``.distcp`` file, a corrupt or hostile ``.metadata``) must
+fail with a message naming checkpoint and key.
 """
 import json
 import os
@@ -213,15 +214,20 @@ def _merge_fails(sources, out, *fragments):
     return message
 
 
-def test_other_chunking_is_refused(run, tmp_path, fresh_copy):
+def test_other_chunking_merges_to_the_same_result(run, merged, tmp_path, fresh_copy):
+    """step-20 re-saved by one process (one chunk per tensor instead of FSDP2's two): the same
+    values in another layout, so the merge must give exactly the same tensors."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
     copy = fresh_copy(run)
     shutil.rmtree(copy / "step-20")
-    with warnings.catch_warnings():  # the same state re-saved by one process: one chunk per tensor
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(_load_state_dict_from_keys(checkpoint_id=str(run / "step-20")), checkpoint_id=str(copy / "step-20"))
-    _merge_fails([copy], tmp_path / "out", str(copy / "step-20"), "key 'model.embed.weight' is chunked differently",
-                 "identical chunking")
+    assert len(_metadata(copy / "step-20").state_dict_metadata["model.embed.weight"].chunks) == 1
+    out = tmp_path / "out"
+    pmm_dist.merge(sources=[str(copy)], out=str(out), method="ema", alpha=ALPHA, device="cpu", quiet=True)
+    expected, result = _load_tensors(merged["outs"][1]), _load_tensors(out)
+    assert all(torch.equal(result[k], expected[k]) for k in expected)
 
 
 def test_other_global_shape_is_refused(run, tmp_path, fresh_copy):

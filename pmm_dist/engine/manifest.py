@@ -33,6 +33,7 @@ class Manifest:
     world_size: int = 1
     device: str = "cpu"
     bytes_read: int = 0
+    bytes_read_by_source: List[int] = field(default_factory=list)  # planned, one per source, oldest first
     bytes_written: int = 0
     tensors_merged: int = 0
     units_resumed: int = 0

@@ -41,6 +41,8 @@ class MergePlan:
     shares: Tuple[Tuple[WorkUnit, ...], ...] = ()
     already_complete: bool = False
     """--resume found this very merge already committed: nothing left to do."""
+    bytes_read_by_source: Tuple[int, ...] = ()
+    """What the merge reads from each checkpoint, oldest first (from the plan: --dry-run, manifest)."""
 
     def for_rank(self) -> "MergePlan":
         """What a non-coordinator rank needs besides its share: everything but the unit lists."""
@@ -81,6 +83,7 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
                      out=os.path.abspath(options.out), optimizer_policy=options.optimizer,
                      on_nonfinite=options.on_nonfinite, tensor_filter=options.tensor_filter(), fingerprint=fingerprint(description, snapshot),
                      num_units=len(units), units=tuple(units),
+                     bytes_read_by_source=tuple(fmt.bytes_read_by_source(units, checkpoints)),
                      shares=tuple(tuple(s) for s in assign_units(units, world_size, len(checkpoints))))
     plan = replace(plan, already_complete=options.resume and _committed_already(plan))
     check_output(options, fmt, checkpoints, plan.already_complete)

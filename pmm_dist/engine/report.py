@@ -77,7 +77,10 @@ def format_plan(plan) -> str:
     lines = [f"plan: {plan.method} merge of {len(plan.checkpoints)} {plan.format_name} checkpoints -> {plan.out}",
              f"  layout: {', '.join(f'{k}={v}' for k, v in plan.layout.items())}",
              "  checkpoints (oldest first) and weights:"]
-    lines += [f"    {ckpt.iteration:>10}  w={w:.6g}  {ckpt.path}" for ckpt, w in zip(plan.checkpoints, plan.weights)]
+    reads = plan.bytes_read_by_source or [None] * len(plan.checkpoints)
+    lines += [f"    {ckpt.iteration:>10}  w={w:.6g}  {ckpt.path}"
+              + ("" if num is None else f"  (reads {human_bytes(num)})")
+              for ckpt, w, num in zip(plan.checkpoints, plan.weights, reads)]
     lines.append(f"  weights sum: {sum(plan.weights):.6g}")
     lines += format_source_layouts(plan.checkpoints, plan.source_layouts)
     for rank, share in enumerate(plan.shares):

@@ -154,7 +154,7 @@ class _Merge:
                 output_checkpoint=plan.output.checkpoint_dirname, tracker=plan.output.commit_marker, files=files,
                 fingerprint=plan.fingerprint, world_size=result.world_size, device=result.device,
                 tensor_filter={k: list(v) for k, v in vars(plan.tensor_filter).items() if v},
-                bytes_read=summary["num_bytes_read"],
+                bytes_read=summary["num_bytes_read"], bytes_read_by_source=list(plan.bytes_read_by_source),
                 bytes_written=sum(f["bytes"] for f in files if f["path"] not in resumed_paths),
                 tensors_merged=summary["num_tensors_merged"], units_resumed=summary["num_units_resumed"],
                 metadata_bytes_exchanged=metadata_bytes, peak_rss_bytes_by_rank=summary["peak_rss_by_rank"],

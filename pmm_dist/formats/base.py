@@ -21,7 +21,7 @@ import torch
 
 from ..merge.kernel import Accumulator, weighted_sum
 from ..plan.selection import TensorFilter
-from ..plan.types import CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputLayout, UnitResult, WorkUnit
+from ..plan.types import Action, CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputLayout, UnitResult, WorkUnit
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ class CheckpointFormat(ABC):
         (inspect shows it per checkpoint, --dry-run and the manifest per source, and a refused
         layout change lists it; see ``common.layout_change_refusal``)."""
         return self.layout([ckpt])
+
+    def describe_layout(self, layout: Dict[str, object]) -> str:
+        """A ``checkpoint_layout`` in the words the format's users know (for messages)."""
+        return ", ".join(f"{k}={v}" for k, v in layout.items())
+
+    def bytes_read_by_source(self, units: Sequence[WorkUnit], checkpoints: Sequence[CheckpointRef]) -> List[int]:
+        """What merging ``units`` reads from each checkpoint (oldest first), from the plan alone
+        (for --dry-run and the manifest). By default a merged file is read once from every source,
+        at about its output size, and a copied one from the newest."""
+        totals = [0] * len(checkpoints)
+        for unit in units:
+            for position in (range(len(checkpoints)) if unit.action == Action.MERGE else [len(checkpoints) - 1]):
+                totals[position] += unit.num_bytes
+        return totals
 
     @abstractmethod
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:

@@ -4,13 +4,22 @@
     CKPT/__{rank}_{n}.distcp     # each stored item a torch.save blob (tensor chunk) or raw bytes
 
 Planning reads only the ``.metadata`` of every source: the newest checkpoint's keys, global
-shapes, dtypes and chunk lists are the reference every other source must match. The units are
-the stored chunks, binned byte-balanced into one output file per rank, ``__{k}_0.distcp``
-(``WorkUnit.items``). A rank reads exactly its chunks' byte ranges from the N sources (pread;
-never whole files), merges float chunks (``MergeContext.merge_tensor``) and copies everything else
-(integer tensors, bytes entries) byte for byte from the newest source. The coordinator then
-writes the output ``.metadata``: the newest checkpoint's key metadata (same chunking) with new
-storage locations. ``.metadata`` is the checkpoint's commit marker, so it is written last.
+shapes and dtypes are the reference every other source must match, and its chunks are the
+output's. The units are the stored chunks, binned byte-balanced into one output file per rank,
+``__{k}_0.distcp`` (``WorkUnit.items``). A rank reads exactly its chunks' byte ranges from the N
+sources (pread; never whole files), merges float chunks into a float64 accumulator and copies
+everything else (integer tensors, bytes entries) byte for byte from the newest source. The
+coordinator then writes the output ``.metadata``: the newest checkpoint's key metadata (same
+chunking) with new storage locations. ``.metadata`` is the checkpoint's commit marker, so it is
+written last.
+
+Sources saved at another parallel layout (another world size, TP, PP) chunk a tensor
+differently. Planning then intersects the chunk boxes (``plan.regions``): for each output chunk
+each such source contributes the pieces of its stored chunks that overlap it (``ChunkItem.sources``),
+after verifying that its chunks cover every element exactly once (a gap, an overlap, a chunk
+outside the tensor is an error naming checkpoint, key and region). A rank reads only each
+piece's bytes (``dcp_reads``) and adds it into its region of the accumulator. A layout change
+that changed global shapes is refused in one message naming the checkpoints of each layout.
 
 Sources: one directory holding DCP checkpoints as subdirectories whose names end in a number
 (``step-100``, ``step_200``, ``global_step300``; one without a ``.metadata`` is incomplete and
@@ -23,7 +32,6 @@ metadata dataclasses, ``torch.Size``, torch dtypes/layouts and paths; anything e
 """
 import dataclasses
 import hashlib
-import io
 import math
 import os
 import pathlib
@@ -40,10 +48,12 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from ..io.atomic import write_atomically
 from ..errors import InputError, MergeError
 from ..plan.assign import balance, work_cost
-from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, OutputKind, OutputLayout, UnitResult,
-                          WorkUnit)
+from ..plan.regions import Box, coverage_problems, map_chunks, read_span
+from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, OutputKind, OutputLayout, Piece,
+                          UnitResult, WorkUnit)
 from .base import CheckpointFormat, MergeContext
 from .common import EntrySpec, compare_entries, listdir, number_in_name, sorted_unique
+from .dcp_reads import SMALL_BLOB_BYTES, PieceReader, SourceFiles, load_chunk, piece_is_whole, piece_region
 
 DCP_METADATA = ".metadata"
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -140,11 +150,6 @@ def chunk_sizes(metadata) -> Dict[ChunkKey, Tuple[int, ...]]:
             if isinstance(entry, dcp_metadata.TensorStorageMetadata) for chunk in entry.chunks}
 
 
-def _describe_chunks(chunks) -> str:
-    shown = ", ".join(f"{list(o)}+{list(s)}" for o, s in chunks[:4])
-    return f"{len(chunks)} chunk(s) {shown}{', ...' if len(chunks) > 4 else ''}"
-
-
 def entry_specs(metadata, fqns: Optional[Iterable[str]] = None) -> Dict[str, EntrySpec]:
     """``.metadata`` entries as the common comparer sees them (all, or those named)."""
     entries = metadata.state_dict_metadata
@@ -152,8 +157,7 @@ def entry_specs(metadata, fqns: Optional[Iterable[str]] = None) -> Dict[str, Ent
     for fqn in entries if fqns is None else fqns:
         entry = entries[fqn]
         if isinstance(entry, dcp_metadata.TensorStorageMetadata):
-            chunks = tuple(sorted((tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks))
-            specs[fqn] = EntrySpec("a tensor", entry.properties.dtype, list(entry.size), layout=chunks)
+            specs[fqn] = EntrySpec("a tensor", entry.properties.dtype, list(entry.size))
         else:
             specs[fqn] = EntrySpec("a bytes object", checked=False)
     return specs
@@ -162,18 +166,41 @@ def entry_specs(metadata, fqns: Optional[Iterable[str]] = None) -> Dict[str, Ent
 def compare_metadata(path: str, metadata, newest_path: str, newest, fqns: Sequence[str],
                      ignored=lambda fqn: False) -> List[str]:
     """Problems (each naming checkpoint and key) that make ``metadata`` unmergeable with ``newest``
-    for the keys ``fqns`` of the newest: same keys, kinds, global shapes, dtypes and chunking.
-    Keys only ``metadata`` has are unexpected unless ``ignored(fqn)``."""
-    def chunked_differently(fqn, other, ref):
-        return (f"{path}: key '{fqn}' is chunked differently: {_describe_chunks(other.layout)}; the newest "
-                f"checkpoint has {_describe_chunks(ref.layout)} (merging needs identical chunking)")
-
+    for the keys ``fqns`` of the newest: same keys, kinds, global shapes and dtypes (the chunking
+    may differ: see ``plan_pieces``). Keys only ``metadata`` has are unexpected unless ``ignored(fqn)``."""
     reference = entry_specs(newest, fqns)
     entries = entry_specs(metadata)
     unexpected = {fqn for fqn in entries if fqn not in newest.state_dict_metadata}
     entries = {fqn: spec for fqn, spec in entries.items() if fqn in reference or fqn in unexpected}
-    return compare_entries(path, entries, newest_path, reference, shape_word="global shape", ignored=ignored,
-                           layout_problem=chunked_differently)
+    return compare_entries(path, entries, newest_path, reference, shape_word="global shape", ignored=ignored)
+
+
+def chunk_boxes(entry) -> List[Box]:
+    """A tensor entry's stored chunks as boxes of its global index space, in stored order."""
+    return [(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks]
+
+
+def plan_pieces(path: str, fqn: str, entry, newest_entry) -> Tuple[Optional[Dict[tuple, Tuple[Piece, ...]]], List[str]]:
+    """How a source's chunks of ``fqn`` fill the newest's: ``(None, [])`` when it stores the
+    same chunks; else, per newest chunk (by offsets), the pieces of the source's chunks that
+    cover it exactly once; or the problems (naming checkpoint, key and region) why they cannot
+    (chunks outside the tensor, overlapping, or leaving a gap)."""
+    boxes, outputs = chunk_boxes(entry), chunk_boxes(newest_entry)
+    if sorted(boxes) == sorted(outputs):
+        return None, []
+    problems = coverage_problems(tuple(entry.size), boxes)
+    if problems:
+        return None, [f"{path}: key '{fqn}' (global shape {list(entry.size)}): {p.describe(boxes)}" for p in problems]
+    mapping = map_chunks(outputs, boxes)
+    return {out[0]: tuple(Piece(boxes[j][0], *overlap) for j, overlap in found)
+            for out, found in zip(outputs, mapping)}, []
+
+
+def saved_world_size(metadata) -> Optional[int]:
+    """How many ranks wrote the checkpoint, from its file names (``__{rank}_{n}.distcp``)."""
+    ranks = {m.group(1) for m in (re.match(r"__(\d+)_", str(info.relative_path))
+                                  for info in metadata.storage_data.values()) if m}
+    return len(ranks) or None
 
 
 def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_files: bool = True) -> List[str]:
@@ -211,48 +238,20 @@ def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_fi
     return problems
 
 
+def _keys_read(unit: WorkUnit, position: int, last: int) -> Iterable[ChunkKey]:
+    """The stored items source ``position`` of ``last + 1`` is read for by ``unit``."""
+    for item in unit.items:
+        if item.action != Action.MERGE and position != last:
+            continue
+        found = item.pieces(position)
+        if found is None:
+            yield item.storage_key
+        else:
+            yield from ((item.key, piece.stored) for piece in found)
+
+
 def trailing_number(path: str) -> Optional[int]:
     return number_in_name(path, _TRAILING_NUMBER)
-
-
-class _SourceFiles:
-    """Open files of the sources, read by byte range (pread: no shared seek position)."""
-
-    def __init__(self):
-        self._fds: Dict[str, int] = {}
-
-    def read(self, ckpt_dir: str, info) -> bytes:
-        path = os.path.join(ckpt_dir, info.relative_path)
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise InputError(f"{path}: file not found") from None
-        data = os.pread(fd, info.length, info.offset)
-        if len(data) != info.length:
-            raise InputError(f"{path}: expected {info.length} bytes at offset {info.offset}, found {len(data)} "
-                             "(truncated file?)")
-        return data
-
-    def close(self):
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _load_chunk(blob: bytes, path: str, key: ChunkKey, entry, sizes) -> torch.Tensor:
-    try:
-        tensor = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable blob is an input problem
-        raise InputError(f"{path}: key '{key[0]}': stored chunk is not a readable torch.save tensor "
-                         f"({type(exc).__name__}: {str(exc)[:160]})") from None
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(sizes) \
-            or tensor.dtype != entry.properties.dtype:
-        found = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise InputError(f"{path}: key '{key[0]}' chunk at {list(key[1])}: stored {found}, the metadata says "
-                         f"{tuple(sizes)} {entry.properties.dtype}")
-    return tensor
 
 
 class DcpFormat(CheckpointFormat):
@@ -335,6 +334,13 @@ class DcpFormat(CheckpointFormat):
                 and not self.is_training_state(metadata, fqn)}
 
     # -- planning (metadata only) ------------------------------------------------------------
+    def checkpoint_layout(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        """The parallel layout a checkpoint was saved at, as far as the files tell."""
+        return {"world_size": saved_world_size(self.metadata(ckpt)) or None}
+
+    def describe_layout(self, layout: Dict[str, object]) -> str:
+        return f"world size {layout['world_size']}" if layout.get("world_size") else "unknown layout"
+
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
         newest_ref = checkpoints[-1]
@@ -343,22 +349,25 @@ class DcpFormat(CheckpointFormat):
         merged = [fqn for fqn in kept if self._item_action(newest, fqn) == Action.MERGE]
         # Training state under 'latest' comes from the newest only; everything else must match.
         compared = [fqn for fqn in kept if not self.is_training_state(newest, fqn)]
-        kept_set, merged_set = set(kept), set(merged)
+        kept_set = set(kept)
         # Storage entries are checked here, the files they point into by each rank (check_unit).
         problems = storage_problems(newest_ref.path, newest, [k for k in chunk_keys(newest) if k[0] in kept_set],
                                     check_files=False)
+        # The newest's chunks are the output's: they too must cover each merged tensor exactly once.
+        for fqn in merged:
+            entry = newest.state_dict_metadata[fqn]
+            problems += [f"{newest_ref.path}: key '{fqn}' (global shape {list(entry.size)}): {p.describe(boxes)}"
+                         for boxes in [chunk_boxes(entry)] for p in coverage_problems(tuple(entry.size), boxes)]
+        pieces_by_source: List[Dict[str, Dict[tuple, Tuple[Piece, ...]]]] = []
+        reshaped: Dict[str, List[str]] = {}  # checkpoint -> keys whose global shape changed with the layout
         for ckpt in checkpoints[:-1]:
-            try:
-                metadata = self.metadata(ckpt)
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            mismatches = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, compared,
-                                          ignored=lambda fqn, md=metadata: self.is_training_state(md, fqn))
-            problems += mismatches
-            if not mismatches:
-                problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(newest) if k[0] in merged_set],
-                                             check_files=False)
+            found, trouble, moved = self._plan_source(ckpt, newest_ref, newest, compared, merged)
+            pieces_by_source.append(found)
+            problems += trouble
+            if moved:
+                reshaped[ckpt.path] = moved
+        if reshaped:
+            problems.append(self._layout_change_problem(checkpoints, reshaped))
         problems += self.extra_plan_problems(checkpoints, optimizer_policy)
         if problems:
             raise InputError(problems)
@@ -373,7 +382,11 @@ class DcpFormat(CheckpointFormat):
                 num_bytes = location[(fqn, None)].length
             else:
                 num_bytes = math.prod(sizes[(fqn, offsets)]) * newest.state_dict_metadata[fqn].properties.dtype.itemsize
-            items.append(ChunkItem(fqn, offsets, self._item_action(newest, fqn), num_bytes))
+            action = self._item_action(newest, fqn)
+            sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
+            if action == Action.MERGE and any(fqn in found for found in pieces_by_source):
+                sources = tuple(found[fqn][offsets] if fqn in found else None for found in pieces_by_source) + (None,)
+            items.append(ChunkItem(fqn, offsets, action, num_bytes, sources))
         num_sources = len(checkpoints)
         units = []
         for k, share in enumerate(balance(items, max(world_size, 1),
@@ -385,6 +398,71 @@ class DcpFormat(CheckpointFormat):
                 units.append(WorkUnit(f"__{k}_0.distcp", sum(it.num_bytes for it in share), items=tuple(share)))
         return units
 
+    def _plan_source(self, ckpt: CheckpointRef, newest_ref: CheckpointRef, newest, compared: Sequence[str],
+                     merged: Sequence[str]) -> Tuple[Dict[str, Dict[tuple, Tuple[Piece, ...]]], List[str], List[str]]:
+        """One older checkpoint against the newest, from metadata: the pieces of its chunks for
+        each merged key it chunks differently, the problems, and the keys whose global shape
+        changed together with the layout (reported once for all checkpoints)."""
+        try:
+            metadata = self.metadata(ckpt)
+        except InputError as exc:
+            return {}, [str(exc)], []
+        moved = self._reshaped_by_layout(ckpt, metadata, newest_ref, newest, compared)
+        moved_set = set(moved)
+        # Bytes entries come from the newest alone. Saved at another layout, their keys may name
+        # other shards (a ShardedObject's key holds its offsets and global shape): then only the
+        # tensors must match.
+        relayout = self.checkpoint_layout(ckpt) != self.checkpoint_layout(newest_ref)
+        entries = metadata.state_dict_metadata
+
+        def ignored(fqn: str) -> bool:
+            return self.is_training_state(metadata, fqn) or \
+                (relayout and not isinstance(entries[fqn], dcp_metadata.TensorStorageMetadata))
+        checked = [fqn for fqn in compared if fqn not in moved_set and not (
+            relayout and not isinstance(newest.state_dict_metadata[fqn], dcp_metadata.TensorStorageMetadata))]
+        problems = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, checked, ignored=ignored)
+        if problems or moved:
+            return {}, problems, moved
+        pieces = {}
+        for fqn in merged:
+            found, trouble = plan_pieces(ckpt.path, fqn, metadata.state_dict_metadata[fqn],
+                                         newest.state_dict_metadata[fqn])
+            problems += trouble
+            if found is not None:
+                pieces[fqn] = found
+        # This source's own chunks are what it reads, whatever its layout.
+        merged_set = set(merged)
+        problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in merged_set],
+                                     check_files=False)
+        return pieces, problems, []
+
+    def _reshaped_by_layout(self, ckpt: CheckpointRef, metadata, newest_ref: CheckpointRef, newest,
+                            fqns: Sequence[str]) -> List[str]:
+        """Tensors whose global shape differs in ``ckpt`` while its layout differs from the newest's
+        (e.g. a vocabulary padded to a multiple of TP): one layout-change refusal, not one per key."""
+        if self.checkpoint_layout(ckpt) == self.checkpoint_layout(newest_ref):
+            return []
+        entries, reference = metadata.state_dict_metadata, newest.state_dict_metadata
+        return [fqn for fqn in fqns if isinstance(reference[fqn], dcp_metadata.TensorStorageMetadata)
+                and isinstance(entries.get(fqn), dcp_metadata.TensorStorageMetadata)
+                and tuple(entries[fqn].size) != tuple(reference[fqn].size)]
+
+    def _layout_change_problem(self, checkpoints: Sequence[CheckpointRef], reshaped: Dict[str, List[str]]) -> str:
+        newest = self.metadata(checkpoints[-1]).state_dict_metadata
+        by_layout: Dict[str, List[int]] = {}
+        for ckpt in checkpoints:
+            by_layout.setdefault(self.describe_layout(self.checkpoint_layout(ckpt)), []).append(ckpt.iteration)
+        path, keys = next(iter(reshaped.items()))
+        other = self.metadata(next(c for c in checkpoints if c.path == path)).state_dict_metadata
+        examples = ", ".join(f"'{k}' {list(other[k].size)} vs {list(newest[k].size)}" for k in keys[:2])
+        num_keys = len({k for ks in reshaped.values() for k in ks})
+        layouts = "; ".join(f"{layout}: iteration{'s' if len(its) > 1 else ''} {', '.join(map(str, its))}"
+                            for layout, its in by_layout.items())
+        same = ",".join(map(str, by_layout[self.describe_layout(self.checkpoint_layout(checkpoints[-1]))]))
+        return (f"the checkpoints were saved at different layouts ({layouts}) and {num_keys} tensor(s) have other "
+                f"global shapes across them (e.g. {examples} in {path}), which no merge can reconcile; merge "
+                f"the checkpoints of one layout, e.g. --iterations {same}")
+
     def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> List[str]:
         """Format-specific checks of files besides the DCP ones (none for plain DCP)."""
         return []
@@ -392,65 +470,122 @@ class DcpFormat(CheckpointFormat):
     # -- per-unit work -----------------------------------------------------------------------
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
         """Rank-local, before anything is written: every byte range this unit reads (all its items
-        from the newest source, its merged chunks from the others) lies inside an existing file."""
+        from the newest source, its merged chunks, or the pieces covering them, from the others)
+        lies inside an existing file."""
         problems = []
-        merged = [it.storage_key for it in unit.items if it.action == Action.MERGE]
+        last = len(checkpoints) - 1
         for position, ckpt in enumerate(checkpoints):
             try:
                 metadata = self.metadata(ckpt)
             except InputError as exc:
                 problems.append(str(exc))
                 continue
-            keys = [it.storage_key for it in unit.items] if position == len(checkpoints) - 1 else merged
-            problems += storage_problems(ckpt.path, metadata, keys)
+            problems += storage_problems(ckpt.path, metadata, list(dict.fromkeys(_keys_read(unit, position, last))))
         return problems
+
+    def bytes_read_by_source(self, units: Sequence[WorkUnit], checkpoints: Sequence[CheckpointRef]) -> List[int]:
+        """What the merge will read from each source, from the plan and metadata alone: whole
+        stored items, or the byte ranges of the pieces (the blobs' small zip headers aside)."""
+        last = len(checkpoints) - 1
+        totals = []
+        for position, ckpt in enumerate(checkpoints):
+            metadata = self.metadata(ckpt)
+            index = storage_index(metadata)
+            sizes = chunk_sizes(metadata)
+            total = 0
+            for unit in units:
+                small_read = set()  # small stored chunks are read whole once per unit (dcp_reads)
+                for item in unit.items:
+                    if item.action != Action.MERGE and position != last:
+                        continue
+                    pieces = item.pieces(position)
+                    if pieces is None:
+                        total += index[item.storage_key].length
+                        continue
+                    itemsize = metadata.state_dict_metadata[item.key].properties.dtype.itemsize
+                    for piece in pieces:
+                        stored, info = sizes[(item.key, piece.stored)], index[(item.key, piece.stored)]
+                        if piece_is_whole(piece, stored):
+                            total += info.length
+                        elif info.length <= SMALL_BLOB_BYTES:
+                            total += 0 if (item.key, piece.stored) in small_read else info.length
+                            small_read.add((item.key, piece.stored))
+                        else:
+                            relative = [o - b for o, b in zip(piece.offsets, piece.stored)]
+                            total += read_span(stored, relative, piece.sizes).num_bytes_read(itemsize)
+            totals.append(total)
+        return totals
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
         """Items in stored order, each merged source by source into a float64 accumulator; a
-        reader thread fetches the next blob while one is added. In memory at once: the
-        accumulator, the blob being added and the one being read: flat in N."""
+        reader thread fetches the next blob (or piece) while one is added. A source saved at
+        another layout contributes the pieces of its stored chunks that cover the item, each
+        read on its own (only its bytes) and added into its region. In memory at once: the
+        accumulator, the chunk or piece being added and the one being read: flat in N."""
         newest = self.metadata(checkpoints[-1])
-        indexes = [storage_index(self.metadata(ckpt)) for ckpt in checkpoints]
-        sizes_of = chunk_sizes(newest)
-        files = _SourceFiles()
+        metadatas = [self.metadata(ckpt) for ckpt in checkpoints]
+        indexes = [storage_index(md) for md in metadatas]
+        sizes_of = [chunk_sizes(md) for md in metadatas]
+        files = SourceFiles()
+        pieces = PieceReader(files)
         written: List[tuple] = []
-        counters = {"read": 0, "merged": 0}
+        counters = {"merged": 0}
         last = len(checkpoints) - 1
         # --include/--exclude turn a merged item into a copied one.
         actions = [Action.MERGE if item.action == Action.MERGE and context.selects(item.key) else Action.COPY
                    for item in unit.items]
-        # Every blob to read, in order: all sources of a merged item, the newest of a copied one.
-        reads = [(position, i) for position, action in enumerate(actions)
-                 for i in (range(len(checkpoints)) if action == Action.MERGE else [last])]
+        # Every read, in order: all sources of a merged item (each whole, or piece by piece),
+        # the newest of a copied one. (position, source, piece index or None)
+        reads = []
+        for position, (item, action) in enumerate(zip(unit.items, actions)):
+            for i in (range(len(checkpoints)) if action == Action.MERGE else [last]):
+                found = item.pieces(i)
+                reads += [(position, i, None)] if found is None else [(position, i, k) for k in range(len(found))]
 
-        def read(task) -> bytes:
-            position, i = task
-            return files.read(checkpoints[i].path, indexes[i][unit.items[position].storage_key])
+        def read(task):
+            position, i, k = task
+            item = unit.items[position]
+            if k is None:
+                return files.read(checkpoints[i].path, indexes[i][item.storage_key])
+            piece = item.pieces(i)[k]
+            key = (item.key, piece.stored)
+            return pieces.read(checkpoints[i].path, indexes[i][key], item.key,
+                               metadatas[i].state_dict_metadata[item.key].properties.dtype, sizes_of[i][key], piece)
 
         def produce(writer):
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
                 pending = reader.submit(read, reads[0]) if reads else None
                 accumulator = None
-                for step, (position, i) in enumerate(reads):
-                    blob = pending.result()
+                for step, (position, i, k) in enumerate(reads):
+                    fetched = pending.result()
                     if step + 1 < len(reads):
                         pending = reader.submit(read, reads[step + 1])
                     item = unit.items[position]
                     fqn, offsets, key = item.key, item.offsets, item.storage_key
-                    counters["read"] += len(blob)
-                    context.on_progress(len(blob))
                     if actions[position] == Action.COPY:
+                        context.on_progress(len(fetched))
                         start = writer.num_bytes
-                        writer.write(blob)
+                        writer.write(fetched)
                         written.append((fqn, offsets, start, writer.num_bytes - start))
                         continue
-                    path = os.path.join(checkpoints[i].path, indexes[i][key].relative_path)
-                    chunk = _load_chunk(blob, path, key, newest.state_dict_metadata[fqn], sizes_of[key])
-                    del blob
-                    if i == 0:
-                        accumulator = context.accumulator(chunk.shape, item.describe())
-                    accumulator.add(chunk, context.weights[i], path)
+                    if k is None:
+                        path = os.path.join(checkpoints[i].path, indexes[i][key].relative_path)
+                        context.on_progress(len(fetched))
+                        chunk = load_chunk(fetched, path, fqn, offsets,
+                                           newest.state_dict_metadata[fqn].properties.dtype, sizes_of[-1][key])
+                        region = None
+                    else:
+                        piece = item.pieces(i)[k]
+                        path = os.path.join(checkpoints[i].path, indexes[i][(fqn, piece.stored)].relative_path)
+                        context.on_progress(fetched.numel() * fetched.element_size())
+                        chunk, region = fetched, piece_region(piece, offsets)
+                    del fetched
+                    if accumulator is None:
+                        accumulator = context.accumulator(sizes_of[-1][key], item.describe())
+                    # A piece goes into its region; the first source's pieces start it.
+                    accumulator.add(chunk, context.weights[i], path, region=region,
+                                    first=None if region is None else i == 0)
                     del chunk
                     if i == last:
                         start = writer.num_bytes
@@ -464,7 +599,7 @@ class DcpFormat(CheckpointFormat):
             num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), produce)
         finally:
             files.close()
-        return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["merged"],
+        return UnitResult(unit.relpath, num_bytes, files.num_bytes_read, sha, counters["merged"],
                           details={"dcp_storage": written})
 
     # -- output ------------------------------------------------------------------------------

@@ -7,8 +7,11 @@
     RUN/iter_0001000/common.pt          # non-sharded state: args, iteration, optimizer param_groups, ...
 
 The sharded part is merged exactly like plain DCP (see ``dcp.py``): chunk by chunk, into one
-``__{k}_0.distcp`` per merging rank, keeping every tensor's global shape and chunking (Megatron
-reshards on load, so the merged checkpoint loads at any TP/PP). ShardedObjects (``_extra_state``,
+``__{k}_0.distcp`` per merging rank, keeping every tensor's global shape and the newest's
+chunking (Megatron reshards on load, so the merged checkpoint loads at any TP/PP). Checkpoints
+saved at other TP/PP (a run resumed on another layout) chunk tensors differently and are mapped
+onto the newest's chunks from the chunk boxes; their layout, for messages, is read from the
+``args`` in ``common.pt``. ShardedObjects (``_extra_state``,
 ``rng_state``) are bytes entries and come from the newest checkpoint. Training state (the
 ``optimizer.*`` tensors, ``rng_state`` objects and the ``optimizer`` / ``opt_param_scheduler`` /
 ``rng_state`` entries of ``common.pt``) is dropped by ``--optimizer drop`` and copied from the
@@ -54,6 +57,10 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
     description = ("Megatron-core torch_dist: latest_checkpointed_iteration.txt + iter_*/ with metadata.json, "
                    ".metadata, __*_*.distcp, common.pt")
     training_state_keys = tuple(TRAINING_STATE_KEYS)
+
+    def __init__(self):
+        super().__init__()
+        self._layout_cache: Dict[str, Dict[str, object]] = {}
 
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -120,6 +127,25 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
     def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
         path = os.path.join(ckpt.path, COMMON_FILE)
         return run_identity_from_args(_common_state(ckpt.path).get("args")) if os.path.isfile(path) else {}
+
+    def describe_layout(self, layout: Dict[str, object]) -> str:
+        if "tp" not in layout:
+            return super().describe_layout(layout)
+        return f"TP={layout['tp']}, PP={layout['pp']}, EP={layout['ep']}"
+
+    def checkpoint_layout(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        """TP/PP/EP as saved in the checkpoint's args (common.pt), else what the DCP files tell."""
+        path = os.path.join(ckpt.path, COMMON_FILE)
+        if ckpt.path not in self._layout_cache:
+            args = None
+            if os.path.isfile(path):
+                try:
+                    args = _common_state(ckpt.path).get("args")
+                except InputError:
+                    args = None  # reported where common.pt is needed (the newest's)
+            self._layout_cache[ckpt.path] = (dict(zip(("tp", "pp", "ep"), parallel_degrees(args))) if args is not None
+                                             else super().checkpoint_layout(ckpt))
+        return self._layout_cache[ckpt.path]
 
     def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> List[str]:
         path = os.path.join(checkpoints[-1].path, COMMON_FILE)

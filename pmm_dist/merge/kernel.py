@@ -97,6 +97,12 @@ class Accumulator:
     copy of the tensor plus the one source being added, whatever N. Element by element the
     arithmetic (first source copied and scaled, the others added with their weight, one
     rounding at the end) is the same as ``weighted_sum``'s, so results are identical.
+
+    A source may also arrive in pieces (a checkpoint saved at another parallel layout stores
+    this tensor chunked differently): ``add(piece, weight, name, region=..., first=...)`` for
+    each piece, ``region`` the piece's index box in the accumulated tensor and ``first`` True
+    for the pieces of the first source. Pieces of one source must cover the tensor exactly once
+    (the planner verifies it), so each element sees the same operations as above.
     """
 
     def __init__(self, shape, device: torch.device, *, on_nonfinite: str = "ignore", what: str = "tensor"):
@@ -105,16 +111,18 @@ class Accumulator:
         self.count = 0
         self.stored = None
 
-    def add(self, source: torch.Tensor, weight: float, name: str) -> None:
+    def add(self, source: torch.Tensor, weight: float, name: str, *, region: Optional[tuple] = None,
+            first: Optional[bool] = None) -> None:
         src = source if self.device.type == "cpu" else source.to(self.device)
-        if self.count == 0:
-            self.acc.copy_(src)
-            self.acc.mul_(weight)
+        target = self.acc if region is None else self.acc[region]
+        if (self.count == 0) if first is None else first:
+            target.copy_(src)
+            target.mul_(weight)
         else:
-            self.acc.add_(src, alpha=weight)
+            target.add_(src, alpha=weight)
         self.count += 1
         self.stored = source.dtype
-        if self.on_nonfinite != "ignore" and not math.isfinite(self.acc.sum().item()):
+        if self.on_nonfinite != "ignore" and not math.isfinite(target.sum().item()):
             message = f"non-finite values (NaN/Inf) in {self.what} of {name}" + \
                 (_NONFINITE_HINT if self.on_nonfinite == "error" else "")
             if self.on_nonfinite == "error":

@@ -1,7 +1,8 @@
 """Planning: the plan's types, the selection of checkpoints, and the assignment of work to ranks."""
 from .assign import assign_units, balance, work_cost
 from .selection import TensorFilter, select_iterations
-from .types import Action, CheckpointRef, ChunkItem, NonfinitePolicy, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
+from .types import (Action, CheckpointRef, ChunkItem, NonfinitePolicy, OptimizerPolicy, OutputKind, OutputLayout, Piece,
+                    WorkUnit)
 
 __all__ = ["Action", "CheckpointRef", "ChunkItem", "NonfinitePolicy", "OptimizerPolicy", "OutputKind", "OutputLayout",
-           "TensorFilter", "WorkUnit", "assign_units", "balance", "select_iterations", "work_cost"]
+           "Piece", "TensorFilter", "WorkUnit", "assign_units", "balance", "select_iterations", "work_cost"]

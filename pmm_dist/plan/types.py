@@ -7,7 +7,7 @@ checked, printed, fingerprinted and balanced without reading any tensor data.
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 
 class Choice(str, enum.Enum):
@@ -88,21 +88,38 @@ class OutputLayout:
         return f"{self.checkpoint_dirname}/{relpath}" if self.checkpoint_dirname else relpath
 
 
+class Piece(NamedTuple):
+    """The part of one stored chunk of a source that lies inside an output chunk (a tuple, so
+    that plans of many chunks stay small when pickled)."""
+    stored: Tuple[int, ...]    # offsets of the source's stored chunk: its storage key, with the item's key
+    offsets: Tuple[int, ...]   # global offsets of the overlap
+    sizes: Tuple[int, ...]     # sizes of the overlap
+
+
 @dataclass(frozen=True)
 class ChunkItem:
     """One stored item of a chunked checkpoint (a tensor chunk or a bytes entry) in an output file.
 
-    ``key`` and ``offsets`` name it as the checkpoint's metadata does (``offsets`` is None for a
-    bytes entry); ``num_bytes`` is its size in the output, the balance weight.
+    ``key`` and ``offsets`` name it as the newest checkpoint's metadata does (``offsets`` is None
+    for a bytes entry); ``num_bytes`` is its size in the output, the balance weight.
+    ``sources``: for a merged chunk whose sources are chunked differently (saved at another
+    parallel layout), one entry per source, oldest first: None where that source stores this
+    very chunk, else the pieces of its stored chunks that cover this one exactly once. Empty
+    when every source stores this very chunk (the common case: nothing to carry).
     """
     key: str
     offsets: Optional[Tuple[int, ...]]
     action: Action
     num_bytes: int
+    sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
 
     @property
     def storage_key(self) -> Tuple[str, Optional[Tuple[int, ...]]]:
         return (self.key, self.offsets)
+
+    def pieces(self, source: int) -> Optional[Tuple[Piece, ...]]:
+        """Source ``source``'s pieces, or None when it stores this very chunk (read it whole)."""
+        return self.sources[source] if self.sources else None
 
     def describe(self) -> str:
         """For messages: ``key 'name'``, with the chunk's offsets for a tensor chunk."""

@@ -1,15 +1,19 @@
 """A plain PyTorch DCP run for tests/test_dcp_merge.py: FSDP2 (fully_shard) on CPU/gloo, 2 ranks.
 
-  train RUN --steps 10,20,30
+  train RUN --steps 10,20,30 [--resume CKPT] [--vocab V --ffn F]
       Trains a tiny MLP (fp32 and bf16 parameters, an integer buffer) with AdamW, sharded over
-      2 ranks with ``fully_shard``, and at each listed step saves
+      the launched ranks with ``fully_shard``, and at each listed step saves
       {"model", "optimizer" (torch.distributed.checkpoint.state_dict), "lr_scheduler" (bytes),
       "train_state" (bytes)} with ``torch.distributed.checkpoint.save`` into RUN/step-{N}/.
+      ``--resume CKPT`` first loads model, optimizer and scheduler from CKPT (saved at any world
+      size: DCP reshards) and continues after its step, as a job resumed on other ranks does.
+      ``--vocab``/``--ffn`` not divisible by the world size give uneven shards.
 
-  load CKPT DUMP
-      Builds the same model (another seed), sharded over the launched ranks, loads the model
-      part of CKPT with ``torch.distributed.checkpoint.load`` (resharding as needed), and writes
-      the full (gathered) parameters and buffers plus the loaded train_state to DUMP (rank 0).
+  load CKPT DUMP [CKPT DUMP ...] [--vocab V --ffn F]
+      For each pair: builds the same model (another seed), sharded over the launched ranks,
+      loads the model part of CKPT with ``torch.distributed.checkpoint.load`` (resharding as
+      needed), and writes the full (gathered) parameters and buffers plus the loaded
+      train_state to DUMP (rank 0).
 """
 import argparse
 import os
@@ -19,19 +23,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 
 class TinyNet(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab=64, ffn=48):
         super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.fc1 = nn.Linear(32, 48)
-        self.fc2 = nn.Linear(48, 32).to(torch.bfloat16)
-        self.head = nn.Linear(32, 64, bias=False)
+        self.embed = nn.Embedding(vocab, 32)
+        self.fc1 = nn.Linear(32, ffn)
+        self.fc2 = nn.Linear(ffn, 32).to(torch.bfloat16)
+        self.head = nn.Linear(32, vocab, bias=False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
 
     def forward(self, tokens):
@@ -40,9 +45,9 @@ class TinyNet(nn.Module):
         return self.head(hidden)
 
 
-def build(seed):
+def build(seed, opts):
     torch.manual_seed(seed)
-    model = TinyNet()
+    model = TinyNet(opts.vocab, opts.ffn)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for module in (model.fc1, model.fc2, model.head):
         fully_shard(module, mesh=mesh)
@@ -56,13 +61,25 @@ def full(value):
 
 def cmd_train(opts):
     steps = sorted(int(s) for s in opts.steps.split(","))
-    model = build(seed=0)
+    model = build(seed=0, opts=opts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
     generator = torch.Generator().manual_seed(4321)
+    first = 1
+    if opts.resume:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": scheduler.state_dict(),
+                 "train_state": {"step": -1, "tag": ""}}
+        dcp.load(state, checkpoint_id=opts.resume)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        first = state["train_state"]["step"] + 1
+    vocab = opts.vocab
     for step in range(1, steps[-1] + 1):
-        tokens = torch.randint(0, 64, (8, 12), generator=generator)
-        loss = nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 64), tokens[:, 1:].reshape(-1))
+        tokens = torch.randint(0, vocab, (8, 12), generator=generator)  # the same stream when resumed
+        if step < first:
+            continue
+        loss = nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -74,17 +91,20 @@ def cmd_train(opts):
                      "train_state": {"step": step, "tag": f"step-{step}"}}
             dcp.save(state, checkpoint_id=os.path.join(opts.run, f"step-{step}"))
             if dist.get_rank() == 0:
-                print(f"step {step}: loss {loss.item():.4f}, saved", flush=True)
+                print(f"step {step}: loss {loss.item():.4f}, saved at world size {dist.get_world_size()}", flush=True)
 
 
 def cmd_load(opts):
-    model = build(seed=99)
-    state = {"model": get_model_state_dict(model), "train_state": {"step": -1, "tag": ""}}
-    dcp.load(state, checkpoint_id=opts.ckpt)
-    set_model_state_dict(model, state["model"])
-    tensors = {name: full(value).detach().clone() for name, value in model.state_dict().items()}
-    if dist.get_rank() == 0:
-        torch.save({"tensors": tensors, "train_state": state["train_state"]}, opts.dump)
+    if len(opts.pairs) % 2:
+        raise SystemExit("load: give CKPT DUMP pairs")
+    for ckpt, dump in zip(opts.pairs[::2], opts.pairs[1::2]):
+        model = build(seed=99, opts=opts)
+        state = {"model": get_model_state_dict(model), "train_state": {"step": -1, "tag": ""}}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_model_state_dict(model, state["model"])
+        tensors = {name: full(value).detach().clone() for name, value in model.state_dict().items()}
+        if dist.get_rank() == 0:
+            torch.save({"tensors": tensors, "train_state": state["train_state"]}, dump)
 
 
 def main(argv=None):
@@ -93,9 +113,12 @@ def main(argv=None):
     p = sub.add_parser("train")
     p.add_argument("run")
     p.add_argument("--steps", default="10,20,30")
+    p.add_argument("--resume")
     p = sub.add_parser("load")
-    p.add_argument("ckpt")
-    p.add_argument("dump")
+    p.add_argument("pairs", nargs="+", metavar="CKPT DUMP")
+    for p in sub.choices.values():
+        p.add_argument("--vocab", type=int, default=64)
+        p.add_argument("--ffn", type=int, default=48)
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -1,15 +1,19 @@
 """Real megatron-core GPTModel saved and loaded with ``dist_checkpointing`` (torch_dist), CPU/gloo.
 
-For tests/test_megatron_dist_real.py. Launch with torchrun; the tensor-parallel size equals the
-number of processes (1 or 2).
+For tests/test_megatron_dist_real.py and tests/test_megatron_dist_layouts.py. Launch with
+torchrun; the tensor-parallel size is the number of processes divided by ``--pp`` (default 1).
 
-  train RUN --iterations 2,4,6 [--seed S]
+  train RUN --iterations 2,4,6 [--seed S] [--pp P] [--resume CKPT]
       Trains a tiny SwiGLU GPTModel (bf16 weights, fp32 norms) with Adam at TP=2 and saves, at
       each listed iteration, a state dict shaped like Megatron-LM's ``save_checkpoint`` with
       ``--ckpt-format torch_dist`` through ``dist_checkpointing.save`` into RUN/iter_{it:07d}/
       ('model' sharded tensors, 'optimizer' as megatron-core ShardedTensors, 'rng_state' and a
       per-iteration ``_extra_state`` as ShardedObjects, args / iteration / scheduler as common
-      state); rank 0 then writes RUN/latest_checkpointed_iteration.txt.
+      state); rank 0 then writes RUN/latest_checkpointed_iteration.txt. ``--resume CKPT`` first
+      loads the model weights of CKPT (saved at any TP/PP: Megatron reshards on load; the
+      optimizer starts afresh, as with --no-load-optim) and continues after its iteration, as a
+      run resumed at another layout does. With ``--pp 2`` the two stages are driven by hand
+      (activations and their gradients sent between the stages), without Megatron's schedules.
 
   load --checkpoint CKPT_DIR:DUMP_FILE [--checkpoint ...] [--seed S]
       For each --checkpoint: builds a FRESH GPTModel (another seed) at TP = world size, loads
@@ -42,17 +46,17 @@ MICRO_BATCH = 4
 EXTRA_STATE_KEY = "decoder.final_layernorm._extra_state"
 
 
-def init_parallel():
+def init_parallel(pp=1):
     from megatron.core import parallel_state
 
     dist.init_process_group("gloo")
-    tp = dist.get_world_size()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    tp = dist.get_world_size() // pp
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     return tp, parallel_state.get_tensor_model_parallel_rank()
 
 
-def build_model(seed, tp):
-    from megatron.core import tensor_parallel
+def build_model(seed, tp, pp=1):
+    from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -63,12 +67,13 @@ def build_model(seed, tp):
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
     config = TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN, num_attention_heads=HEADS,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, gated_linear_unit=True,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, gated_linear_unit=True,
         activation_func=F.silu, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
         use_cpu_initialization=True, perform_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=0.02)
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                     max_sequence_length=SEQ, pre_process=True, post_process=True,
+                     max_sequence_length=SEQ, pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=False, position_embedding_type="rope")
     return model  # bf16 linear layers, fp32 norms (megatron-core's local-spec LayerNorm)
 
@@ -99,34 +104,70 @@ def batch(generator):
     return tokens[:, :-1].contiguous(), position_ids, attention_mask, tokens[:, 1:].contiguous()
 
 
+def train_step(model, optimizer, batch_tensors, pp):
+    """One step: plain at PP=1; at PP=2 stage 0 sends its activations to stage 1, which returns
+    their gradient (float32 over gloo)."""
+    from megatron.core import parallel_state
+
+    input_ids, position_ids, attention_mask, labels = batch_tensors
+    optimizer.zero_grad(set_to_none=True)
+    if pp == 1:
+        loss = model(input_ids, position_ids, attention_mask, labels=labels).float().mean()
+        loss.backward()
+    elif parallel_state.is_pipeline_first_stage():
+        hidden = model(input_ids, position_ids, attention_mask)
+        dist.send(hidden.detach().float().contiguous(), dst=1)
+        grad = torch.empty(hidden.shape, dtype=torch.float32)
+        dist.recv(grad, src=1)
+        hidden.backward(grad.to(hidden.dtype))
+        loss = torch.zeros(())
+    else:
+        received = torch.empty((SEQ, MICRO_BATCH, HIDDEN), dtype=torch.float32)
+        dist.recv(received, src=0)
+        hidden = received.to(torch.bfloat16).requires_grad_()
+        model.set_input_tensor(hidden)
+        loss = model(None, position_ids, attention_mask, labels=labels).float().mean()
+        loss.backward()
+        dist.send(hidden.grad.float().contiguous(), dst=0)
+    optimizer.step()
+    return loss
+
+
 def cmd_train(opts):
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    tp, tp_rank = init_parallel()
+    tp, tp_rank = init_parallel(opts.pp)
+    pp, pp_rank = opts.pp, parallel_state.get_pipeline_model_parallel_rank()
     iterations = sorted(int(x) for x in opts.iterations.split(","))
-    model = build_model(opts.seed, tp)
+    model = build_model(opts.seed, tp, pp)
+    first = 1
+    if opts.resume:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, opts.resume)
+        model.load_state_dict(loaded["model"], strict=True)
+        first = int(torch.load(os.path.join(opts.resume, "common.pt"), weights_only=False)["iteration"]) + 1
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     generator = torch.Generator().manual_seed(1234)
     for it in range(1, iterations[-1] + 1):
-        input_ids, position_ids, attention_mask, labels = batch(generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids, position_ids, attention_mask, labels=labels).float().mean()
-        loss.backward()
-        optimizer.step()
+        batch_tensors = batch(generator)  # the same stream when resumed
+        if it < first:
+            continue
+        loss = train_step(model, optimizer, batch_tensors, pp)
         if it not in iterations:
             continue
         model_sharded = model.sharded_state_dict()
-        model_sharded[EXTRA_STATE_KEY] = extra_state_object(f"te-{it}".encode(), tp_rank, tp)
+        if parallel_state.is_pipeline_last_stage():  # the final layernorm lives on the last stage
+            model_sharded[EXTRA_STATE_KEY] = extra_state_object(f"te-{it}".encode(), tp_rank, tp)
         state = {
-            "args": argparse.Namespace(tensor_model_parallel_size=tp, num_layers=NUM_LAYERS, ckpt_format="torch_dist"),
+            "args": argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                       num_layers=NUM_LAYERS, ckpt_format="torch_dist"),
             "checkpoint_version": 3.0,
             "iteration": it,
             "model": model_sharded,
             "optimizer": optimizer_sharded_state(optimizer, model_sharded),
             "opt_param_scheduler": {"num_steps": it * MICRO_BATCH, "max_lr": 1e-2},
             "rng_state": ShardedObject("rng_state", [{"torch_rng_state": torch.get_rng_state(), "it": it}],
-                                       (1, tp), (0, tp_rank), replica_id=0),
+                                       (pp, tp), (pp_rank, tp_rank), replica_id=0),
             "num_floating_point_operations_so_far": float(it),
         }
         ckpt_dir = os.path.join(opts.run, f"iter_{it:07d}")
@@ -138,7 +179,8 @@ def cmd_train(opts):
         if dist.get_rank() == 0:
             with open(os.path.join(opts.run, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write(str(it))
-            print(f"iteration {it}: loss {loss.item():.4f}, saved", flush=True)
+        if parallel_state.is_pipeline_last_stage() and tp_rank == 0:
+            print(f"iteration {it}: loss {loss.item():.4f}, saved at TP={tp} PP={pp}", flush=True)
         dist.barrier()
     dist.destroy_process_group()
 
@@ -176,6 +218,8 @@ def main(argv=None):
     p.add_argument("run")
     p.add_argument("--iterations", default="2,4,6")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--resume")
     p = sub.add_parser("load")
     p.add_argument("--checkpoint", action="append", required=True, help="CKPT_DIR:DUMP_FILE")
     p.add_argument("--seed", type=int, default=777)
