@@ -64,13 +64,21 @@ _PARSERS = {"iterations": _iterations, "floats": _floats}
 _SCALARS = {int: int, float: float, str: str}
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per MergeOptions field, from the field's type, default and metadata."""
-    hints = typing.get_type_hints(MergeOptions)
-    for f in fields(MergeOptions):
+def add_merge_arguments(parser: argparse.ArgumentParser, exclude: typing.Collection[str] = ()) -> None:
+    """One flag per MergeOptions field (but those in ``exclude``)."""
+    add_option_arguments(parser, MergeOptions, exclude)
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, options_class, exclude: typing.Collection[str] = ()) -> None:
+    """One flag per field of an options dataclass, from the field's type, default and metadata."""
+    hints = typing.get_type_hints(options_class)
+    for f in fields(options_class):
+        if f.name in exclude or "help" not in f.metadata:
+            continue
         meta, hint = f.metadata, hints[f.name]
         if meta.get("positional"):
-            parser.add_argument(f.name, nargs="+", metavar=meta.get("metavar"), help=meta["help"])
+            nargs = {"nargs": meta.get("nargs", "+")} if meta.get("nargs", "+") else {}
+            parser.add_argument(f.name, metavar=meta.get("metavar"), help=meta["help"], **nargs)
             continue
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         kwargs = {"dest": f.name, "help": meta["help"], "default": None if f.default is MISSING else f.default}
