@@ -91,6 +91,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, options_class, exclude
             kwargs.update(choices=base.values(), default=str(f.default))
         else:
             kwargs["type"] = _PARSERS[meta["parse"]] if "parse" in meta else _SCALARS[base]
+            if "metavar" in meta:
+                kwargs["metavar"] = meta["metavar"]
             if "choices" in meta:
                 kwargs["choices"] = list(meta["choices"])
             if meta.get("required"):

@@ -35,7 +35,9 @@ class MergeContext:
     def merge_tensor(self, sources: Sequence[torch.Tensor], what: str, source_names: Sequence[str],
                      *, sources_are_mapped: bool = True) -> torch.Tensor:
         """The weighted sum of one tensor's N sources (see kernel.weighted_sum), applying the
-        non-finite policy; ``what`` and ``source_names`` name the tensor and files in errors."""
+        non-finite policy; ``what`` and ``source_names`` name the tensor and files in errors.
+        ``what`` also identifies the tensor within its unit, the same in every merge: the
+        watcher keys its running state by ``CheckpointFormat.state_key(unit, what)``."""
         return weighted_sum(sources, self.weights, self.device, sources_are_mapped=sources_are_mapped,
                             on_nonfinite=self.on_nonfinite, what=what, source_names=source_names)
 
@@ -94,6 +96,13 @@ class CheckpointFormat(ABC):
     def write_tracker(self, out_root: str, newest: CheckpointRef) -> None:
         """RUN_DIRECTORY formats: write the tracker that makes the output loadable (atomically)."""
         raise NotImplementedError(f"{type(self).__name__} has no tracker to write")
+
+    def state_key(self, unit: WorkUnit, what: str) -> str:
+        """The name of a merged tensor (``what``, as the format passes it to ``merge_tensor`` or
+        ``accumulator``) in a watcher's running state, the same from one merge of a run to the
+        next: here the unit's file and the tensor. Formats whose units are output bins of
+        globally named items (which may be binned differently next time) name the item alone."""
+        return f"{unit.relpath}: {what}"
 
     def tensor_inventory(self, checkpoint_dir: str) -> Optional[Dict[str, Tuple[tuple, str]]]:
         """Every float tensor of a checkpoint (source or merged output) as name -> (shape, dtype),

@@ -39,6 +39,12 @@ class MergeMethod:
                              f"(it takes: {', '.join(self.parameters) or 'none'})" + (f"; {hints}" if hints else ""))
         return {k: given[k] if given.get(k) is not None else default for k, default in self.defaults.items()}
 
+    def fixed_count(self, given: Dict[str, Any]) -> Optional[int]:
+        """The number of checkpoints ``given`` options merge, when they fix it (explicit
+        weights), else None (any number)."""
+        explicit = self.options(given).get("weights")
+        return len(explicit) if explicit else None
+
     def check(self, given: Dict[str, Any]) -> None:
         """Validate ``given`` before any I/O, by computing the weights for the one checkpoint
         count they allow (the number of explicit weights, else 1)."""
