@@ -56,6 +56,13 @@ class CheckpointFormat(ABC):
     def recognizes(cls, path: str) -> bool:
         """True if ``path`` (a run directory or one checkpoint directory) is in this format."""
 
+    @classmethod
+    def being_written(cls, run_dir: str) -> bool:
+        """True if ``run_dir`` holds a checkpoint of this format whose commit marker is not there
+        yet. The watcher asks before it settles on a format: a torch_dist checkpoint before its
+        metadata.json is a complete-looking plain DCP one, and must not make the run a DCP run."""
+        return False
+
     @abstractmethod
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
         """All usable checkpoints in ``sources``, oldest first (a run dir, or checkpoint dirs)."""

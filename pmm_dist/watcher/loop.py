@@ -128,6 +128,8 @@ class Watcher:
             refs = fmt.discover([run_dir])
         except InputError as exc:
             return _Look(format_name=name, problem=str(exc))
+        except OSError as exc:  # a directory vanishing under the listing (retention): look again later
+            return _Look(format_name=name, problem=f"{run_dir}: {exc}")
         available = {ref.iteration: ref.path for ref in refs}
         history = self.ledger.load()
         new = {it: path for it, path in available.items() if history.checkpoints.get(it) != path}
@@ -143,9 +145,14 @@ class Watcher:
         return _Look(format_name=name, due=ready, available=available)
 
     def _detect(self, run_dir: str) -> Optional[str]:
-        for name in available_formats():
-            if format_class(name).recognizes(run_dir):
-                return name
+        """The format, as ``--format auto`` finds it, once no format has a checkpoint of the run
+        still being written (which could make it look like another format's)."""
+        classes = [format_class(name) for name in available_formats()]
+        if any(cls.being_written(run_dir) for cls in classes):
+            return None
+        for cls in classes:
+            if cls.recognizes(run_dir):
+                return cls.name
         return None
 
     def _window_is_possible(self, history: History, available: Dict[int, str], target: int) -> bool:
