@@ -168,13 +168,14 @@ class Watcher:
         return _Look(format_name=name, available=available or {}, waiting=why)
 
     def _identity(self, format_name: str) -> dict:
+        """What decides the merges' contents (--on-nonfinite, --keep, --poll, ... do not: they
+        may change from one start to the next)."""
         merge = self.options.merge
         method = get_method(merge.method)
         return {"format_version": 1, "run_dir": os.path.abspath(self.options.run_dir), "format": format_name,
                 "method": method.name, "method_options": {k: v for k, v in method.options(merge.method_options()).items()
                                                           if v is not None},
-                "last": self.options.window_length, "interval": merge.interval, "optimizer": str(merge.optimizer),
-                "on_nonfinite": str(merge.on_nonfinite)}
+                "last": self.options.window_length, "interval": merge.interval, "optimizer": str(merge.optimizer)}
 
     # -- publishing (every rank) ---------------------------------------------------------------
     def _publish(self, look: _Look, target: int) -> None:
