@@ -98,6 +98,20 @@ def test_killed_at_a_fault_point_restarts_byte_identical(megatron_run, reference
     assert digest(out) == reference
 
 
+@pytest.mark.parametrize("fault", ["commit:moved#2@0=kill", "unit:1#3@0=kill", "commit:manifest#3@0=kill"])
+def test_killed_whole_window_merges_restart_byte_identical(megatron_run, tmp_path, fault):
+    """Explicit weights have no running state: every update merges its window, resumed as merge resumes."""
+    args = ["--method", "weighted", "--weights", "1,2,3", "--backfill", "--keep", "2", "--once", "--quiet"]
+    clean, out = str(tmp_path / "clean"), str(tmp_path / "out")
+    assert run_cli(["watch", megatron_run, "--out", clean, *args]).returncode == 0
+    assert run_cli(["watch", megatron_run, "--out", out, *args], env={"PMM_DIST_FAULT": fault}).returncode != 0
+    assert_tracker_names_a_complete_merge(out)
+    proc = run_cli(["watch", megatron_run, "--out", out, *args])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_tracker_names_a_complete_merge(out)
+    assert digest(out) == digest(clean)
+
+
 def test_a_killed_rank_of_two(megatron_run, tmp_path):
     outs = {}
     for name, fault in (("clean", None), ("killed", "unit:0#3@1=kill")):

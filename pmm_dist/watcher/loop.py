@@ -234,14 +234,16 @@ class Watcher:
             if entry.dirname not in kept_names:
                 ledger.discard(os.path.join(ledger.out, entry.dirname))
                 ledger.discard(os.path.dirname(ledger.manifest_copy(entry.dirname)))
+        # An update interrupted after this publish keeps its output and state: the next start
+        # resumes it (or, going for another target, clears them: WatchUpdate._prepare).
         pending = ledger.pending()
-        if pending and pending["dirname"] != last.dirname and pending["dirname"] not in kept_names:
-            ledger.discard(os.path.join(ledger.out, pending["dirname"]))  # an abandoned attempt's output
-        needed = self._needed_states(history)
+        in_flight = pending["iteration"] if pending and pending["iteration"] > last.iteration else None
+        needed = self._needed_states(history) | {in_flight}
         for iteration in ledger.state_iterations():
             if iteration not in needed:
                 ledger.discard(ledger.state_dir(iteration))
-        ledger.clear_pending()
+        if in_flight is None:
+            ledger.clear_pending()
         ledger.empty_trash()
 
     def _needed_states(self, history: History) -> set:

@@ -227,6 +227,13 @@ class WatchUpdate(MergeRun):
 
     def _prepare(self, staging: Staging, plan: WatchPlan) -> None:
         ledger = self.planner.ledger
+        pending = ledger.pending()
+        published = {p.iteration for p in self.planner.history.published}
+        if pending and pending["iteration"] != plan.target and pending["iteration"] not in published:
+            # An update interrupted earlier, for a target no longer due (a newer checkpoint came):
+            # its output and state were never published.
+            ledger.discard(os.path.join(ledger.out, pending["dirname"]))
+            ledger.discard(ledger.state_dir(pending["iteration"]))
         state_dir = plan.state_dir
         recorded_state = _read_text(os.path.join(state_dir, FINGERPRINT)) if state_dir else plan.fingerprint
         resume = _staged_fingerprint(staging) == plan.fingerprint and recorded_state == plan.fingerprint
