@@ -171,7 +171,8 @@ def test_state_file_round_trip_and_zero_compensation_left_out(tmp_path):
     writer.block(entry, {"ramp": (a[:3], a[:3] * 2 ** -60), "sum": (a[3:6], None)})
     size = writer.close()
     assert size == os.path.getsize(path)
-    assert writer.num_bytes == 10 * 8 + (3 * 8 + 3 * 4) + 3 * 8  # the zero compensation of 'w' is not stored
+    # 'w': no compensation stored (zero); its values a/3 need float64
+    assert writer.num_bytes == 10 * 8 + (3 * 8 + 3 * 4) + 3 * 8
     reader = StateReader(str(tmp_path))
     (hi, lo), num_bytes = reader.read(reader.entries["key 'w'"], "sum", 0, 10)
     assert torch.equal(hi, a) and lo is None and num_bytes == 80
@@ -188,6 +189,18 @@ def test_state_file_round_trip_and_zero_compensation_left_out(tmp_path):
     writer.block(entry, {"ramp": (a[:3], a[:3] * 2 ** -60), "sum": (a[3:6], None)})
     writer.close()
     assert open(path, "rb").read() == open(again, "rb").read()
+    # values exact in float32 take 4 bytes an element, and read back exactly
+    exact = str(tmp_path / "exact" / "unit.pt.pmmstate")
+    writer = StateWriter(exact)
+    entry = writer.begin("key 'e'", (4,), torch.bfloat16, ("sum",))
+    values = torch.tensor([1.5, -2.25, 3e-30, 0.0], dtype=torch.float32).double()
+    writer.block(entry, {"sum": (values, None)})
+    writer.close()
+    assert writer.num_bytes == 16
+    reader = StateReader(os.path.dirname(exact))
+    (hi, lo), num_bytes = reader.read(reader.entries["key 'e'"], "sum", 0, 4)
+    assert torch.equal(hi, values) and lo is None and num_bytes == 16
+    reader.close()
     with open(again, "r+b") as f:
         f.truncate(20)
     with pytest.raises(InputError, match="not a pmm_dist state file"):

@@ -9,12 +9,14 @@ the accumulator's value as compensated pairs, block by block (``BLOCK_ELEMENTS``
     [planes ...][JSON header][8 bytes: header length, little-endian][8 bytes: b"PMMSTAT1"]
     header = {"format_version": 1, "block_elements": B,
               "entries": {key: {"shape", "dtype", "lo_dtype",
-                                "planes": {accumulator: [[hi_offset, lo_offset | null] per block]}}}}
+                                "planes": {accumulator: [[hi_offset, lo_offset | null, hi_bytes] per block]}}}}
 
 ``hi`` is float64; ``lo`` (the compensation, |lo| <= ulp(hi)/2) is stored as float32, which
 keeps about 77 significant bits in all (float64 for float64 tensors), and is left out for a
-block where it is zero, as it is for sums of bf16 values that never needed rounding. Size on disk
-per accumulator per element: 8 bytes, or 12 with the compensation (16 for float64 tensors).
+block where it is zero, as it is for sums of bf16 values that never needed rounding. A block
+whose values are exact float32 numbers and need no compensation (sums and ramps of bf16 and fp16
+weights, as a rule) is stored as float32, losslessly. Size on disk per accumulator per element:
+4 bytes (exact in float32), 8 (float64), or 12 with the compensation (16 for float64 tensors).
 Written by the rank that merges the unit, tensor by tensor (nothing held beyond one block),
 atomically (temporary name, fsync, rename); the bytes depend only on the values, so an update
 redone after a kill writes the same file.
@@ -73,13 +75,17 @@ class StateWriter:
         """The next block of every accumulator of ``entry``."""
         lo_dtype = _DTYPES[entry["lo_dtype"]]
         for name, (hi, lo) in values.items():
-            hi_offset = self._write(hi.to(torch.float64))
-            lo_offset = None
-            if lo is not None:
-                low = lo.to(lo_dtype)
-                if bool(low.ne(0).any()):  # all zero: an exact block, nothing to store
-                    lo_offset = self._write(low)
-            entry["planes"][name].append([hi_offset, lo_offset])
+            hi = hi.to(torch.float64)
+            low = None if lo is None else lo.to(lo_dtype)
+            if low is not None and not bool(low.ne(0).any()):
+                low = None  # all zero: an exact block, nothing to store
+            narrow = hi.to(torch.float32) if low is None else None
+            if narrow is not None and torch.equal(narrow.to(torch.float64), hi):
+                hi_offset, hi_bytes = self._write(narrow), 4  # float32 holds it exactly
+            else:
+                hi_offset, hi_bytes = self._write(hi), 8
+            lo_offset = None if low is None else self._write(low)
+            entry["planes"][name].append([hi_offset, lo_offset, hi_bytes])
 
     def _write(self, tensor: torch.Tensor) -> int:
         offset = self.num_bytes
@@ -154,12 +160,13 @@ class StateReader:
 
     def read(self, entry: StateEntry, accumulator: str, block: int, numel: int) -> Tuple[Pair, int]:
         """One block of one accumulator, and the number of bytes that took."""
-        hi_offset, lo_offset = entry.meta["planes"][accumulator][block]
-        hi = self._read(entry.path, hi_offset, numel, torch.float64)
+        hi_offset, lo_offset, hi_bytes = entry.meta["planes"][accumulator][block]
+        stored = self._read(entry.path, hi_offset, numel, torch.float32 if hi_bytes == 4 else torch.float64)
+        hi, num_bytes = stored.to(torch.float64), numel * hi_bytes
         if lo_offset is None:
-            return (hi, None), hi.numel() * 8
+            return (hi, None), num_bytes
         lo = self._read(entry.path, lo_offset, numel, entry.lo_dtype)
-        return (hi, lo.to(torch.float64)), hi.numel() * 8 + lo.numel() * lo.element_size()
+        return (hi, lo.to(torch.float64)), num_bytes + lo.numel() * lo.element_size()
 
     def _read(self, path: str, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         num_bytes = numel * dtype.itemsize
