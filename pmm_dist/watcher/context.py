@@ -19,7 +19,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +32,7 @@ from .state import StateReader, StateWriter, block_ranges
 
 # Operands of the rule's terms, as the plan carries them.
 SOURCE, STATE, NEW = "source", "state", "new"
+ARITHMETIC_ELEMENTS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -86,25 +87,41 @@ class IncrementalContext(MergeContext):
         flat = [s.reshape(-1) for s in sources]
         result = torch.empty(numel, dtype=stored)
         policy = self.on_nonfinite
+        # The compensated arithmetic makes some 40 passes over its operands: on the CPU it runs on
+        # slices small enough for their temporaries to stay in cache (4x faster than 1M-element ones).
+        step = BLOCK_ELEMENTS if self.device.type != "cpu" else ARITHMETIC_ELEMENTS
         for block, (begin, end) in enumerate(block_ranges(numel, BLOCK_ELEMENTS)):
-            pieces = [f[begin:end].to(self.device) for f in flat]
-            old: Dict[str, compensated.Pair] = {}
+            size = end - begin
+            old_block: Dict[str, compensated.Pair] = {}
             if previous is not None:
                 for name in rule.accumulators:
-                    (hi, lo), num_bytes = self.previous.read(previous, name, block, end - begin)
-                    old[name] = (hi.to(self.device), None if lo is None else lo.to(self.device))
+                    old_block[name], num_bytes = self.previous.read(previous, name, block, size)
                     counters.state_bytes_read += num_bytes
-            new = {name: compensated.combine([(coef, self._operand(operand, pieces, old, None))
-                                              for coef, operand in rule.state_terms[name]], pieces[-1])
-                   for name in rule.accumulators}
-            merged = compensated.rounded(compensated.combine(
-                [(coef, self._operand(operand, pieces, old, new)) for coef, operand in rule.output_terms], pieces[-1]))
-            self.writer.block(entry, new)
-            if not counters.nonfinite_state and not all(math.isfinite(compensated.rounded(v).sum().item())
-                                                        for v in new.values()):
+            new_hi = {name: torch.empty(size, dtype=torch.float64, device=self.device) for name in rule.accumulators}
+            new_lo: Dict[str, Optional[torch.Tensor]] = {name: None for name in rule.accumulators}
+            merged = torch.empty(size, dtype=torch.float64, device=self.device)
+            for first in range(0, size, step):
+                last = min(first + step, size)
+                pieces = [f[begin + first:begin + last].to(self.device) for f in flat]
+                old = {name: (hi[first:last].to(self.device), None if lo is None else lo[first:last].to(self.device))
+                       for name, (hi, lo) in old_block.items()}
+                new = {name: compensated.combine([(coef, self._operand(operand, pieces, old, None))
+                                                  for coef, operand in rule.state_terms[name]], pieces[-1])
+                       for name in rule.accumulators}
+                for name, (hi, lo) in new.items():
+                    new_hi[name][first:last] = hi
+                    if lo is not None:
+                        if new_lo[name] is None:
+                            new_lo[name] = torch.zeros(size, dtype=torch.float64, device=self.device)
+                        new_lo[name][first:last] = lo
+                merged[first:last] = compensated.rounded(compensated.combine(
+                    [(coef, self._operand(operand, pieces, old, new)) for coef, operand in rule.output_terms],
+                    pieces[-1]))
+            self.writer.block(entry, {name: (new_hi[name], new_lo[name]) for name in rule.accumulators})
+            if not counters.nonfinite_state and not all(math.isfinite(v.sum().item()) for v in new_hi.values()):
                 counters.nonfinite_state = True  # never used again: the next update starts afresh
             if policy != "ignore" and not math.isfinite(merged.sum().item()):
-                self._report_nonfinite(pieces, what, source_names, policy)
+                self._report_nonfinite([f[begin:end] for f in flat], what, source_names, policy)
                 policy = "ignore"
             result[begin:end].copy_(merged)
             if sources_are_mapped:

@@ -13,7 +13,6 @@ times, no process ids): a watcher killed and restarted leaves the same bytes as 
 ``history.json`` is the watcher's own commit record: a merge is published for the watcher once it
 is listed there (after the format's tracker or the index names it).
 """
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -163,10 +162,3 @@ class Ledger:
                 if ".tmp." in name:
                     os.remove(os.path.join(directory, name))
 
-
-def save_json(path: str, obj) -> None:
-    write_json_atomically(path, obj)
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

@@ -19,19 +19,19 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..dist.collective import Collective
 from ..engine import faults
 from ..engine.manifest import MANIFEST, Manifest
 from ..engine.report import human_bytes
-from ..errors import InputError, MergeError, RankFailure, UsageError
+from ..errors import InputError, MergeError, UsageError
 from ..formats import available_formats, format_class
 from ..io.atomic import copy_atomically
 from ..merge.methods import get_method
 from ..plan.types import OutputKind
-from .ledger import INDEX_FILE, WATCH_DIR, History, Ledger, Published
+from .ledger import WATCH_DIR, History, Ledger, Published
 from .options import WatchOptions
 from .update import UpdatePlanner, WatchUpdate
 from .window import due
@@ -96,6 +96,9 @@ class Watcher:
                 if self._stop_requested():
                     break
                 self._publish(look, target)
+            if self.options.once and not look.due and not look.waiting and not look.problem and \
+                    self.coordinator and not self.quiet:
+                print("pmm-dist watch: nothing new to publish", flush=True)
             if self.options.once or self.result.stopped:
                 break
             self.stop_event.wait(self.options.poll)
@@ -115,9 +118,9 @@ class Watcher:
         if not os.path.isdir(run_dir):
             return self._waiting(f"{run_dir} does not exist (yet)")
         identity = self.ledger.identity()
-        name = identity["format"] if identity else None
+        name = options.merge.format if options.merge.format != "auto" else (identity or {}).get("format")
         if name is None:
-            name = options.merge.format if options.merge.format != "auto" else self._detect(run_dir)
+            name = self._detect(run_dir)
             if name is None:
                 return self._waiting(f"no complete checkpoint in {run_dir} yet")
         fmt = format_class(name)()
@@ -263,7 +266,7 @@ class Watcher:
         if not command:
             return
         env = dict(os.environ, PMM_MERGED_PATH=os.path.join(self.ledger.out, entry.dirname),
-                   PMM_ITERATION=str(entry.iteration), PMM_METHOD=history_method(self.options),
+                   PMM_ITERATION=str(entry.iteration), PMM_METHOD=get_method(self.options.merge.method).name,
                    PMM_OUT=self.ledger.out, PMM_WINDOW=f"{entry.window['first']}..{entry.window['last']}")
         sys.stdout.flush()
         try:
@@ -307,10 +310,6 @@ class Watcher:
                else f"read {len(published.reads)} checkpoint(s)")
         print(f"pmm-dist watch: published {published.path}: {plan.method} of {len(window)} checkpoint(s) ({span}); "
               f"{how}, {human_bytes(published.bytes_read)}, {published.seconds:.2f} s", flush=True)
-
-
-def history_method(options: WatchOptions) -> str:
-    return get_method(options.merge.method).name
 
 
 def run_watcher(options: WatchOptions, *, stop: Optional[threading.Event] = None, handle_signals: bool = False

@@ -23,15 +23,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..engine.execution import ShareMerger
-from ..engine.manifest import MANIFEST, Manifest
+from ..engine.manifest import Manifest
 from ..engine.options import MergeOptions
 from ..engine.planning import MergePlan
 from ..engine.run import MergeRun
-from ..errors import InputError, MergeError
+from ..errors import InputError
 from ..formats import format_class
-from ..io.atomic import remove_tree_quietly, write_json_atomically, write_text_atomically
+from ..io.atomic import write_json_atomically, write_text_atomically
 from ..io.staging import STAGING, Staging, fingerprint, snapshot_inputs
-from ..merge.incremental import CHECKPOINT, NEW, STATE, LinearUpdate, compose
+from ..merge.incremental import CHECKPOINT, STATE, LinearUpdate, compose
 from ..merge.methods import get_method
 from ..plan.assign import assign_units
 from ..plan.types import Action, CheckpointRef, OutputKind, WorkUnit
@@ -139,24 +139,27 @@ class UpdatePlanner:
 
     # -- the way: a kept state, or from scratch ---------------------------------------------------
     def _choose(self, target: int, window: List[int]) -> Tuple[Optional[LinearUpdate], Optional[dict]]:
+        """The update that reads the fewest checkpoints among those whose checkpoints all still
+        exist: from a kept state, or from scratch (preferred on a tie: it reads no state)."""
         if self.form is None:
             return None, None
         scratch = compose(self.form, window)
-        best, best_state = None, None
-        for iteration in reversed(self.ledger.state_iterations()):  # the newest state first
+        candidates = []
+        if all(it in self.available for it in scratch.reads):
+            candidates.append((len(scratch.reads), 0, scratch, None))
+        for rank, iteration in enumerate(reversed(self.ledger.state_iterations())):  # the newest state first
             info = self._usable_state(iteration)
             if info is None:
                 continue
             update = compose(self.form, window, info["window"])
             if update is None or any(it not in self.available for it in update.reads):
                 continue  # cannot reach this window, or needs a checkpoint retention deleted
-            if not self._unchanged(info, update.reads):
-                continue
-            if best is None or len(update.reads) < len(best.reads):
-                best, best_state = update, info
-        if best is not None and len(best.reads) < len(scratch.reads):
-            return best, best_state
-        return scratch, None
+            if self._unchanged(info, update.reads):
+                candidates.append((len(update.reads), 1 + rank, update, info))
+        if not candidates:
+            return scratch, None  # plan() names the checkpoints that are missing
+        _, _, update, info = min(candidates, key=lambda c: (c[0], c[1]))
+        return update, info
 
     def _usable_state(self, iteration: int) -> Optional[dict]:
         published = {p.iteration for p in self.history.published if p.state}
