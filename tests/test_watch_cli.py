@@ -97,6 +97,7 @@ def test_keep_two_with_an_index_and_then(hf, tmp_path):
     assert [p["then"] for p in _history(out)["published"]] == [0, 1, 0, 0]
     for name in ("step_30", "step_40"):
         assert run_cli(["verify", os.path.join(out, name)]).returncode == 0
+    assert run_cli(["verify", out]).returncode == 0  # through the index: every kept merge
     _check(hf, os.path.join(out, "step_40"), hf.names[:4], [w for w in [0.1, 0.2, 0.3, 0.4]])
 
 
