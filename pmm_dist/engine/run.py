@@ -72,9 +72,10 @@ def merge(options: Optional[MergeOptions] = None, **kwargs) -> MergeResult:
 class MergeRun:
     """One merge on one rank: the steps in order, with what they hand each other.
 
-    The watcher (pmm_dist.watch) runs its updates through the same steps, overriding the hooks
-    marked below: its own plan, its own share merger (incremental arithmetic), the manifest's
-    sources (the window, not only the checkpoints read) and a step just before the commit.
+    The watcher (pmm_dist.watcher.update) runs its updates through the same steps, overriding
+    ``_plan_and_shares`` and ``_prepare`` (its own plan and staging) and the hooks below: its
+    share merger (incremental arithmetic), the manifest's sources (the window, not only the
+    checkpoints read) and a step just before the commit (the running state's record).
     """
 
     def __init__(self, options: MergeOptions, collective: Collective):
