@@ -49,13 +49,16 @@ MODULE_TIERS = {
     "test_atomic": "unit",
     "test_tree": "unit",
     "test_zero3_partitions": "unit",
+    "test_watch_forms": "unit",
     "test_regions": "unit",
     "test_dcp_layouts": "unit",
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",
     "test_resilience": "multiprocess",
-    "test_safety": "multiprocess",    # issue 15's contracts through the CLI
+    "test_safety": "multiprocess",
+    "test_watch_cli": "multiprocess",
+    "test_watch_resilience": "multiprocess",    # issue 15's contracts through the CLI
     "test_verify_inspect": "multiprocess",
     "test_megatron_layouts": "multiprocess",
     "test_dcp_merge": "real",
@@ -63,6 +66,7 @@ MODULE_TIERS = {
     "test_deepspeed_layouts_real": "real",
     "test_dcp_layouts_real": "real",
     "test_megatron_dist_layouts": "real",
+    "test_watch_formats": "real",     # real FSDP2 and megatron-core runs among its formats
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
     "test_pma_smoke": "real",

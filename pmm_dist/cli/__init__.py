@@ -1,4 +1,4 @@
-"""Command line: ``pmm-dist merge|verify|inspect ...`` (also ``python -m pmm_dist``, and under torchrun).
+"""Command line: ``pmm-dist merge|watch|verify|inspect ...`` (also ``python -m pmm_dist``, and under torchrun).
 
 A thin layer over the library: parse flags, run, print on rank 0, and turn errors into a
 message plus an exit code on every rank (0 ok, 1 input problem, 2 bad usage, 130 interrupted).
@@ -11,6 +11,7 @@ from typing import List, Optional
 from .. import __version__
 from ..formats import available_formats
 from .merge import add_merge_arguments, epilog, run_merge
+from .watch import DESCRIPTION as WATCH_DESCRIPTION, EPILOG as WATCH_EPILOG, add_watch_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "each rank merges its own byte-balanced share of the shard files.")
     add_merge_arguments(m)
     m.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    w = commands.add_parser("watch", help="keep the merge of a run's newest checkpoints current, as they land",
+                            description=WATCH_DESCRIPTION, epilog=WATCH_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_watch_arguments(w)
+    w.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     v = commands.add_parser("verify", help="check a merged output against its manifest",
                             description="Check a merged output: manifest and tracker present, every file with its "
@@ -60,6 +67,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
     if local_rank is not None:  # the deepspeed launcher passes --local_rank instead of the env var
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if args.command == "watch":
+        from .watch import run_watch
+        return run_watch(args)
     return run_merge(args)
 
 

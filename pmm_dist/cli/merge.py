@@ -73,13 +73,21 @@ _REPEATABLE = ("globs",)  # may be given several times, the values joined
 _SCALARS = {int: int, float: float, str: str}
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per MergeOptions field, from the field's type, default and metadata."""
-    hints = typing.get_type_hints(MergeOptions)
-    for f in fields(MergeOptions):
+def add_merge_arguments(parser: argparse.ArgumentParser, exclude: typing.Collection[str] = ()) -> None:
+    """One flag per MergeOptions field (but those in ``exclude``)."""
+    add_option_arguments(parser, MergeOptions, exclude)
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, options_class, exclude: typing.Collection[str] = ()) -> None:
+    """One flag per field of an options dataclass, from the field's type, default and metadata."""
+    hints = typing.get_type_hints(options_class)
+    for f in fields(options_class):
+        if f.name in exclude or "help" not in f.metadata:
+            continue
         meta, hint = f.metadata, hints[f.name]
         if meta.get("positional"):
-            parser.add_argument(f.name, nargs="+", metavar=meta.get("metavar"), help=meta["help"])
+            nargs = {"nargs": meta.get("nargs", "+")} if meta.get("nargs", "+") else {}
+            parser.add_argument(f.name, metavar=meta.get("metavar"), help=meta["help"], **nargs)
             continue
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         kwargs = {"dest": f.name, "help": meta["help"], "default": None if f.default is MISSING else f.default}
@@ -99,6 +107,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _PARSERS[meta["parse"]] if "parse" in meta else _SCALARS[base]
             if meta.get("parse") in _REPEATABLE:
                 kwargs["action"] = "extend"
+            if "metavar" in meta:
+                kwargs["metavar"] = meta["metavar"]
             if "choices" in meta:
                 kwargs["choices"] = list(meta["choices"])
             if meta.get("required"):

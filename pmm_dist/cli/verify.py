@@ -1,4 +1,5 @@
 """``pmm-dist verify OUT``: a merged output checked against its manifest, read-only."""
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from ..errors import InputError
 from ..formats import format_class
 from ..io.atomic import sha256_of_file
 from ..io.staging import STAGING
+
+WATCH_INDEX = "pmm_watch_index.json"  # pmm_dist.watcher.ledger.INDEX_FILE (not imported: verify stays light)
 
 
 @dataclass
@@ -32,6 +35,8 @@ def check_output(out: str, *, check_sources: bool = True) -> Verdict:
     if not os.path.isdir(out):
         verdict.problems.append(f"{out}: no such directory")
         return verdict
+    if not os.path.exists(manifest_path) and os.path.isfile(os.path.join(out, WATCH_INDEX)):
+        return _check_watch_index(out, check_sources)
     try:
         manifest = Manifest.read(out)
     except FileNotFoundError:
@@ -69,6 +74,24 @@ def check_output(out: str, *, check_sources: bool = True) -> Verdict:
         verdict.notes.append("the comparison with the sources was skipped (--no-sources)")
     elif not problems:
         _compare_with_newest_source(manifest, checkpoint_dir, verdict)
+    return verdict
+
+
+def _check_watch_index(out: str, check_sources: bool) -> Verdict:
+    """A ``pmm-dist watch`` output of a format whose merge is a checkpoint root (DCP, HF): each
+    merge the index lists is checked as a merge output of its own."""
+    verdict = Verdict()
+    index_path = os.path.join(out, WATCH_INDEX)
+    try:
+        with open(index_path) as f:
+            merges = json.load(f)["merges"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        verdict.problems.append(f"{index_path}: not a valid watch index ({exc})")
+        return verdict
+    for entry in merges:
+        inner = check_output(os.path.join(out, entry["path"]), check_sources=check_sources)
+        verdict.problems += inner.problems
+        verdict.notes += [note for note in inner.notes if note not in verdict.notes]
     return verdict
 
 

@@ -15,7 +15,7 @@ import os
 import pickle
 import signal
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Callable, List, Optional
 
@@ -96,7 +96,10 @@ class Collective:
     when the launcher says there is more than one process.
     """
 
-    def __init__(self, backend: str = "gloo", timeout_minutes: float = 180.0):
+    def __init__(self, backend: str = "gloo", timeout_minutes: float = 180.0, sigterm_raises: bool = True):
+        # sigterm_raises False: a caller with its own SIGTERM handling (the watcher, which
+        # finishes the current update before it stops) keeps it during the steps as well.
+        self.sigterm_raises = sigterm_raises
         self.bytes_exchanged = 0
         self._owns_group = False
         if dist.is_available() and dist.is_initialized():
@@ -199,10 +202,9 @@ class Collective:
         mine = self.bytes_exchanged
         return sum(self._all_gather(mine)) if self.world_size > 1 else mine
 
-    @staticmethod
-    def _run_local(fn):
+    def _run_local(self, fn):
         try:
-            with sigterm_as_exception():
+            with sigterm_as_exception() if self.sigterm_raises else nullcontext():
                 return (None, fn())
         except BaseException as exc:  # noqa: BLE001 - reported to every rank, then raised on each
             return (describe_failure(exc), None)

@@ -95,17 +95,30 @@ class ShareMerger:
                 self.bar.update(num_bytes)
 
     def _merge_one(self, unit: WorkUnit) -> UnitResult:
-        outcome = self.staging.completed(unit)
+        outcome = self.completed(unit)
         if outcome is not None:
             with self._lock:
                 self.resumed.append(outcome.relpath)
         else:
-            context = MergeContext(weights=self.plan.weights, device=self.device,
-                                   optimizer_policy=self.plan.optimizer_policy, on_progress=self._advance,
-                                   on_nonfinite=self.plan.on_nonfinite, tensor_filter=self.plan.tensor_filter)
+            context = self.context_for(unit, self._advance)
             outcome = self.fmt.merge_unit(unit, self.plan.checkpoints, self.staging.data_dir, context) \
                 if unit.action == Action.MERGE else self._copy_newest(unit, context)
+            outcome = self.unit_finished(unit, context, outcome)
             self.staging.mark_done(unit, outcome)
+        return outcome
+
+    # -- hooks (the watcher's incremental merges override them) -----------------------------------
+    def completed(self, unit: WorkUnit) -> Optional[UnitResult]:
+        """The recorded result of a unit an interrupted run already finished, else None."""
+        return self.staging.completed(unit)
+
+    def context_for(self, unit: WorkUnit, on_progress) -> MergeContext:
+        return MergeContext(weights=self.plan.weights, device=self.device, optimizer_policy=self.plan.optimizer_policy,
+                            on_progress=on_progress, on_nonfinite=self.plan.on_nonfinite,
+                            tensor_filter=self.plan.tensor_filter)
+
+    def unit_finished(self, unit: WorkUnit, context: MergeContext, outcome: UnitResult) -> UnitResult:
+        """After the unit's file is written, before it is marked done: the result to record."""
         return outcome
 
     def _copy_newest(self, unit: WorkUnit, context: MergeContext) -> UnitResult:

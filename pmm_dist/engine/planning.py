@@ -66,7 +66,7 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
     checkpoints = [c for c in available if c.iteration in selected]
     method = get_method(options.method)
     weights = method.weights(len(checkpoints), **options.method_options())
-    _check_one_run(fmt, checkpoints, options.allow_mixed_runs)
+    check_one_run(fmt, checkpoints, options.allow_mixed_runs)
     snapshot = snapshot_inputs(checkpoints)
     units = fmt.plan_units(checkpoints, options.optimizer, world_size)
     output = fmt.output_layout(checkpoints[-1])
@@ -81,7 +81,8 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
                      checkpoints=checkpoints, weights=weights, layout=fmt.layout(checkpoints),
                      source_layouts=[fmt.checkpoint_layout(c) for c in checkpoints], output=output,
                      out=os.path.abspath(options.out), optimizer_policy=options.optimizer,
-                     on_nonfinite=options.on_nonfinite, tensor_filter=options.tensor_filter(), fingerprint=fingerprint(description, snapshot),
+                     on_nonfinite=options.on_nonfinite, tensor_filter=options.tensor_filter(),
+                     fingerprint=fingerprint(description, snapshot),
                      num_units=len(units), units=tuple(units),
                      bytes_read_by_source=tuple(fmt.bytes_read_by_source(units, checkpoints)),
                      shares=tuple(tuple(s) for s in assign_units(units, world_size, len(checkpoints))))
@@ -90,7 +91,7 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
     return plan, snapshot, identity(description, snapshot)
 
 
-def _check_one_run(fmt: CheckpointFormat, checkpoints: Sequence[CheckpointRef], allow_mixed_runs: bool) -> None:
+def check_one_run(fmt: CheckpointFormat, checkpoints: Sequence[CheckpointRef], allow_mixed_runs: bool) -> None:
     """Refuse checkpoints whose run identity (as the format records it) differs from the newest's."""
     newest = fmt.run_identity(checkpoints[-1])
     differing = []

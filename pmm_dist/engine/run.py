@@ -65,13 +65,19 @@ def merge(options: Optional[MergeOptions] = None, **kwargs) -> MergeResult:
     options = options or MergeOptions(**kwargs)
     collective = Collective(backend=options.backend, timeout_minutes=options.timeout_minutes)
     try:
-        return _Merge(options, collective).run()
+        return MergeRun(options, collective).run()
     finally:
         collective.close()
 
 
-class _Merge:
-    """One merge on one rank: the steps in order, with what they hand each other."""
+class MergeRun:
+    """One merge on one rank: the steps in order, with what they hand each other.
+
+    The watcher (pmm_dist.watcher.update) runs its updates through the same steps, overriding
+    ``_plan_and_shares`` and ``_prepare`` (its own plan and staging) and the hooks below: its
+    share merger (incremental arithmetic), the manifest's sources (the window, not only the
+    checkpoints read) and a step just before the commit (the running state's record).
+    """
 
     def __init__(self, options: MergeOptions, collective: Collective):
         self.options, self.collective = options, collective
@@ -106,8 +112,7 @@ class _Merge:
         staging = Staging(plan.out, plan.output.checkpoint_dirname)
         collective.coordinator_step("stage", lambda: self._prepare(staging, plan))
         tick = time.perf_counter()
-        merger = ShareMerger(fmt, plan, share, staging, device, collective.rank,
-                             show_progress=collective.is_coordinator and not options.quiet)
+        merger = self.share_merger(fmt, plan, share, staging, device)
         outcomes: Optional[List[ShareOutcome]] = collective.gather_step("merge", merger.run)
         self._timed("merge", tick)
         metadata_bytes = collective.total_bytes_exchanged()
@@ -130,8 +135,20 @@ class _Merge:
         if self.options.resume and not self.options.quiet:
             print(f"resuming: {done} of {plan.num_units} units already merged", flush=True)
 
+    # -- hooks -------------------------------------------------------------------------------------
+    def share_merger(self, fmt, plan: MergePlan, share, staging: Staging, device) -> ShareMerger:
+        return ShareMerger(fmt, plan, share, staging, device, self.collective.rank,
+                           show_progress=self.collective.is_coordinator and not self.options.quiet)
+
+    def manifest_sources(self, plan: MergePlan) -> List[dict]:
+        return [{"iteration": c.iteration, "path": c.path} for c in plan.checkpoints]
+
+    def before_commit(self, fmt, plan: MergePlan, staging: Staging, outcomes: List[ShareOutcome]) -> None:
+        """Coordinator, every unit merged, nothing committed yet."""
+
     def _commit(self, fmt, plan: MergePlan, staging: Staging, outcomes: List[ShareOutcome], result: MergeResult,
                 metadata_bytes: int, commit_started: float) -> dict:
+        self.before_commit(fmt, plan, staging, outcomes)
         results = [r for outcome in outcomes for r in outcome.results]
         done_now = [r for outcome in outcomes for r in outcome.done_now()]
         # Work done in this run only: units resumed from an interrupted run are counted apart.
@@ -149,7 +166,7 @@ class _Merge:
                            total=time.perf_counter() - self.started)
             return Manifest(
                 format=plan.format_name, method=plan.method, method_options=plan.method_options, weights=plan.weights,
-                sources=[{"iteration": c.iteration, "path": c.path} for c in plan.checkpoints],
+                sources=self.manifest_sources(plan),
                 optimizer=str(plan.optimizer_policy), layout=plan.layout,
                 output_checkpoint=plan.output.checkpoint_dirname, tracker=plan.output.commit_marker, files=files,
                 fingerprint=plan.fingerprint, world_size=result.world_size, device=result.device,

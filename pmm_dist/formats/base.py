@@ -41,7 +41,9 @@ class MergeContext:
     def merge_tensor(self, sources: Sequence[torch.Tensor], what: str, source_names: Sequence[str],
                      *, sources_are_mapped: bool = True) -> torch.Tensor:
         """The weighted sum of one tensor's N sources (see kernel.weighted_sum), applying the
-        non-finite policy; ``what`` and ``source_names`` name the tensor and files in errors."""
+        non-finite policy; ``what`` and ``source_names`` name the tensor and files in errors.
+        ``what`` also identifies the tensor within its unit, the same in every merge: the
+        watcher keys its running state by ``CheckpointFormat.state_key(unit, what)``."""
         return weighted_sum(sources, self.weights, self.device, sources_are_mapped=sources_are_mapped,
                             on_nonfinite=self.on_nonfinite, what=what, source_names=source_names)
 
@@ -59,6 +61,13 @@ class CheckpointFormat(ABC):
     @abstractmethod
     def recognizes(cls, path: str) -> bool:
         """True if ``path`` (a run directory or one checkpoint directory) is in this format."""
+
+    @classmethod
+    def being_written(cls, run_dir: str) -> bool:
+        """True if ``run_dir`` holds a checkpoint of this format whose commit marker is not there
+        yet. The watcher asks before it settles on a format: a torch_dist checkpoint before its
+        metadata.json is a complete-looking plain DCP one, and must not make the run a DCP run."""
+        return False
 
     @abstractmethod
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
@@ -137,6 +146,13 @@ class CheckpointFormat(ABC):
         """Why a discovered checkpoint is incomplete or unreadable, from cheap evidence (headers,
         commit markers); ``inspect`` reports these. Default: nothing known."""
         return []
+
+    def state_key(self, unit: WorkUnit, what: str) -> str:
+        """The name of a merged tensor (``what``, as the format passes it to ``merge_tensor`` or
+        ``accumulator``) in a watcher's running state, the same from one merge of a run to the
+        next: here the unit's file and the tensor. Formats whose units are output bins of
+        globally named items (which may be binned differently next time) name the item alone."""
+        return f"{unit.relpath}: {what}"
 
     def tensor_inventory(self, checkpoint_dir: str) -> Optional[Dict[str, Tuple[tuple, str]]]:
         """Every float tensor of a checkpoint (source or merged output) as name -> (shape, dtype),

@@ -602,6 +602,11 @@ class DcpFormat(CheckpointFormat):
         return UnitResult(unit.relpath, num_bytes, files.num_bytes_read, sha, counters["merged"],
                           details={"dcp_storage": written})
 
+    def state_key(self, unit: WorkUnit, what: str) -> str:
+        # An item is named by its key and chunk offsets across the whole checkpoint, whichever
+        # output file the balancer puts it in.
+        return what
+
     # -- output ------------------------------------------------------------------------------
     def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef],
                  results: Sequence[UnitResult], optimizer_policy: OptimizerPolicy) -> List[UnitResult]:

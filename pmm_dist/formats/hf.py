@@ -277,6 +277,10 @@ class HuggingFaceFormat(CheckpointFormat):
         num_bytes, sha = write_atomically(target, produce)
         return UnitResult(unit.relpath, num_bytes, counters["read"], sha, counters["merged"])
 
+    def state_key(self, unit: WorkUnit, what: str) -> str:
+        # Tensor names are unique across the model, whichever shard the binning puts them in.
+        return what
+
     # -- output ------------------------------------------------------------------------------
     def finalize(self, staged_dir: str, checkpoints: Sequence[CheckpointRef], results: Sequence[UnitResult],
                  optimizer_policy: OptimizerPolicy) -> List[UnitResult]:

@@ -71,6 +71,13 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
             return True
         return any(_ITER_DIR.match(e) and is_torch_dist_checkpoint(os.path.join(path, e)) for e in listdir(path))
 
+    @classmethod
+    def being_written(cls, run_dir: str) -> bool:
+        # Megatron writes common.pt and the DCP files first and metadata.json last.
+        return any(_ITER_DIR.match(e) and not is_torch_dist_checkpoint(os.path.join(run_dir, e)) and
+                   any(os.path.isfile(os.path.join(run_dir, e, name)) for name in (COMMON_FILE, ".metadata"))
+                   for e in listdir(run_dir))
+
     def discover(self, sources: Sequence[str]) -> List[CheckpointRef]:
         if len(sources) == 1 and not is_torch_dist_checkpoint(sources[0]):
             return self._discover_run(sources[0])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import UsageError
+from .incremental import IncrementalForm, RampForm, RecursionForm, SumForm, TailForm
 
 _REGISTRY: Dict[str, "MergeMethod"] = {}
 
@@ -19,6 +20,9 @@ class MergeMethod:
     compute: Callable[..., List[float]]
     defaults: Dict[str, Any]  # the keyword-only options the method accepts, with their defaults
     summary: str
+    # (effective options, bounded window) -> the method as running sums, for the watcher; None:
+    # the method has no such form and every update merges its whole window.
+    incremental: Optional[Callable[[Dict[str, Any], bool], IncrementalForm]] = None
 
     @property
     def parameters(self) -> tuple:
@@ -35,11 +39,24 @@ class MergeMethod:
                              f"(it takes: {', '.join(self.parameters) or 'none'})" + (f"; {hints}" if hints else ""))
         return {k: given[k] if given.get(k) is not None else default for k, default in self.defaults.items()}
 
+    def fixed_count(self, given: Dict[str, Any]) -> Optional[int]:
+        """The number of checkpoints ``given`` options merge, when they fix it (explicit
+        weights), else None (any number)."""
+        explicit = self.options(given).get("weights")
+        return len(explicit) if explicit else None
+
     def check(self, given: Dict[str, Any]) -> None:
         """Validate ``given`` before any I/O, by computing the weights for the one checkpoint
         count they allow (the number of explicit weights, else 1)."""
         explicit = self.options(given).get("weights")
         self.weights(len(explicit) if explicit else 1, **given)
+
+    def incremental_form(self, given: Dict[str, Any], bounded: bool) -> Optional[IncrementalForm]:
+        """The method as accumulators a watcher updates (see merge.incremental), or None.
+        ``bounded``: the window has a fixed length, so checkpoints leave it."""
+        if self.incremental is None:
+            return None
+        return self.incremental(self.options(given), bounded)
 
     def weights(self, num_checkpoints: int, **given) -> List[float]:
         if num_checkpoints < 1:
@@ -48,14 +65,15 @@ class MergeMethod:
         return [float(w) for w in self.compute(num_checkpoints, **options)]
 
 
-def register(name: str):
-    """Register ``fn(num_checkpoints, *, option=default, ...) -> weights`` as method ``name``."""
+def register(name: str, incremental: Optional[Callable[[Dict[str, Any], bool], IncrementalForm]] = None):
+    """Register ``fn(num_checkpoints, *, option=default, ...) -> weights`` as method ``name``;
+    ``incremental(options, bounded)`` gives its running-sum form (merge.incremental), if any."""
 
     def wrap(fn):
         defaults = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
                     for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = MergeMethod(name, fn, defaults, summary)
+        _REGISTRY[name] = MergeMethod(name, fn, defaults, summary, incremental)
         return fn
 
     return wrap
@@ -75,20 +93,21 @@ def available_methods() -> List[str]:
 DEFAULT_METHOD = "sma"  # the PMA paper's default
 
 
-@register("sma")
+@register("sma", incremental=lambda options, bounded: SumForm())
 def simple_moving_average(num_checkpoints: int) -> List[float]:
     """w_i = 1/N"""
     return [1.0 / num_checkpoints] * num_checkpoints
 
 
-@register("wma")
+@register("wma", incremental=lambda options, bounded: RampForm(bounded))
 def weighted_moving_average(num_checkpoints: int) -> List[float]:
     """w_i = i / (N(N+1)/2): later checkpoints weigh more"""
     total = num_checkpoints * (num_checkpoints + 1) / 2
     return [i / total for i in range(1, num_checkpoints + 1)]
 
 
-@register("ema")
+@register("ema", incremental=lambda options, bounded: TailForm(options["alpha"]) if bounded
+          else RecursionForm(options["alpha"]))
 def exponential_moving_average(num_checkpoints: int, *, alpha: float = 0.2) -> List[float]:
     """w_1 = (1-alpha)^(N-1), w_i = alpha (1-alpha)^(N-i) for i >= 2 (E_1 = M_1, E_i = alpha M_i + (1-alpha) E_{i-1}; sums to 1)"""
     if not 0.0 < alpha <= 1.0:
