@@ -53,6 +53,7 @@ MODULE_TIERS = {
     "test_megatron_merge": "multiprocess",
     "test_resilience": "multiprocess",
     "test_safety": "multiprocess",    # issue 15's contracts through the CLI
+    "test_startup": "multiprocess",   # what `pmm-dist --help` imports, in a fresh interpreter
     "test_verify_inspect": "multiprocess",
     "test_dcp_merge": "real",
     "test_deepspeed_real": "real",
