@@ -44,6 +44,7 @@ MODULE_TIERS = {
     "test_kernel": "unit",
     "test_methods": "unit",
     "test_planner": "unit",
+    "test_scale": "unit",             # plan payloads and metadata reads at 1024-4096 ranks, in process
     "test_selection": "unit",
     "test_staging": "unit",
     "test_atomic": "unit",
