@@ -56,7 +56,7 @@ def before(sources, weights):
 def _with_backend(backend):
     def run(sources, weights, mapped=False):
         saved = kernel._fused_module
-        kernel._fused_module = None if backend == "torch" else kernel.fused_kernels()
+        kernel._fused_module = None if backend == "torch" else kernel.fused_kernels(wait=True)
         try:
             return kernel.weighted_sum(sources, weights, torch.device("cpu"), sources_are_mapped=mapped,
                                        on_nonfinite="error")
@@ -90,7 +90,7 @@ def read_only(sources, weights):
 
 def candidates() -> dict:
     found = {"before": (before, True), "torch": (_with_backend("torch"), True)}
-    if kernel.fused_kernels() is not None:
+    if kernel.fused_kernels(wait=True) is not None:
         found["fused"] = (_with_backend("fused"), True)
     found["fp32 only (inexact)"] = (fp32_only, False)
     found["read only"] = (read_only, False)

@@ -114,7 +114,7 @@ def test_compiled_kernels_are_bit_identical_to_torch(monkeypatch, dtypes):
     monkeypatch.setattr(kernel, "FUSED_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 1000)
     results = {}
-    for name, module in (("torch", None), ("numba", kernel.fused_kernels())):
+    for name, module in (("torch", None), ("numba", kernel.fused_kernels(wait=True))):
         assert name == "torch" or module is not None
         monkeypatch.setattr(kernel, "_fused_module", module)
         results[name] = kernel.weighted_sum(sources, weights, torch.device("cpu"))
@@ -163,7 +163,7 @@ def test_without_numba_the_torch_kernel_runs(monkeypatch):
     monkeypatch.delattr(sys.modules["pmm_dist.merge"], "fused", raising=False)
     monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
     monkeypatch.setenv("PMM_DIST_KERNEL", "auto")
-    assert kernel.fused_kernels() is None
+    assert kernel.fused_kernels(wait=True) is None
     sources = _drifting(3, 70_000, torch.bfloat16)
     assert_merged_within_one_ulp(kernel.weighted_sum(sources, _ema(3), torch.device("cpu")), sources, _ema(3), "torch")
     monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
@@ -174,6 +174,19 @@ def test_without_numba_the_torch_kernel_runs(monkeypatch):
     monkeypatch.setenv("PMM_DIST_KERNEL", "fast")
     with pytest.raises(ValueError, match="PMM_DIST_KERNEL"):
         kernel.fused_kernels()
+
+
+def test_auto_loads_the_compiled_kernels_in_the_background(monkeypatch):
+    """With ``auto`` the first large tensor starts loading numba and is summed by the torch kernel
+    meanwhile (the same bits); once loaded, the compiled kernels take over."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
+    monkeypatch.setenv("PMM_DIST_KERNEL", "auto")
+    sources = _drifting(3, kernel.FUSED_MIN_ELEMENTS, torch.bfloat16)
+    first = kernel.weighted_sum(sources, _ema(3), torch.device("cpu"))  # starts the load, does not wait
+    module = kernel.fused_kernels(wait=True)
+    assert module is not None and kernel.fused_kernels() is module
+    assert torch.equal(_bits(first), _bits(kernel.weighted_sum(sources, _ema(3), torch.device("cpu"))))
 
 
 # -- page advice of memory-mapped sources ----------------------------------------------------------

@@ -57,30 +57,38 @@ def _f64_as_u64(typingctx, value):
 
 
 @numba.njit(**_JIT)
-def _widen(x):
-    return np.float64(x)
-
-
-@numba.njit(**_JIT)
 def _widen_bf16(bits):
     return np.float64(_u32_as_f32(np.uint32(bits) << np.uint32(16)))
 
 
-def _kernels(widen):
-    @numba.njit(**_JIT)
-    def scale(acc, src, weight):
-        for i in range(acc.shape[0]):
-            acc[i] = weight * widen(src[i])
-
-    @numba.njit(**_JIT)
-    def add(acc, src, weight):
-        for i in range(acc.shape[0]):
-            acc[i] = _fma(weight, widen(src[i]), acc[i])
-    return scale, add
+# Four plain top-level functions rather than one factory of closures: numba's disk cache does not
+# hit for closures (each process would compile them again, ~1 s).
+@numba.njit(**_JIT)
+def scale_bf16(acc, src, weight):
+    """acc = weight * src, src the uint16 bits of bf16 values."""
+    for i in range(acc.shape[0]):
+        acc[i] = weight * _widen_bf16(src[i])
 
 
-scale_bf16, add_bf16 = _kernels(_widen_bf16)   # src: uint16 bits of bf16
-scale_float, add_float = _kernels(_widen)      # src: float32 or float64
+@numba.njit(**_JIT)
+def add_bf16(acc, src, weight):
+    """acc = fma(weight, src, acc), src the uint16 bits of bf16 values."""
+    for i in range(acc.shape[0]):
+        acc[i] = _fma(weight, _widen_bf16(src[i]), acc[i])
+
+
+@numba.njit(**_JIT)
+def scale_float(acc, src, weight):
+    """acc = weight * src, src float32 or float64."""
+    for i in range(acc.shape[0]):
+        acc[i] = weight * np.float64(src[i])
+
+
+@numba.njit(**_JIT)
+def add_float(acc, src, weight):
+    """acc = fma(weight, src, acc), src float32 or float64."""
+    for i in range(acc.shape[0]):
+        acc[i] = _fma(weight, np.float64(src[i]), acc[i])
 
 
 @numba.njit(**_JIT)
@@ -108,6 +116,19 @@ def all_finite(acc) -> bool:
     for i in range(acc.shape[0]):
         bad |= np.uint64((_f64_as_u64(acc[i]) & exponent) == exponent)
     return bad == 0
+
+
+def warm_up() -> None:
+    """Every kernel once on tiny arrays: loads each from the disk cache (or compiles it, the first
+    time), and numba's own lazy start-up, so that the first real call does not."""
+    acc = np.zeros(4)
+    for view_as, scale, add in SOURCE_KERNELS.values():
+        src = np.zeros(4, view_as)
+        scale(acc, src, 1.0)
+        add(acc, src, 1.0)
+    for view_as, store in STORE_KERNELS.values():
+        store(np.zeros(4, view_as), acc)
+    all_finite(acc)
 
 
 # source dtype name -> (numpy dtype the torch tensor is viewed as, scale kernel, add kernel)

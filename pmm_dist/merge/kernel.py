@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import sys
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -58,26 +59,54 @@ def is_mergeable(value) -> bool:
 
 
 # -- which block arithmetic -----------------------------------------------------------------------
-_UNSET = object()
-_fused_module = _UNSET
+# Importing numba and loading the compiled kernels from its disk cache costs ~0.5-0.8 s per
+# process, as much as summing a few GB faster saves. With ``auto`` they are therefore loaded in a
+# background thread when the first large tensor arrives, and the torch kernel (bit-identical)
+# runs until they are ready: a small merge never waits for them.
+_UNSET, _LOADING = object(), object()
+_fused_module = _UNSET  # _UNSET: not asked yet; _LOADING; None: not available; else the module
+_fused_loader: Optional[threading.Thread] = None
+_fused_lock = threading.Lock()
 
 
-def fused_kernels():
-    """The ``fused`` module (numba kernels), or None when numba is missing or ``PMM_DIST_KERNEL=torch``."""
+def fused_kernels(wait: bool = False):
+    """The ``fused`` module (numba kernels) if it is ready, else None (numba missing, still
+    loading, or ``PMM_DIST_KERNEL=torch``). ``wait``: until the background load has finished."""
+    global _fused_module, _fused_loader
+    with _fused_lock:
+        if _fused_module is _UNSET:
+            choice = os.environ.get("PMM_DIST_KERNEL", "auto")
+            if choice not in ("auto", "numba", "torch"):
+                raise ValueError(f"PMM_DIST_KERNEL must be auto, numba or torch, got {choice!r}")
+            if choice == "torch":
+                _fused_module = None
+            elif choice == "numba":  # required: load now, and let an ImportError say why not
+                _fused_module = _load_fused()
+            else:
+                _fused_module = _LOADING
+                _fused_loader = threading.Thread(target=_load_fused_in_background, name="pmm-dist-kernels",
+                                                 daemon=True)
+                _fused_loader.start()
+        loader = _fused_loader
+    if wait and _fused_module is _LOADING and loader is not None:
+        loader.join()
+    module = _fused_module
+    return None if module is _LOADING else module
+
+
+def _load_fused():
+    from . import fused
+    fused.warm_up()
+    return fused
+
+
+def _load_fused_in_background() -> None:
     global _fused_module
-    if _fused_module is _UNSET:
-        choice = os.environ.get("PMM_DIST_KERNEL", "auto")
-        if choice not in ("auto", "numba", "torch"):
-            raise ValueError(f"PMM_DIST_KERNEL must be auto, numba or torch, got {choice!r}")
-        _fused_module = None
-        if choice != "torch":
-            try:
-                from . import fused as module
-                _fused_module = module
-            except ImportError:
-                if choice == "numba":
-                    raise
-    return _fused_module
+    try:
+        module = _load_fused()
+    except Exception:  # noqa: BLE001 - numba missing or broken: the torch kernel does the work
+        module = None
+    _fused_module = module
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
