@@ -40,9 +40,10 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 # pay per-call overhead.
 BLOCK_ELEMENTS = 1 << 16
 # Memory-mapped sources are advised (read ahead, pages released) every this many blocks: one
-# madvise per source per 1 MiB of bf16 instead of one per block; the pages of at most two such
-# groups per source are resident, whatever the tensor size.
-ADVICE_BLOCKS = 8
+# madvise per source per 512 KiB of bf16 instead of one per block (a syscall and a TLB flush
+# each); at most one such group per source is mapped in at a time, whatever the tensor size
+# (N=16 bf16 sources: 8 MiB).
+ADVICE_BLOCKS = 4
 # Below this many elements the compiled kernels are not worth importing numba for (~0.5 s): a
 # merge of small tensors only never loads it.
 FUSED_MIN_ELEMENTS = 1 << 16
