@@ -151,6 +151,18 @@ def test_each_backend_reports_nonfinite(backend, capsys):
     assert torch.isnan(kernel.weighted_sum(sources, [0.5, 0.5], torch.device("cpu"))[2500])
 
 
+def test_sources_that_require_grad(backend):
+    """DeepSpeed saves parameters with requires_grad: merged, and flagged as they were."""
+    sources = [torch.nn.Parameter(t) for t in _drifting(3, 4000, torch.float32)]
+    merged = kernel.weighted_sum(sources, _ema(3), torch.device("cpu"), on_nonfinite="error")
+    assert merged.requires_grad and merged.is_leaf
+    assert_merged_within_one_ulp(merged.detach(), [s.detach() for s in sources], _ema(3), backend)
+    acc = kernel.Accumulator((4000,), torch.device("cpu"))
+    for index, (source, weight) in enumerate(zip(sources, _ema(3))):
+        acc.add(source, weight, f"source {index}")
+    assert acc.result().requires_grad and torch.equal(acc.result().detach(), merged.detach())
+
+
 def test_sources_of_different_sizes_are_refused(backend):
     with pytest.raises(ValueError, match="different sizes"):
         kernel.weighted_sum([torch.ones(3000), torch.ones(2999)], [0.5, 0.5], torch.device("cpu"))

@@ -228,7 +228,9 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     """
     assert len(sources) == len(weights) and sources
     stored = sources[-1].dtype
-    flat_sources = [s.reshape(-1) for s in sources]
+    # detached: the arithmetic writes into buffers (out=, compiled loops), which autograd refuses
+    # for a source that requires grad (DeepSpeed saves parameters so)
+    flat_sources = [s.detach().reshape(-1) for s in sources]
     numel = flat_sources[0].numel()
     if any(s.numel() != numel for s in flat_sources):  # the compiled loops do not check bounds
         raise ValueError(f"{what}: sources of different sizes {[s.numel() for s in flat_sources]}")
@@ -253,7 +255,13 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
         blocks.store(block, begin, end)
     if advice is not None:
         advice.done()
-    return result.view(sources[-1].shape)
+    return _as_stored(result.view(sources[-1].shape), sources)
+
+
+def _as_stored(result: torch.Tensor, sources) -> torch.Tensor:
+    """The merged tensor flagged ``requires_grad`` when a source was, as the sources are saved
+    (the flag is part of what torch.save writes)."""
+    return result.requires_grad_(any(s.requires_grad for s in sources))
 
 
 class _PageAdvice:
@@ -306,6 +314,7 @@ class Accumulator:
         self.device, self.on_nonfinite, self.what = device, on_nonfinite, what
         self.count = 0
         self.stored = None
+        self.requires_grad = False
         module = fused_kernels() if device.type == "cpu" and self.acc.numel() >= FUSED_MIN_ELEMENTS else None
         self._fused = module
         self._acc_view = self.acc.view(-1).numpy() if module is not None else None
@@ -313,7 +322,7 @@ class Accumulator:
     def add(self, source: torch.Tensor, weight: float, name: str) -> None:
         if source.numel() != self.acc.numel():
             raise ValueError(f"{self.what}: {source.numel()} elements added to a sum of {self.acc.numel()}")
-        src = source if self.device.type == "cpu" else source.to(self.device)
+        src = (source if self.device.type == "cpu" else source.to(self.device)).detach()
         kernels = self._fused.SOURCE_KERNELS.get(_dtype_name(src.dtype)) if self._fused else None
         if kernels is not None:
             view_as, scale, add = kernels
@@ -326,6 +335,7 @@ class Accumulator:
                 _accumulate_torch(acc[begin:end], widen(flat[begin:end]), weight, self.count == 0)
         self.count += 1
         self.stored = source.dtype
+        self.requires_grad = self.requires_grad or source.requires_grad
         if self.on_nonfinite != "ignore" and not self._all_finite():
             message = f"non-finite values (NaN/Inf) in {self.what} of {name}" + \
                 (_NONFINITE_HINT if self.on_nonfinite == "error" else "")
@@ -343,11 +353,11 @@ class Accumulator:
         assert self.count, "no source was added"
         store = self._fused.STORE_KERNELS.get(_dtype_name(self.stored)) if self._fused else None
         if store is None:
-            return self.acc.to(self.stored).cpu()
+            return self.acc.to(self.stored).cpu().requires_grad_(self.requires_grad)
         out = torch.empty(self.acc.shape, dtype=self.stored)
         view_as, kernel = store
         kernel(_numpy_view(out.view(-1), view_as), self._acc_view)
-        return out
+        return out.requires_grad_(self.requires_grad)
 
 
 class _Stager:
