@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # ~4 GB of input (4 checkpoints of ~1 GB), a few minutes
     python -m benchmarks.run --quick         # ~0.4 GB, under a minute
     python -m benchmarks.run --size-gb 8 --ranks 1,2,4 --cold
+    python -m benchmarks.run --quick --only kernel,startup,scale   # some parts only
 
 Measures, on a synthetic Megatron-LM run (TP=2, PP=2 -> 4 shard files per checkpoint, bf16):
 - roofline: reading every input byte sequentially with 16 MiB buffers + writing the output bytes
@@ -13,7 +14,16 @@ Measures, on a synthetic Megatron-LM run (TP=2, PP=2 -> 4 shard files per checkp
   installed (benchmarks/hf_vs_mergekit.py);
 - peak RSS per rank against the budget "largest output file + 2 x largest tensor in fp32 +
   0.5 GiB", and its flatness in N (N=2 vs N=16); metadata bytes exchanged per tensor;
-- with --cold, the same after dropping the page cache (as when the data exceeds RAM).
+- with --cold, the same after dropping the page cache (as when the data exceeds RAM);
+- every format side by side (benchmarks/formats.py: one entry per format, --formats), each on
+  its own files against its own roofline, as a merge and as a whole process (against roofline
+  + ``import torch``);
+- the kernel micro-benchmark (benchmarks/kernel.py: GB/s of bf16 input per core, the kernel
+  before issue 12, the pure-torch fallback, the compiled default, fp32 accumulation);
+- start-up of the command line beside ``import torch`` (benchmarks/startup.py);
+- scale without processes (benchmarks/scale.py: planning at 4096 ranks x 100k files, metadata
+  bytes per rank; with the full run also the real Megatron legacy planning of 100k shard files).
+The parts run in their own processes; ``--only`` picks some (``PARTS``).
 Writes benchmarks/results/<date>-<name>.{json,md,png}.
 """
 import argparse
@@ -33,6 +43,7 @@ from pmm_dist.testing.synthetic import generate_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
+PARTS = ("ranks", "naive", "mergekit", "cold", "n_sweep", "formats", "kernel", "startup", "scale")
 
 
 def machine_description() -> dict:
@@ -102,8 +113,10 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_pmm(run_dir: str, out: str, ranks: int, extra=()) -> dict:
-    merge = ["-m", "pmm_dist", "merge", run_dir, "--out", out, "--overwrite", "--quiet", "--device", "cpu", *extra]
+def run_pmm(run_dir, out: str, ranks: int, extra=()) -> dict:
+    """``run_dir``: a run directory, or a list of sources."""
+    sources = [run_dir] if isinstance(run_dir, str) else list(run_dir)
+    merge = ["-m", "pmm_dist", "merge", *sources, "--out", out, "--overwrite", "--quiet", "--device", "cpu", *extra]
     cmd = [sys.executable, *merge] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *merge]
     env = dict(os.environ, PYTHONPATH=REPO)
@@ -146,31 +159,49 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=os.path.join(REPO, "benchmarks", "work"))
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--name", default=None, help="report name (default: quick or full)")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default all: {','.join(PARTS)})")
+    parser.add_argument("--formats", default=None, help="formats side by side (default: every entry of "
+                                                          "benchmarks/formats.py)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size_gb, args.ranks = 0.4, "1,2"
     ranks = [int(r) for r in args.ranks.split(",")]
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     os.makedirs(args.work, exist_ok=True)
     report = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
               "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "size_gb": args.size_gb, "checkpoints": args.checkpoints}
+              "size_gb": args.size_gb, "checkpoints": args.checkpoints, "parts": parts}
+    # the parts that need no run directory first: they are small, and a failure shows early
+    if "kernel" in parts:
+        report["kernel"] = _part("benchmarks.kernel", *(["--elements", "1M", "--rounds", "3"] if args.quick
+                                                         else ["--elements", "4M", "--rounds", "5"]))
+    if "startup" in parts:
+        report["startup"] = _part("benchmarks.startup", "--repeats", "3" if args.quick else "7")
+    if "scale" in parts:
+        report["scale"] = _part("benchmarks.scale", "--work", args.work,
+                                *(["--files", "10000", "--real-files", "10000"] if args.quick
+                                  else ["--files", "100000", "--real-files", "100000"]))
+    if "formats" in parts:
+        report["formats"] = _formats(args, report.get("startup"))
+    if not set(parts) & {"ranks", "naive", "mergekit", "cold", "n_sweep"}:
+        _write_reports(report, args)
+        return 0
     run_dir = os.path.join(args.work, f"run_{args.checkpoints}x{args.size_gb / args.checkpoints:.3f}GB")
     iterations = make_run(run_dir, args.checkpoints, args.size_gb * GB / args.checkpoints)
     files = input_files(run_dir)
     input_bytes = sum(os.path.getsize(p) for p in files)
     output_bytes = sum(os.path.getsize(p) for p in files if f"iter_{iterations[-1]:07d}" in p)
-    read_all(files)  # warm the page cache
-    t_read = read_all(files)
-    t_write = write_bytes(os.path.join(args.work, "roofline.tmp"), output_bytes)
-    roofline = {"read_seconds": t_read, "write_seconds": t_write, "seconds": t_read + t_write,
-                "input_bytes": input_bytes, "output_bytes": output_bytes,
-                "gbps": input_bytes / (t_read + t_write) / GB}
+    roofline = warm_roofline(files, output_bytes, args.work)
+    t_read, t_write = roofline["read_seconds"], roofline["write_seconds"]
     report["roofline_warm"] = roofline
     print(f"roofline (warm): read {input_bytes / GB:.2f} GB in {t_read:.2f} s, write {output_bytes / GB:.2f} GB "
           f"in {t_write:.2f} s -> {roofline['gbps']:.2f} GB/s of input", flush=True)
     budget_base = 2 * 4 * largest_tensor_numel(run_dir) + 0.5 * 2**30
     report["pmm_dist"] = []
-    for r in ranks:
+    for r in (ranks if "ranks" in parts else ranks[:1]):
         result = run_pmm(run_dir, os.path.join(args.work, f"out_pmm_{r}"), r)
         result["gbps"] = input_bytes / result["seconds"] / GB
         result["fraction_of_roofline"] = roofline["seconds"] / result["seconds"]
@@ -181,19 +212,83 @@ def main(argv=None) -> int:
               f"{max(result['peak_rss_bytes_by_rank']) / 2**30:.2f} GiB (budget {result['rss_budget_bytes'] / 2**30:.2f})",
               flush=True)
     pmm1 = report["pmm_dist"][0]
-    if not args.no_naive:
+    if not args.no_naive and "naive" in parts:
         naive = run_naive(run_dir, os.path.join(args.work, "out_naive"), iterations)
         naive["gbps"] = input_bytes / naive["seconds"] / GB
         naive["pmm_speedup"] = naive["seconds"] / pmm1["seconds"]
         report["naive"] = naive
         print(f"naive torch.load/average/save: {naive['seconds']:.2f} s, peak RSS {naive['peak_rss_bytes'] / 2**30:.2f} "
               f"GiB; pmm_dist 1 rank is {naive['pmm_speedup']:.2f}x faster", flush=True)
-    report["mergekit"] = _maybe_mergekit(args)
-    if args.cold:
+    if "mergekit" in parts:
+        report["mergekit"] = _maybe_mergekit(args)
+    if args.cold and "cold" in parts:
         report["cold"] = _cold(run_dir, files, output_bytes, args.work)
-    report["n_sweep"] = _n_sweep(args)
+    if "n_sweep" in parts:
+        report["n_sweep"] = _n_sweep(args)
     _write_reports(report, args)
     return 0
+
+
+def warm_roofline(files, output_bytes: int, work: str) -> dict:
+    """Reading every input byte (page cache warmed first) + writing the output bytes with fsync."""
+    input_bytes = sum(os.path.getsize(p) for p in files)
+    read_all(files)  # warm the page cache
+    t_read = read_all(files)
+    t_write = write_bytes(os.path.join(work, "roofline.tmp"), output_bytes)
+    return {"read_seconds": t_read, "write_seconds": t_write, "seconds": t_read + t_write,
+            "input_bytes": input_bytes, "output_bytes": output_bytes, "gbps": input_bytes / (t_read + t_write) / GB}
+
+
+def _part(module: str, *args) -> dict:
+    """A part measured in its own process (its own threads setting, its own memory); its JSON line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--json"], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    if proc.returncode != 0:
+        print(f"{module} failed:\n{proc.stderr[-2000:]}", flush=True)
+        return {"failed": proc.stderr[-2000:]}
+    lines = proc.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]), flush=True)  # its own summary
+    return json.loads(lines[-1])
+
+
+def _formats(args, startup) -> list:
+    """Every format of benchmarks/formats.py on its own files: roofline, merge, whole process."""
+    from benchmarks.formats import CASES, NOT_YET
+    names = args.formats.split(",") if args.formats else [*CASES, *NOT_YET]
+    import_torch = (startup or {}).get("median_seconds", {}).get("import torch") or _import_torch_seconds()
+    per_checkpoint = args.size_gb * GB / args.checkpoints
+    rows = []
+    for name in names:
+        if name not in CASES:
+            rows.append({"format": name, "skipped": NOT_YET.get(name, "no such entry in benchmarks/formats.py")})
+            print(f"format {name}: not measured ({rows[-1]['skipped']})", flush=True)
+            continue
+        case = CASES[name]
+        run_dir = os.path.join(args.work, f"fmt_{name}_{args.checkpoints}x{per_checkpoint / GB:.3f}GB")
+        sources = case.make(run_dir, args.checkpoints, per_checkpoint)
+        checkpoints = sorted(d for d in (sources if len(sources) > 1 else
+                                         [os.path.join(sources[0], e) for e in os.listdir(sources[0])])
+                             if os.path.isdir(d))
+        files = [f for ckpt in checkpoints for f in case.files(ckpt)]
+        output_bytes = sum(os.path.getsize(f) for f in case.files(checkpoints[-1]))
+        roofline = warm_roofline(files, output_bytes, args.work)
+        result = run_pmm(sources, os.path.join(args.work, f"out_fmt_{name}"), 1, ["--format", name, *case.merge_args])
+        row = {"format": name, "description": case.description, "roofline": roofline, "pmm_dist": result,
+               "import_torch_seconds": import_torch,
+               "merge_vs_roofline": roofline["seconds"] / result["seconds"],
+               "process_vs_roofline_plus_import_torch": (roofline["seconds"] + import_torch) / result["wall_seconds"]}
+        rows.append(row)
+        print(f"format {name}: {roofline['input_bytes'] / GB:.2f} GB, roofline {roofline['seconds']:.2f} s, merge "
+              f"{result['seconds']:.2f} s ({row['merge_vs_roofline']:.2f} of roofline), whole process "
+              f"{result['wall_seconds']:.2f} s ({row['process_vs_roofline_plus_import_torch']:.2f} of roofline + "
+              f"import torch)", flush=True)
+    return rows
+
+
+def _import_torch_seconds() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - started
 
 
 def _cold(run_dir, files, output_bytes, work) -> dict:
@@ -242,6 +337,7 @@ def _maybe_mergekit(args) -> dict:
 
 def _write_reports(report: dict, args) -> None:
     os.makedirs(args.results, exist_ok=True)
+    report["load_average_at_end"] = list(os.getloadavg())  # the machine may be shared: read figures with it
     name = args.name or ("quick" if args.quick else "full")
     stem = os.path.join(args.results, f"{report['date']}-{name}")
     with open(stem + ".json", "w") as f:
@@ -254,12 +350,23 @@ def _write_reports(report: dict, args) -> None:
 
 def markdown_report(report: dict) -> str:
     m = report["machine"]
-    roof = report["roofline_warm"]
     lines = [f"# pmm_dist benchmark, {report['date']}", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB RAM, "
              f"Python {m['python']}, torch {m['torch']}, kernel {m['kernel']}.", "",
-             f"Command: `{report['command']}`", "",
-             f"Input: {report['checkpoints']} checkpoints, {roof['input_bytes'] / GB:.2f} GB in all (TP=2, PP=2, bf16); "
+             f"Command: `{report['command']}`", ""]
+    if report.get("load_average_at_end"):
+        lines += [f"Load average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in report['load_average_at_end'])} "
+                  f"on {m['cores']} cores.", ""]
+    if "roofline_warm" in report:
+        lines += _main_section(report)
+    for section in (_formats_section, _kernel_section, _startup_section, _scale_section):
+        lines += section(report)
+    return "\n".join(lines)
+
+
+def _main_section(report: dict) -> list:
+    roof = report["roofline_warm"]
+    lines = [f"Input: {report['checkpoints']} checkpoints, {roof['input_bytes'] / GB:.2f} GB in all (TP=2, PP=2, bf16); "
              f"output {roof['output_bytes'] / GB:.2f} GB. Page cache warm unless noted.", "",
              "| what | seconds | GB/s of input | vs roofline | peak RSS per rank (GiB) | RSS budget (GiB) | metadata B/tensor |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -284,14 +391,85 @@ def markdown_report(report: dict) -> str:
         c = report["cold"]
         lines.append(f"Cold page cache: roofline {c['roofline_seconds']:.2f} s, pmm_dist 1 rank {c['pmm_seconds']:.2f} s "
                      f"= **{c['fraction_of_roofline']:.2f}** of roofline.")
-    lines += ["", "Cost as a function of N (1 rank, fixed checkpoint size):", "",
-              "| N | seconds | GB/s of input | peak RSS (MiB) |", "| ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['n']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['peak_rss_bytes_by_rank'][0] / 2**20:.0f} |"
-              for r in report["n_sweep"]]
-    sweep = report["n_sweep"]
-    lines += ["", f"Peak RSS N={sweep[-1]['n']} vs N={sweep[0]['n']}: "
-              f"{sweep[-1]['peak_rss_bytes_by_rank'][0] / sweep[0]['peak_rss_bytes_by_rank'][0]:.3f}x.", ""]
-    return "\n".join(lines)
+    sweep = report.get("n_sweep")
+    if sweep:
+        lines += ["", "Cost as a function of N (1 rank, fixed checkpoint size):", "",
+                  "| N | seconds | GB/s of input | peak RSS (MiB) |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['n']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['peak_rss_bytes_by_rank'][0] / 2**20:.0f} |"
+                  for r in sweep]
+        lines += ["", f"Peak RSS N={sweep[-1]['n']} vs N={sweep[0]['n']}: "
+                  f"{sweep[-1]['peak_rss_bytes_by_rank'][0] / sweep[0]['peak_rss_bytes_by_rank'][0]:.3f}x.", ""]
+    return lines
+
+
+def _formats_section(report: dict) -> list:
+    rows = report.get("formats")
+    if not rows:
+        return []
+    lines = ["## Every format side by side (1 rank, warm page cache, each against its own files)", "",
+             "| format | input GB | roofline s | merge s | merge vs roofline (target 0.9) | process s | process vs "
+             "roofline + import torch (target 0.8) | peak RSS (GiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['format']} | | | | not measured: {row['skipped']} | | | |")
+            continue
+        roof, pmm = row["roofline"], row["pmm_dist"]
+        lines.append(f"| {row['format']} | {roof['input_bytes'] / GB:.2f} | {roof['seconds']:.2f} | {pmm['seconds']:.2f} | "
+                     f"{row['merge_vs_roofline']:.2f} | {pmm['wall_seconds']:.2f} | "
+                     f"{row['process_vs_roofline_plus_import_torch']:.2f} | "
+                     f"{max(pmm['peak_rss_bytes_by_rank']) / 2**30:.2f} |")
+    return lines + [""]
+
+
+def _kernel_section(report: dict) -> list:
+    k = report.get("kernel")
+    if not k or "failed" in k:
+        return [f"Kernel micro-benchmark failed: {k['failed'][-300:]}", ""] if k else []
+    lines = [f"## Kernel: GB/s of {k['dtype']} input per core ({k['sources']} sources x {k['elements']} elements, "
+             f"1 thread, best of {k['rounds']} interleaved rounds)", "",
+             "| kernel | GB/s (best) | GB/s (median) | vs before |", "| --- | ---: | ---: | ---: |"]
+    for name, best in k["gbps_best"].items():
+        lines.append(f"| {name} | {best:.2f} | {k['gbps_median'][name]:.2f} | {k['ratio_to_before'][name]:.2f}x |")
+    return lines + ["", "Exact kernels are bit-identical to `before` (checked every round) and within one ulp of "
+                    "the float64 reference; target: >= 2.5 GB/s exact.", ""]
+
+
+def _startup_section(report: dict) -> list:
+    s = report.get("startup")
+    if not s or "failed" in s:
+        return []
+    lines = [f"## Start-up (median of {s['repeats']} fresh interpreters; target: --help <= import torch + 0.3 s)", "",
+             "| command | seconds | vs import torch | imports |", "| --- | ---: | ---: | --- |"]
+    for name, seconds in s["median_seconds"].items():
+        lines.append(f"| `{name}` | {seconds:.3f} | {s['over_import_torch_seconds'][name]:+.3f} | "
+                     f"{', '.join(s['imports'][name]) or '-'} |")
+    return lines + [""]
+
+
+def _scale_section(report: dict) -> list:
+    sc = report.get("scale")
+    if not sc or "failed" in sc:
+        return []
+    s = sc["synthetic"]
+    b = s["bytes_per_rank"]
+    lines = [f"## Scale without processes: {s['ranks']} ranks x {s['files']} files, {s['checkpoints']} checkpoints", "",
+             f"- assign_units (the LPT balancer): {s['assign_seconds']:.2f} s; payloads built and pickled: "
+             f"{s['payload_seconds']:.2f} s; {s['units_per_rank']['min']}-{s['units_per_rank']['max']} files per rank.",
+             f"- plan step, metadata bytes per rank: {b['min']}-{b['max']} B (median {b['median']:.0f}; scatter pads "
+             f"to {s['bytes_received_per_rank_padded']} B); the coordinator sends {s['coordinator_sends_bytes'] / 1e6:.1f} "
+             f"MB in all; the whole plan, which stays on the coordinator, is {s['whole_plan_bytes'] / 1e6:.1f} MB.",
+             f"- merge step: each rank sends its per-file results to the coordinator only "
+             f"(<= {s['results_bytes_per_rank']['max']} B; {s['coordinator_receives_result_bytes'] / 1e6:.1f} MB "
+             f"arrive there) and all-gathers {s['failure_flag_bytes_per_rank']} B of failure flags."]
+    r = sc.get("real_files")
+    if r:
+        lines.append(f"- real Megatron legacy planning (`plan_merge`, tiny hard-linked shard files): {r['checkpoints']} "
+                     f"checkpoints x {r['files_per_checkpoint']} shard files at {r['ranks']} ranks: "
+                     f"**{r['plan_merge_seconds']:.2f} s** (" +
+                     ", ".join(f"{k} {v:.2f} s" for k, v in r["phases_seconds"].items()) +
+                     f"); each checkpoint's metadata parsed {r['metadata_reads_per_checkpoint']}x.")
+    return lines + [""]
 
 
 def _plot(report: dict, path: str) -> None:
@@ -301,6 +479,8 @@ def _plot(report: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    if "pmm_dist" not in report or not report.get("n_sweep"):
+        return _plot_parts(report, path, plt)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     ranks = [r["ranks"] for r in report["pmm_dist"]]
     left.plot(ranks, [r["gbps"] for r in report["pmm_dist"]], "o-", label="pmm_dist")
@@ -320,6 +500,32 @@ def _plot(report: dict, path: str) -> None:
     twin.plot([r["n"] for r in sweep], [r["peak_rss_bytes_by_rank"][0] / 2**20 for r in sweep], "s--", color="green")
     twin.set_ylabel("peak RSS (MiB)", color="green")
     right.set_title("throughput and memory vs N (1 rank)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _plot_parts(report: dict, path: str, plt) -> None:
+    """Without the main run: the kernel's GB/s per candidate and the formats against their rooflines."""
+    panels = [p for p in (("kernel", report.get("kernel")), ("formats", report.get("formats"))) if p[1]]
+    panels = [(n, v) for n, v in panels if "failed" not in (v if isinstance(v, dict) else {})]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, (name, value) in zip(axes[0], panels):
+        if name == "kernel":
+            names = list(value["gbps_best"])
+            axis.barh(names, [value["gbps_best"][n] for n in names])
+            axis.axvline(2.5, color="gray", linestyle="--", label="target (exact)")
+            axis.set_xlabel(f"GB/s of {value['dtype']} input per core")
+            axis.set_title("kernel")
+            axis.legend()
+        else:
+            rows = [r for r in value if "skipped" not in r]
+            axis.bar([r["format"] for r in rows], [r["merge_vs_roofline"] for r in rows])
+            axis.axhline(0.9, color="gray", linestyle="--", label="target")
+            axis.set_ylabel("merge: fraction of roofline")
+            axis.set_title("formats, 1 rank")
+            axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -44,6 +44,7 @@ MODULE_TIERS = {
     "test_kernel": "unit",
     "test_methods": "unit",
     "test_planner": "unit",
+    "test_scale": "unit",             # plan payloads and metadata reads at 1024-4096 ranks, in process
     "test_selection": "unit",
     "test_staging": "unit",
     "test_atomic": "unit",
@@ -55,10 +56,12 @@ MODULE_TIERS = {
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",
+    "test_multinode": "multiprocess",  # two torchrun "nodes" of 2 ranks each, c10d rendezvous
     "test_resilience": "multiprocess",
-    "test_safety": "multiprocess",
+    "test_safety": "multiprocess",    # issue 15's contracts through the CLI
+    "test_startup": "multiprocess",   # what `pmm-dist --help` imports, in a fresh interpreter
     "test_watch_cli": "multiprocess",
-    "test_watch_resilience": "multiprocess",    # issue 15's contracts through the CLI
+    "test_watch_resilience": "multiprocess",
     "test_verify_inspect": "multiprocess",
     "test_megatron_layouts": "multiprocess",
     "test_dcp_merge": "real",
@@ -122,10 +125,12 @@ def run_cli(args: Sequence, *, world_size: int = 1, **kwargs) -> subprocess.Comp
     return run_python(["-m", "pmm_dist", *args], nproc=None if world_size == 1 else world_size, **kwargs)
 
 
-def start_python(args: Sequence, *, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    """``python ARGS`` started with pipes for stdin, stdout and stderr (text); the caller waits."""
-    return subprocess.Popen(command(args), cwd=REPO, env=subprocess_env(env), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_python(args: Sequence, *, env: Optional[Dict[str, str]] = None,
+                 launcher: Optional[Sequence] = None) -> subprocess.Popen:
+    """``python ARGS`` (or ``launcher ARGS``, see ``command``) started with pipes for stdin, stdout
+    and stderr (text); the caller waits."""
+    return subprocess.Popen(command(args, launcher=launcher), cwd=REPO, env=subprocess_env(env),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 # -- shared fixtures ------------------------------------------------------------------------------

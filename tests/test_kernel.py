@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -53,3 +55,197 @@ def test_nonfinite_policy_names_tensor_and_source(small_blocks, capsys):
 def test_non_float_is_not_mergeable():
     assert kernel.is_mergeable(torch.ones(2)) and not kernel.is_mergeable(torch.ones(2, dtype=torch.int64))
     assert not kernel.is_mergeable(None) and not kernel.is_mergeable(b"x")
+
+
+# -- the two implementations of the block arithmetic (compiled numba loops, pure torch) ------------
+BACKENDS = ["torch", "numba"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Each test below runs with the compiled kernels and with the pure-torch fallback, on tensors
+    of any size (FUSED_MIN_ELEMENTS lowered), in blocks small enough to have many and a ragged one."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
+        monkeypatch.setenv("PMM_DIST_KERNEL", "numba")
+        assert kernel.fused_kernels() is not None
+    else:
+        monkeypatch.setattr(kernel, "_fused_module", None)
+    monkeypatch.setattr(kernel, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(kernel, "ADVICE_BLOCKS", 3)
+    return request.param
+
+
+def _ema(n, alpha=0.3):  # irregular weights: products inexact, so a mul+add would differ from an fma
+    return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
+
+
+def _drifting(n, numel, dtype, seed=0):
+    """Checkpoints of one run: a common tensor plus drift, so many elements cancel to near zero."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=gen)
+    return [(base + 0.3 * torch.randn(numel, generator=gen)).to(dtype) for _ in range(n)]
+
+
+def _bits(tensor):
+    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_each_backend_within_one_ulp(backend, dtype):
+    sources = _drifting(7, 12_345, dtype)
+    weights = _ema(7)
+    merged = kernel.weighted_sum(sources, weights, torch.device("cpu"), on_nonfinite="error")
+    assert merged.dtype == dtype
+    assert_merged_within_one_ulp(merged, sources, weights, f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 5, (torch.float32,) * 5, (torch.float64,) * 3,
+                                    (torch.float32, torch.bfloat16, torch.float16, torch.bfloat16)])
+def test_compiled_kernels_are_bit_identical_to_torch(monkeypatch, dtypes):
+    pytest.importorskip("numba")
+    sources = [s.to(d) for s, d in zip(_drifting(len(dtypes), 9_999, torch.float32, seed=3), dtypes)]
+    sources[1][17] = float("inf")  # non-finite values take the same path too
+    sources[2][17] = float("-inf")
+    sources[2][18] = float("inf")
+    weights = _ema(len(dtypes))
+    monkeypatch.setattr(kernel, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 1000)
+    results = {}
+    for name, module in (("torch", None), ("numba", kernel.fused_kernels(wait=True))):
+        assert name == "torch" or module is not None
+        monkeypatch.setattr(kernel, "_fused_module", module)
+        results[name] = kernel.weighted_sum(sources, weights, torch.device("cpu"))
+    nan = torch.isnan(results["torch"])  # any NaN is a NaN (torch's bits for one vary by its code path)
+    assert torch.equal(nan, torch.isnan(results["numba"])) and nan[17] and nan.sum() == 1  # inf + -inf
+    assert torch.equal(_bits(results["torch"])[~nan], _bits(results["numba"])[~nan])
+    assert torch.isinf(results["numba"][18])
+
+
+def test_accumulator_matches_weighted_sum(backend):
+    sources = _drifting(5, 5_003, torch.bfloat16, seed=4)
+    weights = _ema(5)
+    acc = kernel.Accumulator((5_003,), torch.device("cpu"), on_nonfinite="error")
+    for index, (source, weight) in enumerate(zip(sources, weights)):
+        acc.add(source, weight, f"source {index}")
+    assert torch.equal(_bits(acc.result()), _bits(kernel.weighted_sum(sources, weights, torch.device("cpu"))))
+
+
+def test_accumulator_reports_nonfinite(backend):
+    acc = kernel.Accumulator((4000,), torch.device("cpu"), on_nonfinite="error", what="item 'w'")
+    acc.add(torch.ones(4000), 0.5, "a.distcp")
+    bad = torch.ones(4000)
+    bad[3999] = float("nan")
+    with pytest.raises(InputError, match="item 'w' of b.distcp"):
+        acc.add(bad, 0.5, "b.distcp")
+
+
+def test_each_backend_reports_nonfinite(backend, capsys):
+    sources = [torch.ones(3000).bfloat16(), torch.ones(3000).bfloat16()]
+    sources[1][2500] = float("nan")
+    with pytest.raises(InputError, match="key 'w' of b.pt"):
+        kernel.weighted_sum(sources, [0.5, 0.5], torch.device("cpu"), on_nonfinite="error", what="key 'w'",
+                            source_names=["a.pt", "b.pt"])
+    assert torch.isnan(kernel.weighted_sum(sources, [0.5, 0.5], torch.device("cpu"))[2500])
+
+
+def test_sources_that_require_grad(backend):
+    """DeepSpeed saves parameters with requires_grad: merged, and flagged as they were."""
+    sources = [torch.nn.Parameter(t) for t in _drifting(3, 4000, torch.float32)]
+    merged = kernel.weighted_sum(sources, _ema(3), torch.device("cpu"), on_nonfinite="error")
+    assert merged.requires_grad and merged.is_leaf
+    assert_merged_within_one_ulp(merged.detach(), [s.detach() for s in sources], _ema(3), backend)
+    acc = kernel.Accumulator((4000,), torch.device("cpu"))
+    for index, (source, weight) in enumerate(zip(sources, _ema(3))):
+        acc.add(source, weight, f"source {index}")
+    assert acc.result().requires_grad and torch.equal(acc.result().detach(), merged.detach())
+
+
+def test_sources_of_different_sizes_are_refused(backend):
+    with pytest.raises(ValueError, match="different sizes"):
+        kernel.weighted_sum([torch.ones(3000), torch.ones(2999)], [0.5, 0.5], torch.device("cpu"))
+
+
+def test_without_numba_the_torch_kernel_runs(monkeypatch):
+    """numba is optional: when it cannot be imported, ``auto`` falls back to torch, ``numba`` fails."""
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    monkeypatch.delitem(sys.modules, "pmm_dist.merge.fused", raising=False)
+    monkeypatch.delattr(sys.modules["pmm_dist.merge"], "fused", raising=False)
+    monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
+    monkeypatch.setenv("PMM_DIST_KERNEL", "auto")
+    assert kernel.fused_kernels(wait=True) is None
+    sources = _drifting(3, 70_000, torch.bfloat16)
+    assert_merged_within_one_ulp(kernel.weighted_sum(sources, _ema(3), torch.device("cpu")), sources, _ema(3), "torch")
+    monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
+    monkeypatch.setenv("PMM_DIST_KERNEL", "numba")
+    with pytest.raises(ImportError):
+        kernel.fused_kernels()
+    monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
+    monkeypatch.setenv("PMM_DIST_KERNEL", "fast")
+    with pytest.raises(ValueError, match="PMM_DIST_KERNEL"):
+        kernel.fused_kernels()
+
+
+def test_auto_loads_the_compiled_kernels_in_the_background(monkeypatch):
+    """With ``auto`` the first large tensor starts loading numba and is summed by the torch kernel
+    meanwhile (the same bits); once loaded, the compiled kernels take over."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(kernel, "_fused_module", kernel._UNSET)
+    monkeypatch.setenv("PMM_DIST_KERNEL", "auto")
+    sources = _drifting(3, kernel.FUSED_MIN_ELEMENTS, torch.bfloat16)
+    first = kernel.weighted_sum(sources, _ema(3), torch.device("cpu"))  # starts the load, does not wait
+    module = kernel.fused_kernels(wait=True)
+    assert module is not None and kernel.fused_kernels() is module
+    assert torch.equal(_bits(first), _bits(kernel.weighted_sum(sources, _ema(3), torch.device("cpu"))))
+
+
+# -- page advice of memory-mapped sources ----------------------------------------------------------
+def _mapped_sources(tmp_path, n, numel, dtype=torch.bfloat16):
+    sources = _drifting(n, numel, dtype, seed=5)
+    mapped = []
+    for index, source in enumerate(sources):
+        torch.save({"w": source}, tmp_path / f"s{index}.pt")
+        mapped.append(torch.load(tmp_path / f"s{index}.pt", mmap=True, weights_only=True)["w"])
+    return sources, mapped
+
+
+def test_page_advice_releases_every_page_once_and_reads_ahead(backend, tmp_path, monkeypatch):
+    """Every whole page of every mapped source is released (DONTNEED) exactly once, in order and
+    only after it was added; the pages of the group after the current one are asked for ahead."""
+    sources, mapped = _mapped_sources(tmp_path, 3, 50_000)
+    calls = []
+    monkeypatch.setattr(kernel, "_madvise", lambda start, length, advice: calls.append((start, length, advice)))
+    merged = kernel.weighted_sum(mapped, _ema(3), torch.device("cpu"), sources_are_mapped=True)
+    assert torch.equal(_bits(merged), _bits(kernel.weighted_sum(sources, _ema(3), torch.device("cpu"))))
+    page = kernel._PAGE
+    for source in mapped:
+        start, end = source.data_ptr(), source.data_ptr() + source.numel() * source.element_size()
+        released = sorted((s, s + n) for s, n, a in calls if a == kernel._MADV_DONTNEED and start - page < s < end)
+        assert released[0][0] == (start + page - 1) // page * page and released[-1][1] == end // page * page
+        assert all(a[1] == b[0] for a, b in zip(released, released[1:])), "a gap or an overlap between releases"
+        ahead = sorted((s, s + n) for s, n, a in calls if a == kernel._MADV_WILLNEED and start - page < s < end)
+        assert len(ahead) >= 3 and ahead[0][0] <= start and ahead[-1][1] >= end
+        assert all(a[1] >= b[0] for a, b in zip(ahead, ahead[1:])), "a gap in the read-ahead"
+
+
+def test_mapped_pages_are_released_from_this_process(tmp_path, monkeypatch):
+    """After a merge of mapped sources, (almost) none of their pages are resident in this process."""
+    monkeypatch.setattr(kernel, "FUSED_MIN_ELEMENTS", 0)
+    _, mapped = _mapped_sources(tmp_path, 4, 1 << 21)  # 4 MiB of bf16 each
+    kernel.weighted_sum(mapped, _ema(4), torch.device("cpu"), sources_are_mapped=True)
+    resident = _resident_bytes_of_files(str(tmp_path))
+    assert resident <= 4 * 2 * kernel._PAGE, f"{resident} bytes of the sources still mapped in"
+
+
+def _resident_bytes_of_files(folder: str) -> int:
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5].startswith(folder)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total

@@ -8,15 +8,12 @@ import typing
 from dataclasses import MISSING, fields
 from typing import List
 
-from ..dist.collective import sigterm_as_exception
-from ..engine import MergeOptions, merge
-from ..engine.options import METHOD_OPTION
+from ..engine.options import METHOD_OPTION, MergeOptions
 from ..errors import MergeError, UsageError
 from ..formats import loading_hints
 from ..merge.methods import available_methods, get_method
 from ..io.staging import Staging
 from ..plan.types import Choice
-from ..engine.report import format_summary
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -122,6 +119,10 @@ def options_from_args(args: argparse.Namespace) -> MergeOptions:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    # the engine (torch, the collective) only now: building the parser must not import them
+    from ..dist.collective import sigterm_as_exception
+    from ..engine.report import format_summary
+    from ..engine.run import merge
     try:
         options = options_from_args(args)
     except (UsageError, ValueError) as exc:

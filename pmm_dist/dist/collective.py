@@ -157,9 +157,15 @@ class Collective:
         if self.world_size == 1:
             return per_rank[0]
         box: List[Any] = [None]
-        dist.scatter_object_list(box, per_rank if self.is_coordinator else None, src=0)
+        # The coordinator's own value never travels: scatter_object_list pads every rank's bytes
+        # to the largest object's, and the coordinator's (a whole plan) would make every rank
+        # receive the whole plan's size.
+        outgoing = [None, *per_rank[1:]] if self.is_coordinator else None
+        dist.scatter_object_list(box, outgoing, src=0)
         if self.is_coordinator:
-            self.bytes_exchanged += sum(len(pickle.dumps(obj)) for obj in per_rank[1:])
+            # what goes out: every other rank's object, padded to the largest one
+            self.bytes_exchanged += max(len(pickle.dumps(obj)) for obj in per_rank[1:]) * (self.world_size - 1)
+            return per_rank[0]
         return box[0]
 
     # -- exception-robust steps ------------------------------------------------------------------

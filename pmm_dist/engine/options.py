@@ -9,8 +9,6 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence
 
-import torch
-
 from ..errors import UsageError
 from ..formats import available_formats
 from ..merge.methods import DEFAULT_METHOD, available_methods, get_method
@@ -75,7 +73,7 @@ class MergeOptions:
         object.__setattr__(self, "on_nonfinite", _parse(NonfinitePolicy, self.on_nonfinite, "--on-nonfinite"))
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UsageError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device and self.device.startswith("cuda") and not _cuda_available():
             raise UsageError("--device cuda requested but no CUDA device is available")
         if self.format not in ("auto", *available_formats()):
             raise UsageError(f"unknown format {self.format!r}; choose one of: auto, {', '.join(available_formats())}")
@@ -94,6 +92,11 @@ class MergeOptions:
     def method_options(self) -> Dict[str, Any]:
         """The options meant for the merge method, as given (None: not given)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get(METHOD_OPTION)}
+
+
+def _cuda_available() -> bool:
+    import torch  # here, not at the top: the CLI builds its flags from this module without torch
+    return torch.cuda.is_available()
 
 
 def _parse(choice, value, flag: str):

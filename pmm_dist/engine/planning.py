@@ -10,6 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 from .. import __version__
 from ..errors import InputError, OutputError, UsageError
 from ..formats import CheckpointFormat, resolve_format
+from ..io.planning_reads import planning_reads
 from ..io.staging import STAGING, InputSnapshot, Staging, fingerprint, identity, snapshot_inputs
 from ..merge.methods import get_method
 from ..plan.assign import assign_units
@@ -48,10 +49,23 @@ class MergePlan:
         """What a non-coordinator rank needs besides its share: everything but the unit lists."""
         return replace(self, units=(), shares=())
 
+    def rank_payloads(self) -> List[Tuple["MergePlan", Tuple[WorkUnit, ...]]]:
+        """What each rank receives in the plan step: (plan, its share). The coordinator keeps the
+        whole plan; every other rank gets the plan without unit lists (one object, its size
+        independent of the number of units) and its own share only."""
+        light = self.for_rank()
+        return [(self if rank == 0 else light, share) for rank, share in enumerate(self.shares)]
+
 
 def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, InputSnapshot, dict]:
     """The plan, a snapshot (size, mtime) of every input file, to detect changes before commit,
-    and the merge's identity (what its fingerprint hashes, kept to say what differs on --resume)."""
+    and the merge's identity (what its fingerprint hashes, kept to say what differs on --resume).
+    Each directory is listed and each metadata file parsed once (io/planning_reads.py)."""
+    with planning_reads():
+        return _plan_merge(options, world_size)
+
+
+def _plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, InputSnapshot, dict]:
     for src in options.sources:
         if not os.path.exists(src):
             raise UsageError(f"{src}: no such file or directory")

@@ -128,7 +128,7 @@ class MergeRun:
     def _plan_and_shares(self):
         plan, self.snapshot, self.identity = plan_merge(self.options, self.collective.world_size)
         faults.inject("plan", self.collective.rank)
-        return [(plan if rank == 0 else plan.for_rank(), share) for rank, share in enumerate(plan.shares)]
+        return plan.rank_payloads()
 
     def _prepare(self, staging: Staging, plan: MergePlan) -> None:
         done = staging.prepare(plan.fingerprint, self.identity, self.options.resume)

@@ -1,13 +1,16 @@
 """Registered checkpoint formats and format detection.
 
 Formats are imported when first used, not with the package: ``pmm-dist --help`` and a merge
-of one format never pay for the others' imports (torch.distributed.checkpoint, safetensors).
+of one format never pay for the others' imports (torch.distributed.checkpoint, safetensors);
+the base classes too (they import torch), so the registry's names cost nothing.
 """
 import importlib
-from typing import Dict, List, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple, Type
 
 from ..errors import InputError, UsageError
-from .base import CheckpointFormat, MergeContext
+
+if TYPE_CHECKING:
+    from .base import CheckpointFormat, MergeContext
 
 # Detection order matters: megatron-dist before megatron (a torch_dist run has the legacy tracker
 # too) and before dcp (a torch_dist checkpoint is a DCP checkpoint too).
@@ -35,7 +38,14 @@ def loading_hints() -> Dict[str, str]:
     return {name: hint for name, (_, _, hint) in _REGISTRY.items()}
 
 
-def format_class(name: str) -> Type[CheckpointFormat]:
+def __getattr__(name):
+    if name in ("CheckpointFormat", "MergeContext"):
+        from . import base
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def format_class(name: str) -> "Type[CheckpointFormat]":
     try:
         module, attr, _ = _REGISTRY[name]
     except KeyError:
@@ -43,7 +53,7 @@ def format_class(name: str) -> Type[CheckpointFormat]:
     return getattr(importlib.import_module(module), attr)
 
 
-def resolve_format(name: str, sources: Sequence[str]) -> CheckpointFormat:
+def resolve_format(name: str, sources: Sequence[str]) -> "CheckpointFormat":
     """The named format, or with ``auto`` the one format that recognises every source."""
     if name != "auto":
         return format_class(name)()

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Pattern, Sequence
 import torch
 
 from ..errors import InputError
+from ..io.planning_reads import scan_directory
 from ..io.tree import dotted
 from ..merge.kernel import is_mergeable
 from ..plan.types import CheckpointRef
@@ -75,11 +76,9 @@ def _checkpoint_names(ckpts: Sequence[CheckpointRef], short: bool, most: int = 6
 
 
 def listdir(path: str) -> List[str]:
-    """Sorted entries of ``path``; [] if it is missing, not a directory or unreadable."""
-    try:
-        return sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return []
+    """Sorted entries of ``path``; [] if it is missing, not a directory or unreadable (listed
+    once per planning pass: io/planning_reads.py)."""
+    return [name for name, _ in scan_directory(path)]
 
 
 def sorted_unique(refs: List[CheckpointRef]) -> List[CheckpointRef]:

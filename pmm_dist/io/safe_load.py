@@ -11,6 +11,7 @@ import argparse
 import collections
 import functools
 import io
+import os
 import pathlib
 import re
 import signal
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from ..errors import InputError
+from .planning_reads import memoised
 
 # module path prefix -> callable returning that framework's own allow-list; each format registers
 # its framework's (register_framework_globals), and a list is loaded only when a file needs it.
@@ -60,8 +62,14 @@ def safe_load(path, *, mmap: bool = True, map_location="cpu") -> Any:
     """``torch.load`` with ``weights_only=True`` and the allow-list; errors name the file.
 
     ``mmap=True`` maps tensor storages from the file instead of reading them: loading costs only
-    the pickle, and tensor bytes are read when (and if) they are used.
+    the pickle, and tensor bytes are read when (and if) they are used. While the coordinator
+    plans, a file is parsed once (io/planning_reads.py): treat what is returned as read-only.
     """
+    return memoised("safe_load", (os.path.abspath(path), mmap, str(map_location)),
+                    lambda: _load(path, mmap, map_location))
+
+
+def _load(path, mmap: bool, map_location) -> Any:
     for _ in range(len(_FRAMEWORK_SAFE_GLOBALS) + 1):
         try:
             # torch's safe_globals context swaps a process-wide list: one loader at a time (with

@@ -3,12 +3,19 @@
 Tensor-major streaming: one small accumulator block at a time, the N sources' matching blocks
 added into it one after another (memory-mapped, paged in when added and released after), so
 memory does not grow with N.
+
+Two implementations of the block arithmetic, bit-identical (tests/test_kernel.py checks both):
+compiled loops from ``fused`` (numba, an optional dependency: ``pip install pmm_dist[fast]``)
+and pure torch. Which one runs: ``PMM_DIST_KERNEL`` = ``auto`` (default: numba when importable),
+``numba`` (required) or ``torch``.
 """
 import ctypes
 import ctypes.util
 import math
 import mmap
+import os
 import sys
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -26,9 +33,20 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
     _madvise = None
 
 
-# Elements per block: the float64 accumulator of one block (8 MiB) stays in cache while all N
-# sources are added into it, so accumulator traffic never reaches memory.
-BLOCK_ELEMENTS = 1 << 20
+# Elements per block: the float64 accumulator of one block (512 KiB), the source blocks being
+# added and the conversion buffers all stay in a core's L2 cache while the N sources are added,
+# so accumulator traffic never reaches memory. Measured (benchmarks/kernel.py, bf16): 1M-element
+# blocks (8 MiB, the previous size) are ~1.5x slower in torch; 32K-128K are alike, smaller ones
+# pay per-call overhead.
+BLOCK_ELEMENTS = 1 << 16
+# Memory-mapped sources are advised (read ahead, pages released) every this many blocks: one
+# madvise per source per 512 KiB of bf16 instead of one per block (a syscall and a TLB flush
+# each); at most one such group per source is mapped in at a time, whatever the tensor size
+# (N=16 bf16 sources: 8 MiB).
+ADVICE_BLOCKS = 4
+# Below this many elements the compiled kernels are not worth importing numba for (~0.5 s): a
+# merge of small tensors only never loads it.
+FUSED_MIN_ELEMENTS = 1 << 16
 ACCUMULATOR_DTYPE = torch.float64
 
 
@@ -41,6 +59,156 @@ def is_mergeable(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
+# -- which block arithmetic -----------------------------------------------------------------------
+# Importing numba and loading the compiled kernels from its disk cache costs ~0.5-0.8 s per
+# process, as much as summing a few GB faster saves. With ``auto`` they are therefore loaded in a
+# background thread when the first large tensor arrives, and the torch kernel (bit-identical)
+# runs until they are ready: a small merge never waits for them.
+_UNSET, _LOADING = object(), object()
+_fused_module = _UNSET  # _UNSET: not asked yet; _LOADING; None: not available; else the module
+_fused_loader: Optional[threading.Thread] = None
+_fused_lock = threading.Lock()
+
+
+def fused_kernels(wait: bool = False):
+    """The ``fused`` module (numba kernels) if it is ready, else None (numba missing, still
+    loading, or ``PMM_DIST_KERNEL=torch``). ``wait``: until the background load has finished."""
+    global _fused_module, _fused_loader
+    with _fused_lock:
+        if _fused_module is _UNSET:
+            choice = os.environ.get("PMM_DIST_KERNEL", "auto")
+            if choice not in ("auto", "numba", "torch"):
+                raise ValueError(f"PMM_DIST_KERNEL must be auto, numba or torch, got {choice!r}")
+            if choice == "torch":
+                _fused_module = None
+            elif choice == "numba":  # required: load now, and let an ImportError say why not
+                _fused_module = _load_fused()
+            else:
+                _fused_module = _LOADING
+                _fused_loader = threading.Thread(target=_load_fused_in_background, name="pmm-dist-kernels",
+                                                 daemon=True)
+                _fused_loader.start()
+        loader = _fused_loader
+    if wait and _fused_module is _LOADING and loader is not None:
+        loader.join()
+    module = _fused_module
+    return None if module is _LOADING else module
+
+
+def _load_fused():
+    from . import fused
+    fused.warm_up()
+    return fused
+
+
+def _load_fused_in_background() -> None:
+    global _fused_module
+    try:
+        module = _load_fused()
+    except Exception:  # noqa: BLE001 - numba missing or broken: the torch kernel does the work
+        module = None
+    _fused_module = module
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]  # torch.bfloat16 -> "bfloat16", the keys of fused's tables
+
+
+def _numpy_view(tensor: torch.Tensor, dtype):
+    """The tensor's memory as a numpy array of ``dtype`` (same item size), no copy."""
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.detach().view(as_int).numpy().view(dtype)
+
+
+class _Widener:
+    """Source blocks widened to float64 by same-dtype copies into reusable buffers: bf16/fp16 ->
+    fp32 -> fp64, each copy vectorised (torch's mixed-dtype ``add_`` converts element by element,
+    ~2x slower), the buffers small enough to stay in cache."""
+
+    def __init__(self, block_size: int, device: torch.device):
+        self.wide = torch.empty(block_size, dtype=ACCUMULATOR_DTYPE, device=device)
+        self.narrow = torch.empty(block_size, dtype=torch.float32, device=device)
+
+    def __call__(self, piece: torch.Tensor) -> torch.Tensor:
+        if piece.dtype == ACCUMULATOR_DTYPE:
+            return piece
+        if piece.dtype.itemsize < 4:
+            narrow = self.narrow[: piece.numel()]
+            narrow.copy_(piece)
+            piece = narrow
+        wide = self.wide[: piece.numel()]
+        wide.copy_(piece)
+        return wide
+
+
+def _accumulate_torch(block: torch.Tensor, piece: torch.Tensor, weight: float, first: bool) -> None:
+    if first:
+        torch.mul(piece, weight, out=block)  # the first source scaled in the wide type
+    else:
+        block.add_(piece, alpha=weight)  # one rounding: torch's add_ is a fused multiply-add
+
+
+class _TorchBlocks:
+    """The block arithmetic in torch; ``to_device``: the staging of source blocks (CUDA)."""
+
+    def __init__(self, sources, weights, result, block_size, device, to_device):
+        self.sources, self.weights, self.result = sources, weights, result
+        self.acc = torch.empty(block_size, dtype=ACCUMULATOR_DTYPE, device=device)
+        self.widen = _Widener(block_size, device)
+        self.to_device = to_device
+
+    def add_block(self, begin, end):
+        block = self.acc[: end - begin]
+        for index, (source, weight) in enumerate(zip(self.sources, self.weights)):
+            _accumulate_torch(block, self.widen(self.to_device(source[begin:end])), weight, index == 0)
+        return block
+
+    def all_finite(self, block) -> bool:
+        # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of an isfinite pass
+        # (a float64 sum of stored-dtype values cannot overflow by itself).
+        return math.isfinite(block.sum().item())
+
+    def store(self, block, begin, end):
+        self.result[begin:end].copy_(block)  # the one rounding to the stored dtype
+
+
+class _FusedBlocks:
+    """The same arithmetic in the compiled loops of ``fused``: each source block widened and
+    added in one pass (see that module). Only for CPU tensors of the dtypes it has kernels for."""
+
+    def __init__(self, module, sources, weights, result, block_size):
+        self.module = module
+        self.sources = []
+        for source in sources:
+            view_as, scale, add = module.SOURCE_KERNELS[_dtype_name(source.dtype)]
+            self.sources.append((_numpy_view(source, view_as), scale, add))
+        self.weights = [float(w) for w in weights]
+        view_as, self.store_kernel = module.STORE_KERNELS[_dtype_name(result.dtype)]
+        self.result = _numpy_view(result, view_as)
+        self.acc_tensor = torch.empty(block_size, dtype=ACCUMULATOR_DTYPE)
+        self.acc = self.acc_tensor.numpy()
+
+    @staticmethod
+    def supports(module, sources, result) -> bool:
+        names = [_dtype_name(t.dtype) for t in sources]
+        return all(n in module.SOURCE_KERNELS for n in names) and \
+            _dtype_name(result.dtype) in module.STORE_KERNELS
+
+    def add_block(self, begin, end):
+        block = self.acc[: end - begin]
+        (first, scale, _), *others = self.sources
+        scale(block, first[begin:end], self.weights[0])
+        for (source, _, add), weight in zip(others, self.weights[1:]):
+            add(block, source[begin:end], weight)
+        return block
+
+    def all_finite(self, block) -> bool:
+        return bool(self.module.all_finite(block))
+
+    def store(self, block, begin, end):
+        self.store_kernel(self.result[begin:end], block)
+
+
 def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], device: torch.device,
                  *, sources_are_mapped: bool = False, on_nonfinite: str = "ignore", what: str = "tensor",
                  source_names: Optional[Sequence[str]] = None, staged: Optional[bool] = None) -> torch.Tensor:
@@ -50,44 +218,85 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     accumulation would be enough for most elements, but where the N weighted values cancel
     (an element crossing zero between checkpoints) its error exceeds one ulp of the small
     result; in float64 the result is the correctly rounded weighted sum in practice.
-    ``sources_are_mapped``: the sources come from ``torch.load(mmap=True)`` and each block's
-    pages are dropped from this process once added (see ``advise_pages``).
+    ``sources_are_mapped``: the sources come from ``torch.load(mmap=True)`` and their pages are
+    read ahead and dropped from this process once added (see ``advise_pages``).
     ``on_nonfinite``: "error" raises InputError naming ``what`` and the offending source in
     ``source_names`` when a NaN/Inf reaches the result, "warn" prints that, "ignore" does not
-    look (one sum over the cached accumulator block, not a pass over the N sources).
+    look (one vectorised test of the cached accumulator block, not a pass over the N sources).
     ``staged``: copy source blocks to ``device`` through the double-buffered stager (default:
     whenever ``device`` is not the CPU; tests force it on the CPU to exercise that path).
     """
     assert len(sources) == len(weights) and sources
     stored = sources[-1].dtype
-    flat_sources = [s.reshape(-1) for s in sources]
+    # detached: the arithmetic writes into buffers (out=, compiled loops), which autograd refuses
+    # for a source that requires grad (DeepSpeed saves parameters so)
+    flat_sources = [s.detach().reshape(-1) for s in sources]
     numel = flat_sources[0].numel()
+    if any(s.numel() != numel for s in flat_sources):  # the compiled loops do not check bounds
+        raise ValueError(f"{what}: sources of different sizes {[s.numel() for s in flat_sources]}")
     result = torch.empty(numel, dtype=stored)
-    acc = torch.empty(min(numel, BLOCK_ELEMENTS), dtype=ACCUMULATOR_DTYPE, device=device)
-    to_device = _Stager(device, stored, acc.numel()) if (device.type != "cpu" if staged is None else staged) \
-        else (lambda piece: piece)
+    block_size = max(1, min(numel, BLOCK_ELEMENTS))
+    staged = device.type != "cpu" if staged is None else staged
+    module = fused_kernels() if device.type == "cpu" and not staged and numel >= FUSED_MIN_ELEMENTS else None
+    if module is not None and _FusedBlocks.supports(module, flat_sources, result):
+        blocks = _FusedBlocks(module, flat_sources, weights, result, block_size)
+    else:
+        to_device = _Stager(device, stored, block_size) if staged else (lambda piece: piece)
+        blocks = _TorchBlocks(flat_sources, weights, result, block_size, device, to_device)
+    advice = _PageAdvice(flat_sources, BLOCK_ELEMENTS * ADVICE_BLOCKS) if sources_are_mapped else None
     for begin in range(0, numel, BLOCK_ELEMENTS):
         end = min(begin + BLOCK_ELEMENTS, numel)
-        block = acc[: end - begin]
-        if sources_are_mapped and end < numel:  # ask the kernel to read the next blocks ahead
-            for source in flat_sources:
-                advise_pages(source[end:end + BLOCK_ELEMENTS], _MADV_WILLNEED)
-        for index, (source, weight) in enumerate(zip(flat_sources, weights)):
-            piece = to_device(source[begin:end])
-            if index == 0:
-                block.copy_(piece)  # upcast first, then scale in the wide type
-                block.mul_(weight)
-            else:
-                block.add_(piece, alpha=weight)  # mixed-dtype add_: upcast inside the kernel
-            if sources_are_mapped:
-                advise_pages(source[begin:end], _MADV_DONTNEED)
-        # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of an isfinite pass
-        # (a float64 sum of stored-dtype values cannot overflow by itself).
-        if on_nonfinite != "ignore" and not math.isfinite(block.sum().item()):
+        if advice is not None:
+            advice.before(begin)
+        block = blocks.add_block(begin, end)
+        if on_nonfinite != "ignore" and not blocks.all_finite(block):
             _report_nonfinite(flat_sources, begin, end, on_nonfinite, what, source_names)
             on_nonfinite = "ignore"  # one report per tensor
-        result[begin:end].copy_(block)  # the one rounding to the stored dtype
-    return result.view(sources[-1].shape)
+        blocks.store(block, begin, end)
+    if advice is not None:
+        advice.done()
+    return _as_stored(result.view(sources[-1].shape), sources)
+
+
+def _as_stored(result: torch.Tensor, sources) -> torch.Tensor:
+    """The merged tensor flagged ``requires_grad`` when a source was, as the sources are saved
+    (the flag is part of what torch.save writes)."""
+    return result.requires_grad_(any(s.requires_grad for s in sources))
+
+
+class _PageAdvice:
+    """madvise of memory-mapped sources by groups of blocks: at the start of each group, the next
+    group's pages are asked for (MADV_WILLNEED: the disk reads ahead while this group is summed)
+    and the previous group's released (MADV_DONTNEED, see ``advise_pages``). WILLNEED fills the
+    page cache only, so at most one group per source is mapped in this process at a time."""
+
+    def __init__(self, sources, group: int):
+        self.sources, self.group = sources, group
+        self.numel = sources[0].numel()
+        self.released = 0  # elements whose pages are released, in every source
+
+    def before(self, begin: int) -> None:
+        if begin % self.group:
+            return
+        if begin == 0:
+            for source in self.sources:
+                advise_pages(source[:self.group], _MADV_WILLNEED)
+        ahead = begin + self.group
+        if ahead < self.numel:
+            for source in self.sources:
+                advise_pages(source[ahead:ahead + self.group], _MADV_WILLNEED)
+        self._release(begin)
+
+    def done(self) -> None:
+        self._release(self.numel)
+
+    def _release(self, upto: int) -> None:
+        if upto > self.released:
+            for source in self.sources:
+                # from the page holding the first unreleased element: its part before that element
+                # was added already (the previous group), except on the tensor's first page
+                advise_pages(source[self.released:upto], _MADV_DONTNEED, whole_first_page=self.released > 0)
+            self.released = upto
 
 
 class Accumulator:
@@ -95,14 +304,16 @@ class Accumulator:
 
     For formats that can only read a stored chunk whole (a DCP blob): memory is one float64
     copy of the tensor plus the one source being added, whatever N. Element by element the
-    arithmetic (first source copied and scaled, the others added with their weight, one
-    rounding at the end) is the same as ``weighted_sum``'s, so results are identical.
+    arithmetic (first source scaled, the others added with their weight in one fused
+    multiply-add, one rounding at the end) is the same as ``weighted_sum``'s, so results are
+    identical; on the CPU it runs in the same compiled loops when numba is there.
 
     A source may also arrive in pieces (a checkpoint saved at another parallel layout stores
     this tensor chunked differently): ``add(piece, weight, name, region=..., first=...)`` for
     each piece, ``region`` the piece's index box in the accumulated tensor and ``first`` True
     for the pieces of the first source. Pieces of one source must cover the tensor exactly once
-    (the planner verifies it), so each element sees the same operations as above.
+    (the planner verifies it), so each element sees the same operations as above (torch's
+    ``add_(alpha=)``, which the compiled loops reproduce bit for bit).
     """
 
     def __init__(self, shape, device: torch.device, *, on_nonfinite: str = "ignore", what: str = "tensor"):
@@ -110,19 +321,40 @@ class Accumulator:
         self.device, self.on_nonfinite, self.what = device, on_nonfinite, what
         self.count = 0
         self.stored = None
+        self.requires_grad = False
+        module = fused_kernels() if device.type == "cpu" and self.acc.numel() >= FUSED_MIN_ELEMENTS else None
+        self._fused = module
+        self._acc_view = self.acc.view(-1).numpy() if module is not None else None
 
     def add(self, source: torch.Tensor, weight: float, name: str, *, region: Optional[tuple] = None,
             first: Optional[bool] = None) -> None:
-        src = source if self.device.type == "cpu" else source.to(self.device)
-        target = self.acc if region is None else self.acc[region]
-        if (self.count == 0) if first is None else first:
-            target.copy_(src)
-            target.mul_(weight)
+        src = (source if self.device.type == "cpu" else source.to(self.device)).detach()
+        if region is not None:  # a piece: into its box of the sum (a strided view)
+            target = self.acc[region]
+            if first:
+                target.copy_(src)
+                target.mul_(weight)
+            else:
+                target.add_(src, alpha=weight)
         else:
-            target.add_(src, alpha=weight)
+            if source.numel() != self.acc.numel():
+                raise ValueError(f"{self.what}: {source.numel()} elements added to a sum of {self.acc.numel()}")
+            kernels = self._fused.SOURCE_KERNELS.get(_dtype_name(src.dtype)) if self._fused else None
+            if kernels is not None:
+                view_as, scale, add = kernels
+                (scale if self.count == 0 else add)(self._acc_view, _numpy_view(src.reshape(-1), view_as),
+                                                    float(weight))
+            else:  # block by block through cache-sized buffers: no second full-size copy
+                acc, flat = self.acc.view(-1), src.reshape(-1)
+                widen = _Widener(min(acc.numel(), BLOCK_ELEMENTS), self.device)
+                for begin in range(0, acc.numel(), BLOCK_ELEMENTS):
+                    end = min(begin + BLOCK_ELEMENTS, acc.numel())
+                    _accumulate_torch(acc[begin:end], widen(flat[begin:end]), weight, self.count == 0)
         self.count += 1
         self.stored = source.dtype
-        if self.on_nonfinite != "ignore" and not math.isfinite(target.sum().item()):
+        self.requires_grad = self.requires_grad or source.requires_grad
+        if self.on_nonfinite != "ignore" and not (
+                math.isfinite(target.sum().item()) if region is not None else self._all_finite()):
             message = f"non-finite values (NaN/Inf) in {self.what} of {name}" + \
                 (_NONFINITE_HINT if self.on_nonfinite == "error" else "")
             if self.on_nonfinite == "error":
@@ -130,9 +362,20 @@ class Accumulator:
             print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
             self.on_nonfinite = "ignore"  # one report per tensor
 
+    def _all_finite(self) -> bool:
+        if self._acc_view is not None:
+            return bool(self._fused.all_finite(self._acc_view))
+        return math.isfinite(self.acc.sum().item())
+
     def result(self) -> torch.Tensor:
         assert self.count, "no source was added"
-        return self.acc.to(self.stored).cpu()
+        store = self._fused.STORE_KERNELS.get(_dtype_name(self.stored)) if self._fused else None
+        if store is None:
+            return self.acc.to(self.stored).cpu().requires_grad_(self.requires_grad)
+        out = torch.empty(self.acc.shape, dtype=self.stored)
+        view_as, kernel = store
+        kernel(_numpy_view(out.view(-1), view_as), self._acc_view)
+        return out.requires_grad_(self.requires_grad)
 
 
 class _Stager:
@@ -173,11 +416,13 @@ def _report_nonfinite(flat_sources, begin, end, policy, what, source_names) -> N
     print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
 
 
-def advise_pages(tensor: torch.Tensor, advice: int) -> None:
-    """madvise the whole pages inside a memory-mapped source tensor's bytes.
+def advise_pages(tensor: torch.Tensor, advice: int, *, whole_first_page: bool = False) -> None:
+    """madvise the pages of a memory-mapped source tensor's bytes.
 
-    MADV_WILLNEED starts reading the next block from disk while this one is summed.
-    MADV_DONTNEED drops a block's pages from this process once added: they stay in the page
+    MADV_WILLNEED starts reading the next block from disk while this one is summed: every page
+    the bytes touch (reading a neighbour's page ahead is harmless).
+    MADV_DONTNEED, on the whole pages inside the bytes only (``whole_first_page``: and the page
+    the first byte is on, when what precedes it there is done with), drops a block's pages from this process once added: they stay in the page
     cache but no longer count towards this rank's resident set, which therefore stays flat in
     N. Only for tensors of ``torch.load(mmap=True)``: those are private, never-written file
     mappings whose dropped pages are re-read from the file if touched again (a tied weight
@@ -186,8 +431,9 @@ def advise_pages(tensor: torch.Tensor, advice: int) -> None:
         return
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    first = (start + _PAGE - 1) // _PAGE * _PAGE
-    last = end // _PAGE * _PAGE
+    outward = advice == _MADV_WILLNEED
+    first = start // _PAGE * _PAGE if whole_first_page or outward else (start + _PAGE - 1) // _PAGE * _PAGE
+    last = (end + _PAGE - 1) // _PAGE * _PAGE if outward else end // _PAGE * _PAGE
     if last > first:
         _madvise(first, last - first, advice)
 

@@ -1,0 +1,59 @@
+"""Metadata reads memoised while the coordinator plans one merge.
+
+Planning asks the same questions of a source many times (a checkpoint's shard directories when
+it is recognised, discovered, laid out and validated; its first shard's saved args for the run
+identity, the layout and each unit check), and at 100k shard files each repetition costs
+seconds. Inside ``planning_reads()`` a directory is listed and a checkpoint file's pickle is
+parsed once; the plan is made from one consistent view of the inputs (the input snapshot taken
+during planning is what detects later changes, before the commit). Outside it (the ranks' check
+and merge steps, a watcher's next round) nothing is cached, so no listing goes stale.
+"""
+import contextlib
+import os
+import threading
+from typing import Callable, List, Tuple, TypeVar
+
+T = TypeVar("T")
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def planning_reads():
+    """Memoise ``memoised`` reads in this thread until the block ends (nested blocks share one cache)."""
+    if getattr(_state, "cache", None) is not None:
+        yield
+        return
+    _state.cache = {}
+    try:
+        yield
+    finally:
+        _state.cache = None
+
+
+def memoised(kind: str, key, read: Callable[[], T]) -> T:
+    """``read()``, or inside ``planning_reads`` the value it returned the first time for (kind, key).
+    Values are shared between callers: treat them as read-only. Errors are not remembered."""
+    cache = getattr(_state, "cache", None)
+    if cache is None:
+        return read()
+    if (kind, key) not in cache:
+        cache[(kind, key)] = read()
+    return cache[(kind, key)]
+
+
+def scan_directory(path: str) -> Tuple[Tuple[str, bool], ...]:
+    """Sorted (name, is a directory) of ``path``'s entries, from one ``scandir`` (the entry types
+    come with the listing: no stat per entry); () if it is missing, not a directory or unreadable."""
+    def read():
+        try:
+            with os.scandir(path) as entries:
+                return tuple(sorted((e.name, e.is_dir()) for e in entries))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return ()
+    return memoised("scandir", os.path.abspath(path), read)
+
+
+def subdirectories(path: str) -> List[str]:
+    """Sorted names of the directories in ``path`` (symbolic links to directories included, as
+    ``os.path.isdir`` counts them)."""
+    return [name for name, is_dir in scan_directory(path) if is_dir]
