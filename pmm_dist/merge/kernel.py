@@ -130,9 +130,12 @@ class Accumulator:
             print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
             self.on_nonfinite = "ignore"  # one report per tensor
 
-    def result(self) -> torch.Tensor:
+    def result(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The sum rounded to the sources' dtype; with ``dtype``, then to that one, as a trainer
+        rounds its fp32 masters to its bf16 model copy (so the two agree bit for bit)."""
         assert self.count, "no source was added"
-        return self.acc.to(self.stored).cpu()
+        result = self.acc.to(self.stored)
+        return (result if dtype is None else result.to(dtype)).cpu()
 
 
 class _Stager:
