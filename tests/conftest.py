@@ -51,6 +51,7 @@ MODULE_TIERS = {
     "test_zero3_partitions": "unit",
     "test_regions": "unit",
     "test_dcp_layouts": "unit",
+    "test_dcp_optimizer": "unit",
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",

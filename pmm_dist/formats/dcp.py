@@ -697,7 +697,7 @@ class DcpFormat(CheckpointFormat):
                     accumulator.add(chunk, context.weights[i], path, region=region,
                                     first=None if region is None else i == 0)
                     del chunk
-                    if i == last:
+                    if i == last and (k is None or k == len(item.pieces(i)) - 1):  # the newest's last read
                         start = writer.num_bytes
                         # Model weights from masters: rounded to the model's dtype.
                         torch.save(accumulator.result(newest.state_dict_metadata[fqn].properties.dtype), writer)
