@@ -63,6 +63,7 @@ MODULE_TIERS = {
     "test_deepspeed_real": "real",
     "test_deepspeed_layouts_real": "real",
     "test_dcp_layouts_real": "real",
+    "test_dcp_optimizer_real": "real",
     "test_megatron_dist_layouts": "real",
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
