@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 import pmm_dist
 from pmm_dist.errors import MergeError
-from pmm_dist.testing.synthetic_dcp import split, write_dcp, write_torch_dist
+from pmm_dist.testing.synthetic_dcp import read_metadata, split, write_dcp, write_metadata, write_torch_dist
 
 from .helpers import assert_merged_within_one_ulp, wma
 
@@ -127,6 +127,33 @@ def test_dcp_exclude_keeps_the_newest_state_of_that_parameter(dcp_run, tmp_path)
         assert torch.equal(merged[key], sources[-1][key]), key
     key = "optimizer.state.fc2.weight.exp_avg"
     assert_merged_within_one_ulp(merged[key], [s[key] for s in sources], WEIGHTS, key)
+
+
+def test_torchtitan_naming(tmp_path):
+    """torchtitan: the model's keys at the top level, the optimizer state flattened into one
+    dotted name under 'optimizer' (DCP's flattening map says so)."""
+    generator = torch.Generator().manual_seed(3)
+    paths = []
+    for k in range(1, NUM + 1):
+        tensors = {"tok_embeddings.weight": (_random((16, 4), torch.float32, generator), split((16, 4), 0, 2)),
+                   "output.weight": (_random((16, 4), torch.float32, generator), split((16, 4), 0, 2))}
+        for name in ("tok_embeddings.weight", "output.weight"):
+            tensors[f"optimizer.state.{name}.exp_avg"] = (_random((16, 4), torch.float32, generator),
+                                                           split((16, 4), 0, 2))
+            tensors[f"optimizer.state.{name}.step"] = (torch.tensor(float(k)), [((), ())])
+        paths.append(str(tmp_path / f"step-{k}"))
+        write_dcp(paths[-1], tensors)
+        metadata = read_metadata(paths[-1])
+        metadata.planner_data = {key: (key,) if not key.startswith("optimizer.") else
+                                 ("optimizer", key[len("optimizer."):]) for key in tensors}
+        write_metadata(paths[-1], metadata)
+    _merge(paths, tmp_path / "out", optimizer="merge", exclude=["output.*"])
+    sources, merged = [_load(p) for p in paths], _load(tmp_path / "out")
+    for key in ("tok_embeddings.weight", "optimizer.state.tok_embeddings.weight.exp_avg"):
+        assert_merged_within_one_ulp(merged[key], [s[key] for s in sources], WEIGHTS, key)
+    for key in ("output.weight", "optimizer.state.output.weight.exp_avg", "optimizer.state.output.weight.step",
+                "optimizer.state.tok_embeddings.weight.step"):
+        assert torch.equal(merged[key], sources[-1][key]), key
 
 
 def test_dcp_merge_refuses_another_optimizer_structure_in_one_line(tmp_path):

@@ -8,7 +8,10 @@ shapes and dtypes are the reference every other source must match, and its chunk
 output's. The units are the stored chunks, binned byte-balanced into one output file per rank,
 ``__{k}_0.distcp`` (``WorkUnit.items``). A rank reads exactly its chunks' byte ranges from the N
 sources (pread; never whole files), merges float chunks into a float64 accumulator and copies
-everything else (integer tensors, bytes entries) byte for byte from the newest source. The
+everything else (integer tensors, bytes entries) byte for byte from the newest source. Training
+state (optimizer, scheduler) is left out, taken from the newest or merged as ``--optimizer``
+says (``dcp_state``); a model tensor with model-space fp32 master weights in the optimizer
+state (torch_dist) is merged from the masters (``ChunkItem.source_key``). The
 coordinator then writes the output ``.metadata``: the newest checkpoint's key metadata (same
 chunking) with new storage locations. ``.metadata`` is the checkpoint's commit marker, so it is
 written last.
@@ -338,15 +341,19 @@ class DcpFormat(CheckpointFormat):
         """The model tensor a per-parameter optimizer state key belongs to, if any: --include /
         --exclude select optimizer state by its parameter (an excluded tensor keeps the newest's
         masters and moments too). DCP: ``<optimizer>.state.<param fqn>.<name>`` belongs to the
-        model key saved at ``(..., <param fqn>)``."""
+        model key saved at ``(<param fqn>)`` (torchtitan: the model's keys at the top level) or
+        ``(model, <param fqn>)``."""
         path = state_path(metadata, fqn)
         if len(path) < 4 or path[0] not in self.optimizer_keys or path[1] != "state":
             return None
         by_parameter = self._model_keys_by_parameter.get(id(metadata))
         if by_parameter is None:
-            by_parameter = self._model_keys_by_parameter[id(metadata)] = {
-                ".".join(state_path(metadata, key)[1:]): key for key in metadata.state_dict_metadata
-                if not self.is_training_state(metadata, key)}
+            by_parameter = self._model_keys_by_parameter[id(metadata)] = {}
+            for key in metadata.state_dict_metadata:
+                if not self.is_training_state(metadata, key):
+                    saved = state_path(metadata, key)
+                    by_parameter.setdefault(".".join(saved[1:]), key)
+                    by_parameter[".".join(saved)] = key
         return by_parameter.get(".".join(path[2:-1]))
 
     def selected(self, metadata, fqn: str, context: MergeContext) -> bool:

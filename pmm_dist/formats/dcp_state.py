@@ -43,11 +43,13 @@ def is_float_tensor(entry) -> bool:
 
 
 def state_path(metadata, fqn: str) -> Tuple[str, ...]:
-    """The key's path in the saved state dict: DCP's flattening map when its default planner
-    saved it, else the name split at '.' and '/' (Megatron's keys)."""
+    """The key's path in the saved state dict, each name split at '.': DCP's flattening map when
+    its default planner saved it (an entry may itself be a dotted name: torchtitan saves the
+    optimizer state flattened, ``("optimizer", "state.<param fqn>.exp_avg")``), else the name
+    split at '.' and '/' (Megatron's keys)."""
     mapping = metadata.planner_data
     if isinstance(mapping, dict) and isinstance(mapping.get(fqn), (tuple, list)) and mapping[fqn]:
-        return tuple(str(part) for part in mapping[fqn])
+        return tuple(part for name in mapping[fqn] for part in str(name).split("."))
     return tuple(re.split(r"[./]", fqn))
 
 
