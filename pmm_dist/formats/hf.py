@@ -243,12 +243,6 @@ class HuggingFaceFormat(CheckpointFormat):
                    context: MergeContext) -> UnitResult:
         target = os.path.join(destination, unit.relpath)
         from safetensors import safe_open
-        if optimizer_policy == OptimizerPolicy.MERGE:
-            # The Trainer's optimizer.pt is one pickled torch state dict per checkpoint, keyed by
-            # parameter index: not merged here. Refused, so that it is never silently dropped.
-            raise UsageError("--optimizer merge is not supported for Hugging Face checkpoints (their optimizer.pt "
-                             "is not merged); use --optimizer latest (the newest's optimizer, scheduler and RNG "
-                             "files) or drop")
         inventories = [self._inventory(c) for c in checkpoints]
         newest = inventories[-1]
         entries = [(name, newest.tensors[name][1].dtype, newest.tensors[name][1].shape) for name in unit.items]
