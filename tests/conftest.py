@@ -53,6 +53,7 @@ MODULE_TIERS = {
     "test_watch_forms": "unit",
     "test_regions": "unit",
     "test_dcp_layouts": "unit",
+    "test_dcp_optimizer": "unit",
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",
@@ -68,10 +69,12 @@ MODULE_TIERS = {
     "test_deepspeed_real": "real",
     "test_deepspeed_layouts_real": "real",
     "test_dcp_layouts_real": "real",
+    "test_dcp_optimizer_real": "real",
     "test_megatron_dist_layouts": "real",
     "test_watch_formats": "real",     # real FSDP2 and megatron-core runs among its formats
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
+    "test_megatron_dist_optimizer_real": "real",
     "test_pma_smoke": "real",
 }
 _UNLISTED_TIER = "multiprocess"  # a module not in the table yet: kept out of the fast tier

@@ -190,3 +190,9 @@ def test_library_refusal_in_check_unit_is_reported(pristine, tmp_path, monkeypat
     message = merge_error([pristine], tmp_path, iterations=[10])
     assert "step_10/model-00001-of-00002.safetensors: tensor 'lm_head.weight' reads as BF16 [128, 64], expected F16" \
         in message
+
+
+def test_optimizer_merge_is_refused(pristine, tmp_path):
+    """The Trainer's optimizer.pt is not merged: --optimizer merge says so (never drops it silently)."""
+    message = merge_error([pristine], tmp_path, optimizer="merge")
+    assert message.startswith("--optimizer merge is not supported for Hugging Face checkpoints")

@@ -41,6 +41,7 @@ class Manifest:
     peak_rss_bytes_by_rank: List[int] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
     source_layouts: List[Dict[str, Any]] = field(default_factory=list)  # each source's layout, as `sources`
+    model_weights_from: str = ""            # "fp32 masters" or "model copies" (CheckpointFormat.model_weights_source)
     created_unix: float = 0.0
     pmm_dist_version: str = ""
     format_version: int = MANIFEST_FORMAT_VERSION

@@ -44,6 +44,8 @@ class MergePlan:
     """--resume found this very merge already committed: nothing left to do."""
     bytes_read_by_source: Tuple[int, ...] = ()
     """What the merge reads from each checkpoint, oldest first (from the plan: --dry-run, manifest)."""
+    model_weights_from: str = ""
+    """Whether the merged model weights come from the fp32 masters or the model copies (the format's word)."""
 
     def for_rank(self) -> "MergePlan":
         """What a non-coordinator rank needs besides its share: everything but the unit lists."""
@@ -99,6 +101,7 @@ def _plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Inpu
                      fingerprint=fingerprint(description, snapshot),
                      num_units=len(units), units=tuple(units),
                      bytes_read_by_source=tuple(fmt.bytes_read_by_source(units, checkpoints)),
+                     model_weights_from=fmt.model_weights_source(checkpoints, options.optimizer),
                      shares=tuple(tuple(s) for s in assign_units(units, world_size, len(checkpoints))))
     plan = replace(plan, already_complete=options.resume and _committed_already(plan))
     check_output(options, fmt, checkpoints, plan.already_complete)

@@ -82,6 +82,8 @@ def format_plan(plan) -> str:
               + ("" if num is None else f"  (reads {human_bytes(num)})")
               for ckpt, w, num in zip(plan.checkpoints, plan.weights, reads)]
     lines.append(f"  weights sum: {sum(plan.weights):.6g}")
+    if plan.model_weights_from:
+        lines.append(f"  model weights from: {plan.model_weights_from} (--optimizer {plan.optimizer_policy})")
     lines += format_source_layouts(plan.checkpoints, plan.source_layouts)
     for rank, share in enumerate(plan.shares):
         num_bytes = sum(u.num_bytes for u in share)

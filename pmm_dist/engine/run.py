@@ -176,7 +176,7 @@ class MergeRun:
                 tensors_merged=summary["num_tensors_merged"], units_resumed=summary["num_units_resumed"],
                 metadata_bytes_exchanged=metadata_bytes, peak_rss_bytes_by_rank=summary["peak_rss_by_rank"],
                 timings_s={k: round(v, 6) for k, v in timings.items()}, created_unix=time.time(),
-                source_layouts=plan.source_layouts,
+                source_layouts=plan.source_layouts, model_weights_from=plan.model_weights_from,
                 pmm_dist_version=__version__)
 
         output_path, manifest_path, files = commit(fmt, plan, staging, results, self.snapshot,

@@ -137,6 +137,13 @@ class CheckpointFormat(ABC):
         the run's checkpoints (then --out may not be there). Conservative default: yes."""
         return True
 
+    def model_weights_source(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> str:
+        """Where the merged model weights come from, for the manifest: "fp32 masters" when the
+        format computes them from the merged fp32 master weights of the optimizer state (the
+        weights the trainer updates, rounded to the model dtype), "model copies" when it merges
+        the model tensors themselves."""
+        return "model copies"
+
     def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
         """What identifies the training run a checkpoint belongs to (architecture, seed, ...), as
         far as the format records it; checkpoints of one merge must agree unless --allow-mixed-runs."""

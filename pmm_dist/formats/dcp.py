@@ -8,7 +8,10 @@ shapes and dtypes are the reference every other source must match, and its chunk
 output's. The units are the stored chunks, binned byte-balanced into one output file per rank,
 ``__{k}_0.distcp`` (``WorkUnit.items``). A rank reads exactly its chunks' byte ranges from the N
 sources (pread; never whole files), merges float chunks into a float64 accumulator and copies
-everything else (integer tensors, bytes entries) byte for byte from the newest source. The
+everything else (integer tensors, bytes entries) byte for byte from the newest source. Training
+state (optimizer, scheduler) is left out, taken from the newest or merged as ``--optimizer``
+says (``dcp_state``); a model tensor with model-space fp32 master weights in the optimizer
+state (torch_dist) is merged from the masters (``ChunkItem.source_key``). The
 coordinator then writes the output ``.metadata``: the newest checkpoint's key metadata (same
 chunking) with new storage locations. ``.metadata`` is the checkpoint's commit marker, so it is
 written last.
@@ -54,6 +57,7 @@ from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, Out
 from .base import CheckpointFormat, MergeContext
 from .common import EntrySpec, compare_entries, listdir, number_in_name, sorted_unique
 from .dcp_reads import SMALL_BLOB_BYTES, PieceReader, SourceFiles, load_chunk, piece_is_whole, piece_region
+from .dcp_state import FP32_MASTERS, MODEL_COPIES, action_for, dcp_role, state_path
 
 DCP_METADATA = ".metadata"
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -137,10 +141,7 @@ def storage_index(metadata) -> Dict[ChunkKey, object]:
 def top_level_key(metadata, fqn: str) -> str:
     """The state-dict entry ``fqn`` lives under: DCP's flattening map when saved by its default
     planner, else the name up to the first '.' or '/' (Megatron's ShardedObject keys use '/')."""
-    mapping = metadata.planner_data
-    if isinstance(mapping, dict) and isinstance(mapping.get(fqn), (tuple, list)) and mapping[fqn]:
-        return str(mapping[fqn][0])
-    return re.split(r"[./]", fqn, maxsplit=1)[0]
+    return state_path(metadata, fqn)[0]
 
 
 def chunk_sizes(metadata) -> Dict[ChunkKey, Tuple[int, ...]]:
@@ -239,15 +240,19 @@ def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_fi
 
 
 def _keys_read(unit: WorkUnit, position: int, last: int) -> Iterable[ChunkKey]:
-    """The stored items source ``position`` of ``last + 1`` is read for by ``unit``."""
+    """The stored items source ``position`` of ``last + 1`` is read for by ``unit``: a copied
+    item's from the newest (also a merged one's, which --exclude may turn into a copy), a merged
+    item's (or its pieces') from every source."""
     for item in unit.items:
-        if item.action != Action.MERGE and position != last:
+        if position == last and (item.action != Action.MERGE or item.source_key is not None):
+            yield item.storage_key
+        if item.action != Action.MERGE:
             continue
         found = item.pieces(position)
         if found is None:
-            yield item.storage_key
+            yield item.read_storage_key
         else:
-            yield from ((item.key, piece.stored) for piece in found)
+            yield from ((item.read_key, piece.stored) for piece in found)
 
 
 def trailing_number(path: str) -> Optional[int]:
@@ -258,12 +263,14 @@ class DcpFormat(CheckpointFormat):
     name = "dcp"
     description = "PyTorch Distributed Checkpoint: .metadata + __*_*.distcp (a checkpoint dir, or a dir of step-N dirs)"
 
-    # Top-level state-dict entries that are training state, not weights: dropped by
-    # --optimizer drop, copied from the newest checkpoint by --optimizer latest.
+    # Top-level state-dict entries that are training state, not weights (see dcp_state for
+    # what each --optimizer policy makes of them), and those of them that are the optimizer's.
     training_state_keys: Tuple[str, ...] = ("optimizer", "optim", "lr_scheduler")
+    optimizer_keys: Tuple[str, ...] = ("optimizer", "optim")
 
     def __init__(self):
         self._metadata_cache: Dict[str, object] = {}
+        self._model_keys_by_parameter: Dict[int, Dict[str, str]] = {}
 
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -302,19 +309,56 @@ class DcpFormat(CheckpointFormat):
     def is_training_state(self, metadata, fqn: str) -> bool:
         return top_level_key(metadata, fqn) in self.training_state_keys
 
+    def is_optimizer_state(self, metadata, fqn: str) -> bool:
+        return top_level_key(metadata, fqn) in self.optimizer_keys
+
+    def has_optimizer_state(self, metadata) -> bool:
+        return any(self.is_optimizer_state(metadata, fqn) for fqn in metadata.state_dict_metadata)
+
+    def state_role(self, metadata, fqn: str) -> str:
+        """The key's role for --optimizer (dcp_state): FSDP2 / torchtitan naming."""
+        return dcp_role(metadata, fqn, self.training_state_keys, self.optimizer_keys)
+
+    def item_action(self, metadata, fqn: str, optimizer_policy: OptimizerPolicy) -> Optional[Action]:
+        """MERGE (weighted sum over the sources), COPY (the newest's bytes) or None (left out)."""
+        return action_for(self.state_role(metadata, fqn), metadata.state_dict_metadata[fqn], optimizer_policy)
+
     def kept_fqns(self, metadata, optimizer_policy: OptimizerPolicy) -> List[str]:
         """The newest checkpoint's entries that the output holds."""
         return [fqn for fqn in metadata.state_dict_metadata
-                if optimizer_policy == OptimizerPolicy.LATEST or not self.is_training_state(metadata, fqn)]
+                if self.item_action(metadata, fqn, optimizer_policy) is not None]
 
-    def _item_action(self, metadata, fqn: str) -> Action:
-        """Float tensor chunks are averaged over all sources; the rest (integer tensor chunks,
-        bytes objects, optimizer state under --optimizer latest) is the newest's, byte for byte."""
-        entry = metadata.state_dict_metadata[fqn]
-        if (isinstance(entry, dcp_metadata.TensorStorageMetadata) and entry.properties.dtype.is_floating_point
-                and not self.is_training_state(metadata, fqn)):
-            return Action.MERGE
-        return Action.COPY
+    def model_masters(self, metadata) -> Dict[str, str]:
+        """Model tensor -> the key of its model-space fp32 master weights, for every model tensor
+        the checkpoint holds one for (plain DCP: none; the parameters themselves are the fp32
+        weights the optimizer updates)."""
+        return {}
+
+    def model_weights_source(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> str:
+        return FP32_MASTERS if self.model_masters(self.metadata(checkpoints[-1])) else MODEL_COPIES
+
+    def parameter_of(self, metadata, fqn: str) -> Optional[str]:
+        """The model tensor a per-parameter optimizer state key belongs to, if any: --include /
+        --exclude select optimizer state by its parameter (an excluded tensor keeps the newest's
+        masters and moments too). DCP: ``<optimizer>.state.<param fqn>.<name>`` belongs to the
+        model key saved at ``(<param fqn>)`` (torchtitan: the model's keys at the top level) or
+        ``(model, <param fqn>)``."""
+        path = state_path(metadata, fqn)
+        if len(path) < 4 or path[0] not in self.optimizer_keys or path[1] != "state":
+            return None
+        by_parameter = self._model_keys_by_parameter.get(id(metadata))
+        if by_parameter is None:
+            by_parameter = self._model_keys_by_parameter[id(metadata)] = {}
+            for key in metadata.state_dict_metadata:
+                if not self.is_training_state(metadata, key):
+                    saved = state_path(metadata, key)
+                    by_parameter.setdefault(".".join(saved[1:]), key)
+                    by_parameter[".".join(saved)] = key
+        return by_parameter.get(".".join(path[2:-1]))
+
+    def selected(self, metadata, fqn: str, context: MergeContext) -> bool:
+        """Whether --include/--exclude let the key be merged: by its parameter's name, if it has one."""
+        return context.selects(self.parameter_of(metadata, fqn) or fqn)
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         metadata = self.metadata(checkpoints[-1])
@@ -345,27 +389,56 @@ class DcpFormat(CheckpointFormat):
                    world_size: int = 1) -> List[WorkUnit]:
         newest_ref = checkpoints[-1]
         newest = self.metadata(newest_ref)
+        entries = newest.state_dict_metadata
         kept = self.kept_fqns(newest, optimizer_policy)
-        merged = [fqn for fqn in kept if self._item_action(newest, fqn) == Action.MERGE]
-        # Training state under 'latest' comes from the newest only; everything else must match.
-        compared = [fqn for fqn in kept if not self.is_training_state(newest, fqn)]
-        kept_set = set(kept)
+        actions = {fqn: self.item_action(newest, fqn, optimizer_policy) for fqn in kept}
+        merged = [fqn for fqn in kept if actions[fqn] == Action.MERGE]
+        if optimizer_policy != OptimizerPolicy.DROP and not self.has_optimizer_state(newest):
+            raise InputError(self._no_optimizer_state(newest_ref, optimizer_policy))
+        structure = self.optimizer_structure_problems(checkpoints, optimizer_policy)
+        if structure:  # another optimizer structure: said once, before any per-key comparison
+            raise InputError(structure)
+        problems = []
+        # Each merged key is read from every source under one key: its own, or (model weights
+        # with a model-space master) the master's, whatever the policy keeps of the masters.
+        masters = {fqn: master for fqn, master in self.model_masters(newest).items() if actions.get(fqn) == Action.MERGE}
+        for fqn, master in masters.items():
+            if tuple(entries[master].size) != tuple(entries[fqn].size):
+                problems.append(f"{newest_ref.path}: key '{master}' (the fp32 master weights of '{fqn}') has global "
+                                f"shape {list(entries[master].size)}, the model tensor {list(entries[fqn].size)}")
+        reads = {fqn: masters.get(fqn, fqn) for fqn in merged}
+        # What every source must have as the newest has it: the weights, every key read, and under
+        # 'merge' the whole optimizer state (the same optimizer structure). The rest of the
+        # training state comes from the newest alone.
+        compared = list(dict.fromkeys(
+            [fqn for fqn in kept if not self.is_training_state(newest, fqn)] + list(reads.values()) +
+            [fqn for fqn in kept if optimizer_policy == OptimizerPolicy.MERGE and self.is_optimizer_state(newest, fqn)]))
+        kept_set, read_set = set(kept), set(reads.values())
         # Storage entries are checked here, the files they point into by each rank (check_unit).
-        problems = storage_problems(newest_ref.path, newest, [k for k in chunk_keys(newest) if k[0] in kept_set],
-                                    check_files=False)
+        problems += storage_problems(newest_ref.path, newest,
+                                     [k for k in chunk_keys(newest) if k[0] in kept_set or k[0] in read_set],
+                                     check_files=False)
         # The newest's chunks are the output's: they too must cover each merged tensor exactly once.
         for fqn in merged:
-            entry = newest.state_dict_metadata[fqn]
+            entry = entries[fqn]
             problems += [f"{newest_ref.path}: key '{fqn}' (global shape {list(entry.size)}): {p.describe(boxes)}"
                          for boxes in [chunk_boxes(entry)] for p in coverage_problems(tuple(entry.size), boxes)]
         pieces_by_source: List[Dict[str, Dict[tuple, Tuple[Piece, ...]]]] = []
         reshaped: Dict[str, List[str]] = {}  # checkpoint -> keys whose global shape changed with the layout
         for ckpt in checkpoints[:-1]:
-            found, trouble, moved = self._plan_source(ckpt, newest_ref, newest, compared, merged)
+            found, trouble, moved = self._plan_source(ckpt, newest_ref, newest, compared, reads, optimizer_policy)
             pieces_by_source.append(found)
             problems += trouble
             if moved:
                 reshaped[ckpt.path] = moved
+        # The newest's masters may be chunked otherwise than its model tensors (the output's chunks).
+        own = {}
+        for fqn, master in masters.items():
+            found, trouble = plan_pieces(newest_ref.path, master, entries[master], entries[fqn])
+            problems += trouble
+            if found is not None:
+                own[fqn] = found
+        pieces_by_source.append(own)
         if reshaped:
             problems.append(self._layout_change_problem(checkpoints, reshaped))
         problems += self.extra_plan_problems(checkpoints, optimizer_policy)
@@ -381,12 +454,13 @@ class DcpFormat(CheckpointFormat):
             if offsets is None:
                 num_bytes = location[(fqn, None)].length
             else:
-                num_bytes = math.prod(sizes[(fqn, offsets)]) * newest.state_dict_metadata[fqn].properties.dtype.itemsize
-            action = self._item_action(newest, fqn)
+                num_bytes = math.prod(sizes[(fqn, offsets)]) * entries[fqn].properties.dtype.itemsize
+            action = actions[fqn]
             sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
             if action == Action.MERGE and any(fqn in found for found in pieces_by_source):
-                sources = tuple(found[fqn][offsets] if fqn in found else None for found in pieces_by_source) + (None,)
-            items.append(ChunkItem(fqn, offsets, action, num_bytes, sources))
+                sources = tuple(found[fqn][offsets] if fqn in found else None for found in pieces_by_source)
+            source_key = reads[fqn] if action == Action.MERGE and reads[fqn] != fqn else None
+            items.append(ChunkItem(fqn, offsets, action, num_bytes, sources, source_key))
         num_sources = len(checkpoints)
         units = []
         for k, share in enumerate(balance(items, max(world_size, 1),
@@ -398,15 +472,24 @@ class DcpFormat(CheckpointFormat):
                 units.append(WorkUnit(f"__{k}_0.distcp", sum(it.num_bytes for it in share), items=tuple(share)))
         return units
 
+    def _no_optimizer_state(self, ckpt: CheckpointRef, optimizer_policy: OptimizerPolicy) -> str:
+        names = " / ".join(f"'{key}'" for key in self.optimizer_keys)
+        return (f"{ckpt.path}: holds no optimizer state (no {names} entries in its {DCP_METADATA}), which "
+                f"--optimizer {optimizer_policy} needs; merge the weights alone with --optimizer drop")
+
     def _plan_source(self, ckpt: CheckpointRef, newest_ref: CheckpointRef, newest, compared: Sequence[str],
-                     merged: Sequence[str]) -> Tuple[Dict[str, Dict[tuple, Tuple[Piece, ...]]], List[str], List[str]]:
+                     reads: Dict[str, str], optimizer_policy: OptimizerPolicy
+                     ) -> Tuple[Dict[str, Dict[tuple, Tuple[Piece, ...]]], List[str], List[str]]:
         """One older checkpoint against the newest, from metadata: the pieces of its chunks for
-        each merged key it chunks differently, the problems, and the keys whose global shape
-        changed together with the layout (reported once for all checkpoints)."""
+        each merged key (``reads``: output key -> the key read) it chunks differently, the
+        problems, and the keys whose global shape changed together with the layout (reported
+        once for all checkpoints)."""
         try:
             metadata = self.metadata(ckpt)
         except InputError as exc:
             return {}, [str(exc)], []
+        if optimizer_policy != OptimizerPolicy.DROP and not self.has_optimizer_state(metadata):
+            return {}, [self._no_optimizer_state(ckpt, optimizer_policy)], []
         moved = self._reshaped_by_layout(ckpt, metadata, newest_ref, newest, compared)
         moved_set = set(moved)
         # Bytes entries come from the newest alone. Saved at another layout, their keys may name
@@ -414,25 +497,39 @@ class DcpFormat(CheckpointFormat):
         # tensors must match.
         relayout = self.checkpoint_layout(ckpt) != self.checkpoint_layout(newest_ref)
         entries = metadata.state_dict_metadata
+        strict_optimizer = optimizer_policy == OptimizerPolicy.MERGE
 
         def ignored(fqn: str) -> bool:
-            return self.is_training_state(metadata, fqn) or \
-                (relayout and not isinstance(entries[fqn], dcp_metadata.TensorStorageMetadata))
+            if relayout and not isinstance(entries[fqn], dcp_metadata.TensorStorageMetadata):
+                return True
+            return self.is_training_state(metadata, fqn) and not (strict_optimizer and
+                                                                  self.is_optimizer_state(metadata, fqn))
         checked = [fqn for fqn in compared if fqn not in moved_set and not (
             relayout and not isinstance(newest.state_dict_metadata[fqn], dcp_metadata.TensorStorageMetadata))]
-        problems = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, checked, ignored=ignored)
+        training = [fqn for fqn in checked if self.is_training_state(newest, fqn)]
+        problems = compare_metadata(ckpt.path, metadata, newest_ref.path, newest,
+                                    [fqn for fqn in checked if not self.is_training_state(newest, fqn)],
+                                    ignored=lambda fqn: ignored(fqn) or self.is_training_state(metadata, fqn))
+        differences = compare_metadata(ckpt.path, metadata, newest_ref.path, newest, training,
+                                       ignored=lambda fqn: ignored(fqn) or not self.is_training_state(metadata, fqn))
+        if differences:  # another optimizer: one line, not one per parameter
+            examples = "; ".join(d[len(ckpt.path) + 2:] if d.startswith(f"{ckpt.path}: ") else d
+                                 for d in differences[:2])
+            problems.append(f"{ckpt.path}: its optimizer state differs from the newest checkpoint's "
+                            f"({newest_ref.path}) in {len(differences)} key(s), e.g. {examples}. --optimizer "
+                            f"{optimizer_policy} needs the same optimizer state (parameters, param groups, state "
+                            "entries) in every checkpoint; --optimizer drop merges the weights alone")
         if problems or moved:
             return {}, problems, moved
         pieces = {}
-        for fqn in merged:
-            found, trouble = plan_pieces(ckpt.path, fqn, metadata.state_dict_metadata[fqn],
-                                         newest.state_dict_metadata[fqn])
+        for fqn, read in reads.items():
+            found, trouble = plan_pieces(ckpt.path, read, entries[read], newest.state_dict_metadata[fqn])
             problems += trouble
             if found is not None:
                 pieces[fqn] = found
         # This source's own chunks are what it reads, whatever its layout.
-        merged_set = set(merged)
-        problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in merged_set],
+        read_set = set(reads.values())
+        problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in read_set],
                                      check_files=False)
         return pieces, problems, []
 
@@ -462,6 +559,12 @@ class DcpFormat(CheckpointFormat):
         return (f"the checkpoints were saved at different layouts ({layouts}) and {num_keys} tensor(s) have other "
                 f"global shapes across them (e.g. {examples} in {path}), which no merge can reconcile; merge "
                 f"the checkpoints of one layout, e.g. --iterations {same}")
+
+    def optimizer_structure_problems(self, checkpoints: Sequence[CheckpointRef],
+                                     optimizer_policy: OptimizerPolicy) -> List[str]:
+        """Under latest/merge: how an older checkpoint's optimizer structure (beyond its keys,
+        which plan_units compares) differs from the newest's; none known for plain DCP."""
+        return []
 
     def extra_plan_problems(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> List[str]:
         """Format-specific checks of files besides the DCP ones (none for plain DCP)."""
@@ -498,18 +601,22 @@ class DcpFormat(CheckpointFormat):
                 for item in unit.items:
                     if item.action != Action.MERGE and position != last:
                         continue
-                    pieces = item.pieces(position)
-                    if pieces is None:
+                    if item.action != Action.MERGE:
                         total += index[item.storage_key].length
                         continue
-                    itemsize = metadata.state_dict_metadata[item.key].properties.dtype.itemsize
+                    pieces = item.pieces(position)
+                    if pieces is None:
+                        total += index[item.read_storage_key].length
+                        continue
+                    itemsize = metadata.state_dict_metadata[item.read_key].properties.dtype.itemsize
                     for piece in pieces:
-                        stored, info = sizes[(item.key, piece.stored)], index[(item.key, piece.stored)]
+                        key = (item.read_key, piece.stored)
+                        stored, info = sizes[key], index[key]
                         if piece_is_whole(piece, stored):
                             total += info.length
                         elif info.length <= SMALL_BLOB_BYTES:
-                            total += 0 if (item.key, piece.stored) in small_read else info.length
-                            small_read.add((item.key, piece.stored))
+                            total += 0 if key in small_read else info.length
+                            small_read.add(key)
                         else:
                             relative = [o - b for o, b in zip(piece.offsets, piece.stored)]
                             total += read_span(stored, relative, piece.sizes).num_bytes_read(itemsize)
@@ -533,25 +640,31 @@ class DcpFormat(CheckpointFormat):
         counters = {"merged": 0}
         last = len(checkpoints) - 1
         # --include/--exclude turn a merged item into a copied one.
-        actions = [Action.MERGE if item.action == Action.MERGE and context.selects(item.key) else Action.COPY
-                   for item in unit.items]
+        actions = [Action.MERGE if item.action == Action.MERGE and self.selected(newest, item.key, context)
+                   else Action.COPY for item in unit.items]
         # Every read, in order: all sources of a merged item (each whole, or piece by piece),
         # the newest of a copied one. (position, source, piece index or None)
         reads = []
         for position, (item, action) in enumerate(zip(unit.items, actions)):
-            for i in (range(len(checkpoints)) if action == Action.MERGE else [last]):
+            if action == Action.COPY:
+                reads.append((position, last, None))
+                continue
+            for i in range(len(checkpoints)):
                 found = item.pieces(i)
                 reads += [(position, i, None)] if found is None else [(position, i, k) for k in range(len(found))]
 
         def read(task):
             position, i, k = task
             item = unit.items[position]
-            if k is None:
+            if actions[position] == Action.COPY:
                 return files.read(checkpoints[i].path, indexes[i][item.storage_key])
+            if k is None:
+                return files.read(checkpoints[i].path, indexes[i][item.read_storage_key])
             piece = item.pieces(i)[k]
-            key = (item.key, piece.stored)
-            return pieces.read(checkpoints[i].path, indexes[i][key], item.key,
-                               metadatas[i].state_dict_metadata[item.key].properties.dtype, sizes_of[i][key], piece)
+            key = (item.read_key, piece.stored)
+            return pieces.read(checkpoints[i].path, indexes[i][key], item.read_key,
+                               metadatas[i].state_dict_metadata[item.read_key].properties.dtype, sizes_of[i][key],
+                               piece)
 
         def produce(writer):
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
@@ -562,34 +675,39 @@ class DcpFormat(CheckpointFormat):
                     if step + 1 < len(reads):
                         pending = reader.submit(read, reads[step + 1])
                     item = unit.items[position]
-                    fqn, offsets, key = item.key, item.offsets, item.storage_key
+                    fqn, offsets, read_key = item.key, item.offsets, item.read_key
                     if actions[position] == Action.COPY:
                         context.on_progress(len(fetched))
                         start = writer.num_bytes
                         writer.write(fetched)
                         written.append((fqn, offsets, start, writer.num_bytes - start))
                         continue
+                    # The output chunk's sizes; a source read whole stores a chunk of the same box.
+                    sizes = sizes_of[-1][item.storage_key]
                     if k is None:
-                        path = os.path.join(checkpoints[i].path, indexes[i][key].relative_path)
+                        path = os.path.join(checkpoints[i].path, indexes[i][item.read_storage_key].relative_path)
                         context.on_progress(len(fetched))
-                        chunk = load_chunk(fetched, path, fqn, offsets,
-                                           newest.state_dict_metadata[fqn].properties.dtype, sizes_of[-1][key])
+                        chunk = load_chunk(fetched, path, read_key, offsets,
+                                           newest.state_dict_metadata[read_key].properties.dtype, sizes)
                         region = None
                     else:
                         piece = item.pieces(i)[k]
-                        path = os.path.join(checkpoints[i].path, indexes[i][(fqn, piece.stored)].relative_path)
+                        path = os.path.join(checkpoints[i].path, indexes[i][(read_key, piece.stored)].relative_path)
                         context.on_progress(fetched.numel() * fetched.element_size())
                         chunk, region = fetched, piece_region(piece, offsets)
                     del fetched
                     if accumulator is None:
-                        accumulator = context.accumulator(sizes_of[-1][key], item.describe())
+                        what = item.describe() + (f" (from its fp32 master weights '{read_key}')"
+                                                  if item.source_key else "")
+                        accumulator = context.accumulator(sizes, what)
                     # A piece goes into its region; the first source's pieces start it.
                     accumulator.add(chunk, context.weights[i], path, region=region,
                                     first=None if region is None else i == 0)
                     del chunk
-                    if i == last:
+                    if i == last and (k is None or k == len(item.pieces(i)) - 1):  # the newest's last read
                         start = writer.num_bytes
-                        torch.save(accumulator.result(), writer)
+                        # Model weights from masters: rounded to the model's dtype.
+                        torch.save(accumulator.result(newest.state_dict_metadata[fqn].properties.dtype), writer)
                         written.append((fqn, offsets, start, writer.num_bytes - start))
                         # Tensors, not chunks: each is counted by the unit holding its first chunk.
                         counters["merged"] += not any(offsets)

@@ -64,6 +64,23 @@ class SourceFiles:
         self._fds.clear()
 
 
+def read_object(ckpt_dir: str, info, fqn: str):
+    """A small stored bytes entry (a ShardedObject, a DCP non-tensor value) as the object it
+    holds, loaded with torch's weights-only unpickler: containers, numbers, strings, dtypes."""
+    path = os.path.join(ckpt_dir, info.relative_path)
+    files = SourceFiles()
+    try:
+        blob = files.read(ckpt_dir, info)
+    finally:
+        files.close()
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable object is an input problem
+        raise InputError(f"{path}: key '{fqn}': stored object is not readable by torch's weights-only loader "
+                         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})"
+                         ) from None
+
+
 def load_chunk(blob: bytes, path: str, fqn: str, offsets, dtype: torch.dtype, sizes) -> torch.Tensor:
     """A stored chunk's blob as a tensor, checked against what the metadata says it holds."""
     try:

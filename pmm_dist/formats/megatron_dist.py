@@ -12,14 +12,33 @@ chunking (Megatron reshards on load, so the merged checkpoint loads at any TP/PP
 saved at other TP/PP (a run resumed on another layout) chunk tensors differently and are mapped
 onto the newest's chunks from the chunk boxes; their layout, for messages, is read from the
 ``args`` in ``common.pt``. ShardedObjects (``_extra_state``,
-``rng_state``) are bytes entries and come from the newest checkpoint. Training state (the
-``optimizer.*`` tensors, ``rng_state`` objects and the ``optimizer`` / ``opt_param_scheduler`` /
-``rng_state`` entries of ``common.pt``) is dropped by ``--optimizer drop`` and copied from the
-newest checkpoint by ``--optimizer latest``. The output is a run directory: ``iter_{N:07d}/``
+``rng_state``) are bytes entries and come from the newest checkpoint. Training state: the
+``optimizer.*`` keys (``chained_{i}.optimizer.*`` for a chained optimizer), the ``rng_state``
+objects and the ``optimizer`` / ``opt_param_scheduler`` / ``rng_state`` entries of ``common.pt``;
+what ``--optimizer`` makes of it is in ``dcp_state``. megatron-core's optimizer state keys:
+
+    optimizer.state.fp32_param.<model key>   fp32 master, model space (non-distributed
+                                              mixed-precision optimizer; the deprecated
+                                              fully_sharded_model_space distributed format)
+    optimizer.state.param.<model key>        fp32 master, model space (fully_reshardable)
+    optimizer.state.<exp_avg|exp_avg_sq|...>.<model key>                moments, model space
+    optimizer.distributed.dp_group_idx_<i>.gbuf_idx_<g>.dtype_<dt>.bucket_idx_<b>.<param|exp_avg|...>
+                                              flat bucket state (dp_reshardable, the default);
+                                              the ShardedObjects ...per_bucket_numel(_unpadded)
+                                              describe the buckets, ...optimizer the param groups
+
+A model tensor with a model-space master gets the merged master rounded to its dtype. The bucket
+state maps to parameters only through the optimizer's internal layout, which the checkpoint does
+not store: it merges elementwise, only between checkpoints whose buckets (``per_bucket_numel``)
+are the same, and the model weights then come from the merged model tensors. Under latest/merge
+the checkpoints must also agree on the distributed-optimizer sharding type (``content_metadata``
+in ``common.pt``) and the number of param groups. The step counters, param groups and scheduler
+(``common.pt``, ShardedObjects) are the newest's. The output is a run directory: ``iter_{N:07d}/``
 (staged, then renamed into place in one step) and the tracker, written last.
 """
 import json
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -29,13 +48,40 @@ from ..io.atomic import copy_atomically, write_atomically
 from ..io.safe_load import safe_load
 from ..plan.types import CheckpointRef, OptimizerPolicy, UnitResult
 from .common import listdir, number_in_name, sorted_unique
-from .dcp import DcpFormat
+from .dcp import DcpFormat, storage_index
+from .dcp_reads import read_object
+from .dcp_state import COUNTER_NAMES, MASTER, MOMENT, STATE, WEIGHTS, is_float_tensor
 from .megatron import (TRACKER, TRAINING_STATE_KEYS, _ITER_DIR, IterationTracker, parallel_degrees, read_tracker,
                        run_identity_from_args)
 
 CONFIG_FILE = "metadata.json"          # megatron.core.dist_checkpointing.core.CONFIG_FNAME
 COMMON_FILE = "common.pt"              # megatron.core.dist_checkpointing.strategies.common.COMMON_STATE_FNAME
 SHARDED_BACKEND = "torch_dist"
+
+_CHAINED = re.compile(r"chained_\d+\.")     # ChainedOptimizer's prefix when it holds several
+MASTER_PREFIXES = ("optimizer.state.fp32_param.", "optimizer.state.param.")
+MASTER_NAMES = frozenset({"param", "fp32_param"})
+# ShardedObjects that describe the distributed optimizer's buckets and its param groups.
+_BUCKET_SIZES = re.compile(r"optimizer\.distributed\.dp_group_idx_\d+\.per_bucket_numel(_unpadded)?/")
+_DISTRIBUTED_COMMON = re.compile(r"optimizer\.distributed\.dp_group_idx_\d+\.optimizer/")
+SHARDING_TYPE = "distrib_optim_sharding_type"  # megatron-core's content_metadata entry
+
+
+def unchained(fqn: str) -> str:
+    """The key without a ChainedOptimizer's ``chained_{i}.`` prefix."""
+    match = _CHAINED.match(fqn)
+    return fqn[match.end():] if match else fqn
+
+
+def optimizer_state_name(fqn: str) -> Optional[str]:
+    """The state entry an optimizer key holds (``param``, ``exp_avg``, ...), None if not one."""
+    fqn = unchained(fqn)
+    if fqn.startswith("optimizer.state."):
+        parts = fqn.split(".", 3)
+        return parts[2] if len(parts) == 4 else None
+    if fqn.startswith("optimizer.distributed.") and "/" not in fqn:
+        return fqn.rsplit(".", 1)[1]
+    return None
 
 
 def sharded_backend(ckpt_dir: str) -> Optional[str]:
@@ -57,10 +103,97 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
     description = ("Megatron-core torch_dist: latest_checkpointed_iteration.txt + iter_*/ with metadata.json, "
                    ".metadata, __*_*.distcp, common.pt")
     training_state_keys = tuple(TRAINING_STATE_KEYS)
+    optimizer_keys = ("optimizer",)
 
     def __init__(self):
         super().__init__()
         self._layout_cache: Dict[str, Dict[str, object]] = {}
+
+    # -- optimizer state (see the module docstring) ----------------------------------------
+    def is_training_state(self, metadata, fqn: str) -> bool:
+        return super().is_training_state(metadata, unchained(fqn))
+
+    def is_optimizer_state(self, metadata, fqn: str) -> bool:
+        return super().is_optimizer_state(metadata, unchained(fqn))
+
+    def state_role(self, metadata, fqn: str) -> str:
+        if not self.is_training_state(metadata, fqn):
+            return WEIGHTS
+        name = optimizer_state_name(fqn)
+        if name is None or name in COUNTER_NAMES or not is_float_tensor(metadata.state_dict_metadata[fqn]):
+            return STATE
+        return MASTER if name in MASTER_NAMES else MOMENT
+
+    def model_masters(self, metadata) -> Dict[str, str]:
+        entries = metadata.state_dict_metadata
+        masters = {}
+        for fqn, entry in entries.items():
+            name = unchained(fqn)
+            for prefix in MASTER_PREFIXES:
+                model = name[len(prefix):] if name.startswith(prefix) else None
+                if model and is_float_tensor(entry) and is_float_tensor(entries.get(model)) \
+                        and self.state_role(metadata, model) == WEIGHTS:
+                    masters[model] = fqn
+        return masters
+
+    def parameter_of(self, metadata, fqn: str) -> Optional[str]:
+        name = unchained(fqn)
+        if not name.startswith("optimizer.state."):
+            return None
+        parts = name.split(".", 3)
+        return parts[3] if len(parts) == 4 and parts[3] in metadata.state_dict_metadata else None
+
+    def optimizer_structure_problems(self, checkpoints: Sequence[CheckpointRef],
+                                     optimizer_policy: OptimizerPolicy) -> List[str]:
+        """Under latest/merge, every checkpoint's distributed-optimizer sharding type, number of
+        param groups and (where bucket state is merged) bucket sizes must be the newest's."""
+        if optimizer_policy == OptimizerPolicy.DROP:
+            return []
+        newest_ref = checkpoints[-1]
+        reference = self._optimizer_structure(newest_ref)
+        problems, buckets_differ = [], False
+        for ckpt in checkpoints[:-1]:
+            other = self._optimizer_structure(ckpt)
+            differing = [what for what in reference if what in other and other[what] != reference[what]]
+            if differing:
+                buckets_differ |= any(_BUCKET_SIZES.search(what) for what in differing)
+                problems.append(f"{ckpt.path}: another optimizer structure than the newest checkpoint "
+                                f"{newest_ref.path}: " + "; ".join(
+                                    f"{what} is {other[what]!r}, the newest's {reference[what]!r}" for what in differing))
+        if problems:
+            problems.append(
+                f"--optimizer {optimizer_policy} merges optimizer state only between checkpoints of one optimizer "
+                "structure" + (" (the distributed optimizer's dp_reshardable bucket state merges elementwise, so "
+                               "every checkpoint needs the newest's buckets: same DP size and bucket size)"
+                               if buckets_differ else "") + "; merge such checkpoints, or use --optimizer drop")
+        return problems
+
+    def _optimizer_structure(self, ckpt: CheckpointRef) -> Dict[str, object]:
+        """What of the optimizer's structure the checkpoint records, by name: the sharding type
+        and param groups (common.pt), the buckets and their param groups (ShardedObjects)."""
+        structure: Dict[str, object] = {}
+        if os.path.isfile(os.path.join(ckpt.path, COMMON_FILE)):
+            common = _common_state(ckpt.path)
+            content = common.get("content_metadata")
+            if isinstance(content, dict) and content.get(SHARDING_TYPE) is not None:
+                structure["the distributed optimizer's sharding type (content_metadata in common.pt)"] = \
+                    content[SHARDING_TYPE]
+            groups = _param_group_counts(common.get("optimizer"))
+            if groups:
+                structure["the number of param groups (common.pt)"] = groups
+        metadata = self.metadata(ckpt)
+        index = storage_index(metadata)
+        for fqn in metadata.state_dict_metadata:
+            name, info = unchained(fqn), index.get((fqn, None))
+            if info is None:  # reported by the storage checks
+                continue
+            if _BUCKET_SIZES.match(name):
+                structure[f"'{fqn}'"] = read_object(ckpt.path, info, fqn)
+            elif _DISTRIBUTED_COMMON.match(name):
+                groups = _param_group_counts(read_object(ckpt.path, info, fqn))
+                if groups:
+                    structure[f"the number of param groups ('{fqn}')"] = groups
+        return structure
 
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -177,6 +310,21 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
         num_bytes, sha = copy_atomically(os.path.join(newest, CONFIG_FILE), os.path.join(staged_dir, CONFIG_FILE))
         written.append(UnitResult(CONFIG_FILE, num_bytes, num_bytes, sha, 0))
         return written
+
+
+def _param_group_counts(state) -> List[int]:
+    """The length of every ``param_groups`` list in a (nested) optimizer state dict."""
+    found: List[int] = []
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key == "param_groups" and isinstance(value, (list, tuple)):
+                found.append(len(value))
+            else:
+                found += _param_group_counts(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            found += _param_group_counts(value)
+    return found
 
 
 def _common_state(ckpt_dir: str) -> dict:

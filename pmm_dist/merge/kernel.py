@@ -367,15 +367,18 @@ class Accumulator:
             return bool(self._fused.all_finite(self._acc_view))
         return math.isfinite(self.acc.sum().item())
 
-    def result(self) -> torch.Tensor:
+    def result(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The sum rounded to the sources' dtype; with ``dtype``, then to that one, as a trainer
+        rounds its fp32 masters to its bf16 model copy (so the two agree bit for bit)."""
         assert self.count, "no source was added"
         store = self._fused.STORE_KERNELS.get(_dtype_name(self.stored)) if self._fused else None
         if store is None:
-            return self.acc.to(self.stored).cpu().requires_grad_(self.requires_grad)
-        out = torch.empty(self.acc.shape, dtype=self.stored)
-        view_as, kernel = store
-        kernel(_numpy_view(out.view(-1), view_as), self._acc_view)
-        return out.requires_grad_(self.requires_grad)
+            result = self.acc.to(self.stored).cpu()
+        else:
+            result = torch.empty(self.acc.shape, dtype=self.stored)
+            view_as, kernel = store
+            kernel(_numpy_view(result.view(-1), view_as), self._acc_view)
+        return (result if dtype is None else result.to(dtype)).requires_grad_(self.requires_grad)
 
 
 class _Stager:

@@ -42,6 +42,7 @@ class OptimizerPolicy(Choice):
     """What the output keeps of the training state (optimizer, scheduler, RNG)."""
     DROP = "drop"       # weights only
     LATEST = "latest"   # the newest checkpoint's training state
+    MERGE = "merge"  # masters and every float optimizer state merged with the same weights
 
 
 class NonfinitePolicy(Choice):
@@ -106,16 +107,31 @@ class ChunkItem:
     parallel layout), one entry per source, oldest first: None where that source stores this
     very chunk, else the pieces of its stored chunks that cover this one exactly once. Empty
     when every source stores this very chunk (the common case: nothing to carry).
+    ``source_key``: for a merged chunk computed from another key of the sources (model weights
+    from the fp32 master weights of the optimizer state, same global shape), that key; its
+    chunks are what ``sources`` describes. None: the item's own key.
     """
     key: str
     offsets: Optional[Tuple[int, ...]]
     action: Action
     num_bytes: int
     sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
+    source_key: Optional[str] = None
 
     @property
     def storage_key(self) -> Tuple[str, Optional[Tuple[int, ...]]]:
+        """The newest checkpoint's stored item of the output key (what a copy takes)."""
         return (self.key, self.offsets)
+
+    @property
+    def read_key(self) -> str:
+        """The key a merge reads from every source."""
+        return self.source_key or self.key
+
+    @property
+    def read_storage_key(self) -> Tuple[str, Optional[Tuple[int, ...]]]:
+        """The stored item a merge reads whole from a source that stores this very chunk."""
+        return (self.read_key, self.offsets)
 
     def pieces(self, source: int) -> Optional[Tuple[Piece, ...]]:
         """Source ``source``'s pieces, or None when it stores this very chunk (read it whole)."""

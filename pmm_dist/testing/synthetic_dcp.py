@@ -1,10 +1,12 @@
 """Hand-made DCP checkpoints for tests and benchmarks: chosen chunkings (as if saved at any
 parallel layout), real ``torch.save`` blobs, ``.metadata`` as DCP writes it.
-``torch.distributed.checkpoint.load`` reads them like its own (tests/test_dcp_layouts.py checks it)."""
+``torch.distributed.checkpoint.load`` reads them like its own (tests/test_dcp_layouts.py checks it).
+``write_torch_dist`` adds what makes one a Megatron-core torch_dist checkpoint."""
 import io
+import json
 import os
 import pickle
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -64,3 +66,23 @@ def read_metadata(root: str) -> Metadata:
 def write_metadata(root: str, metadata: Metadata) -> None:
     with open(os.path.join(root, ".metadata"), "wb") as f:
         pickle.dump(metadata, f)
+
+
+def saved_object(value: Any) -> bytes:
+    """A bytes entry as DCP (and Megatron, for a ShardedObject) stores one: a torch.save blob."""
+    blob = io.BytesIO()
+    torch.save(value, blob)
+    return blob.getvalue()
+
+
+def write_torch_dist(root: str, tensors: Dict[str, Tuple[torch.Tensor, List[Box]]], common: Dict[str, Any],
+                     objects: Optional[Dict[str, Any]] = None, num_files: int = 2) -> None:
+    """A torch_dist checkpoint directory (``iter_*``): the DCP part (``objects``: ShardedObject
+    keys such as ``rng_state/shard_0_1`` -> their values), ``common.pt`` and ``metadata.json``
+    (written last, as Megatron does)."""
+    write_dcp(root, tensors, num_files=num_files,
+              bytes_entries={key: saved_object(value) for key, value in (objects or {}).items()})
+    torch.save(common, os.path.join(root, "common.pt"))
+    with open(os.path.join(root, "metadata.json"), "w") as f:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                   "common_backend": "torch", "common_backend_version": 1}, f)

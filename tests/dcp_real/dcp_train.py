@@ -14,6 +14,13 @@
       loads the model part of CKPT with ``torch.distributed.checkpoint.load`` (resharding as
       needed), and writes the full (gathered) parameters and buffers plus the loaded
       train_state to DUMP (rank 0).
+
+  resume CKPT DUMP [CKPT DUMP ...] [--vocab V --ffn F]
+      For each pair: builds the model (another seed) with AdamW and its scheduler, sharded over
+      the launched ranks, loads model, optimizer, scheduler and train_state from CKPT with
+      ``dcp.load`` and ``set_state_dict`` (a full resume), and runs one training step. DUMP
+      (rank 0): the optimizer state right after the load (full tensors, by parameter FQN), the
+      loss of the step, the optimizer's step counters after it and the scheduler's last_epoch.
 """
 import argparse
 import os
@@ -107,6 +114,35 @@ def cmd_load(opts):
             torch.save({"tensors": tensors, "train_state": state["train_state"]}, dump)
 
 
+def cmd_resume(opts):
+    if len(opts.pairs) % 2:
+        raise SystemExit("resume: give CKPT DUMP pairs")
+    for ckpt, dump in zip(opts.pairs[::2], opts.pairs[1::2]):
+        model = build(seed=99, opts=opts)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd, "lr_scheduler": scheduler.state_dict(),
+                 "train_state": {"step": -1, "tag": ""}}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        _, loaded = get_state_dict(model, optimizer)
+        moments = {fqn: {name: full(value).detach().clone() for name, value in entries.items()}
+                   for fqn, entries in loaded["state"].items()}
+        tokens = torch.randint(0, opts.vocab, (8, 12), generator=torch.Generator().manual_seed(7))
+        loss = nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, opts.vocab), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        _, stepped = get_state_dict(model, optimizer)
+        steps = {fqn: float(full(entries["step"])) for fqn, entries in stepped["state"].items()}
+        if dist.get_rank() == 0:
+            torch.save({"loaded": moments, "loss": loss.item(), "steps_after": steps,
+                        "last_epoch": scheduler.last_epoch, "train_state": state["train_state"]}, dump)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -116,13 +152,15 @@ def main(argv=None):
     p.add_argument("--resume")
     p = sub.add_parser("load")
     p.add_argument("pairs", nargs="+", metavar="CKPT DUMP")
+    p = sub.add_parser("resume")
+    p.add_argument("pairs", nargs="+", metavar="CKPT DUMP")
     for p in sub.choices.values():
         p.add_argument("--vocab", type=int, default=64)
         p.add_argument("--ffn", type=int, default=48)
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    {"train": cmd_train, "load": cmd_load}[opts.cmd](opts)
+    {"train": cmd_train, "load": cmd_load, "resume": cmd_resume}[opts.cmd](opts)
     dist.barrier()  # no rank tears gloo down while another still has a collective in flight
     dist.destroy_process_group()
     # About one run in 15 aborted here at interpreter exit ("terminate called without an active
