@@ -254,7 +254,7 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         return {key: value for key, value in state.items() if key not in TRAINING_STATE_KEYS}
 
     def source_leaves(self, relpath: str, checkpoints: Sequence[CheckpointRef], index: int,
-                      newest: dict) -> SourceLeaves:
+                      newest: dict, policy: OptimizerPolicy = OptimizerPolicy.DROP) -> SourceLeaves:
         """A source saved at another PP/EP/VP layout: each leaf of the newest's shard file
         ``relpath``, under its global name (global layer, global expert), from whichever of the
         source's shards holds it; keys outside the decoder layers (embedding, final norm, output
@@ -262,7 +262,7 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         or last)."""
         ckpt, newest_ckpt = checkpoints[index], checkpoints[-1]
         if self._placement(ckpt) == self._placement(newest_ckpt):
-            return super().source_leaves(relpath, checkpoints, index, newest)
+            return super().source_leaves(relpath, checkpoints, index, newest, policy)
         out, src = self._shard_layout(newest_ckpt), self._shard_layout(ckpt)
         tp, out_pp, out_ep = out.rank_of(relpath.split("/")[0])
         ep = out_ep if out_ep < src.ep else 0  # what every EP rank holds alike: from this one
