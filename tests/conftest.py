@@ -59,6 +59,7 @@ MODULE_TIERS = {
     "test_dcp_merge": "real",
     "test_deepspeed_real": "real",
     "test_deepspeed_layouts_real": "real",
+    "test_deepspeed_optimizer_real": "real",
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
     "test_pma_smoke": "real",

@@ -447,6 +447,11 @@ class DeepSpeedFormat(PickledFileFormat):
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
+        filtered = context.tensor_filter.include or context.tensor_filter.exclude
+        if filtered and classify(unit.relpath) == ZERO_OPTIM and context.optimizer_policy.keeps_training_state:
+            raise InputError(f"{os.path.join(checkpoints[-1].path, unit.relpath)}: --include/--exclude select tensors "
+                             f"by name, but the fp32 masters and moments here are flat partitions of many parameters; "
+                             f"--optimizer {context.optimizer_policy} cannot honour them (use --optimizer drop)")
         if not self._remaps_partitions(unit.relpath, checkpoints):
             return super().merge_unit(unit, checkpoints, destination, context)
         if self._inventory(checkpoints[-1]).zero_stage != 3:
