@@ -62,6 +62,7 @@ MODULE_TIERS = {
     "test_deepspeed_optimizer_real": "real",
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
+    "test_megatron_optimizer_real": "real",
     "test_pma_smoke": "real",
 }
 _UNLISTED_TIER = "multiprocess"  # a module not in the table yet: kept out of the fast tier
