@@ -49,6 +49,7 @@ MODULE_TIERS = {
     "test_atomic": "unit",
     "test_tree": "unit",
     "test_zero3_partitions": "unit",
+    "test_optimizer_merge": "unit",   # in-process merges of synthetic Megatron optimizer states
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",

@@ -324,6 +324,10 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         (DistributedOptimizer) of every source; the model copies (with a note) where a source
         has none, or was saved at another layout."""
         if _is_distrib(relpath):
+            if context.tensor_filter.include or context.tensor_filter.exclude:
+                raise InputError(f"{os.path.join(checkpoints[-1].path, relpath)}: --include/--exclude select tensors by "
+                                 f"name, but the fp32 masters and moments here are flat partitions of many parameters; "
+                                 f"--optimizer {context.optimizer_policy} cannot honour them (use --optimizer drop)")
             return MasterWeights()
         states, names = [source.state for source in sources], [source.name for source in sources]
         if any(state is None for state in states):

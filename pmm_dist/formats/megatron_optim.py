@@ -134,34 +134,39 @@ def in_file_weights(states: Sequence[Optional[dict]], names: Sequence[str], mode
 
 def distrib_layout(newest_model: dict, model_keys: Sequence[str], distrib, where: str) -> Dict[tuple, tuple]:
     """Model leaf path -> (path of its buffer's ``param`` leaf, start, numel) for every parameter
-    in the newest's distrib_optim.pt; MatchError if the buffers do not follow Megatron's layout."""
+    in the newest's distrib_optim.pt; MatchError if the buffers do not follow Megatron's layout.
+
+    One saved state per chained optimizer: with two, the first holds the dense parameters and
+    the second the experts' (``get_megatron_optimizer`` builds the expert optimizer last; its
+    parameters are the MoE layers' ``.experts.``, which Megatron all-reduces over their own
+    group); each state's buffers go chunk by chunk, one per parameter dtype in order of appearance."""
     entries = list(distrib) if isinstance(distrib, (list, tuple)) else [distrib]
-    if len(entries) > 1:
-        raise MatchError(f"{where}: {len(entries)} chained optimizers (dense and expert parameters), whose buffers "
-                         "are not assigned to parameters here")
-    entry = entries[0]
-    if not isinstance(entry, dict) or not entry.get("buckets_coalesced"):
-        raise MatchError(f"{where}: not the coalesced format (buckets_coalesced), whose layout is not modelled")
-    buffers = sorted((k, v) for k, v in entry.items() if isinstance(k, int))
-    # One buffer per model chunk and parameter dtype, chunk by chunk, dtypes in order of appearance.
-    expected = []
-    for chunk in model_keys:
-        seen = []
-        for path, tensor in model_tensors(newest_model, [chunk], dtypes=(*LOW_PRECISION, torch.float32)):
-            if tensor.dtype not in seen:
-                seen.append(tensor.dtype)
-        expected += [(chunk, dtype) for dtype in seen]
-    prefix = () if not isinstance(distrib, (list, tuple)) else (0,)
+    if len(entries) > 2:
+        raise MatchError(f"{where}: {len(entries)} chained optimizers, whose buffers are not assigned to parameters here")
     layout: Dict[tuple, tuple] = {}
-    chunk_dtypes = iter(expected)
-    for gbuf, dtypes in buffers:
-        for dtype_key, buffer in dtypes.items():
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("buckets_coalesced"):
+            raise MatchError(f"{where}: not the coalesced format (buckets_coalesced), whose layout is not modelled")
+        prefix = (index,) if isinstance(distrib, (list, tuple)) else ()
+
+        def member(key: str, index=index) -> bool:
+            return len(entries) == 1 or (".experts." in key) == (index == 1)
+        expected = []
+        for chunk in model_keys:
+            tensors = [(p, t) for p, t in model_tensors(newest_model, [chunk], dtypes=(*LOW_PRECISION, torch.float32))
+                       if member(p[1])]
+            expected += [(chunk, dtype, [(p, t) for p, t in tensors if t.dtype == dtype])
+                         for dtype in dict.fromkeys(t.dtype for _, t in tensors)]
+        buffers = [(gbuf, dtype_key, buffer) for gbuf, dtypes in sorted((k, v) for k, v in entry.items() if isinstance(k, int))
+                   for dtype_key, buffer in dtypes.items()]
+        if len(buffers) != len(expected):
+            raise MatchError(f"{where}: {len(buffers)} grad buffers in optimizer {index}, the model's chunks and dtypes "
+                             f"give {len(expected)}")
+        for (gbuf, dtype_key, buffer), (chunk, dtype, params) in zip(buffers, expected):
             param_dtype = dtype_key[0] if isinstance(dtype_key, tuple) else dtype_key
-            chunk, dtype = next(chunk_dtypes, (None, None))
             if dtype != param_dtype:
                 raise MatchError(f"{where}: buffer {gbuf} holds {param_dtype} parameters, the model's chunks and "
                                  f"dtypes give {dtype} (of {chunk})")
-            params = [(path, t) for path, t in model_tensors(newest_model, [chunk], dtypes=(dtype,))]
             for path, start, numel in _walk_buffer(params, buffer["param"], int(buffer["numel_unpadded"]),
                                                    f"{where} buffer {gbuf}"):
                 layout[path] = ((*prefix, gbuf, dtype_key, "param"), start, numel)
