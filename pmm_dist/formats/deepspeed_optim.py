@@ -166,30 +166,37 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
     module = output.get("module")
     if not isinstance(module, dict) or not isinstance(param_shapes, list):
         return from_model_copies("no module or param_shapes in the model states")
-    read = []
+    read = []  # the files' metadata only: their tensors are read one source at a time below
     for ckpt_path, paths in sources:
         if not paths:
             return from_model_copies(f"{ckpt_path} has no optimizer files (pruned?): the fp32 masters of every "
                                      "source are needed")
-        masters, states, problem = read_zero12_masters(paths)
+        masters, _, problem = read_zero12_masters(paths)
         if problem:
             return from_model_copies(problem)
-        read.append((ckpt_path, masters, states))
+        read.append((ckpt_path, masters, None))
     reference = read[-1][1]
-    weights: Dict[tuple, torch.Tensor] = {}
-    skipped, num_read = [], 0
+    paddings = reference.alignment_paddings or [None] * len(param_shapes)
+    groups, skipped = {}, []
     for group, shapes in enumerate(param_shapes):
-        offsets, length = group_offsets(shapes, (reference.alignment_paddings or [None] * len(param_shapes))[group])
+        offsets, length = group_offsets(shapes, paddings[group] if group < len(paddings) else None)
         why = _group_problem(group, shapes, offsets, length, read, module)
         if why:
             skipped.append(why)
-            continue
-        accumulator = context.accumulator((length,), f"param group {group} of the fp32 masters")
-        for (ckpt_path, masters, states), weight in zip(read, context.weights):
+        else:
+            groups[group] = (offsets, context.accumulator((length,), f"param group {group} of the fp32 masters"))
+    num_read = 0
+    # One source at a time: memory is the accumulators (float64, the groups' size) and one group's vector.
+    for (ckpt_path, masters, _), weight in zip(read, context.weights):
+        states = [safe_load(path) for path in masters.paths]
+        for group, (_, accumulator) in groups.items():
             full = masters.full_group(group, states)
             accumulator.add(full, weight, ckpt_path)
             num_read += full.numel() * full.element_size()
             context.on_progress(full.numel() * full.element_size())
+        del states
+    weights: Dict[tuple, torch.Tensor] = {}
+    for group, (offsets, accumulator) in groups.items():
         merged = accumulator.result()
         for name, start, numel in offsets:
             path = ("module", name)
