@@ -23,14 +23,16 @@ has the newest checkpoint's layout: its data-parallel size and its file set.
   every source's, parameter by parameter (the geometry is in zero3_partitions: it follows from
   param_shapes, the partition count and DeepSpeed's padding), one source at a time, with zeros in
   the padding; ``frozen_param_fragments`` of the model states likewise. The Adam moments
-  (``optimizer_state_dict.optimizer_state_dict``) are removed under ``--optimizer drop`` and kept
-  from the newest checkpoint under ``--optimizer latest``: they are partitioned like the newest,
-  and so is the output, so a full resume at the newest's DP size continues from the merged
-  weights with the newest's moments (older moments, partitioned otherwise, are never mixed in).
-- ZeRO 1/2 (and bf16-optimizer) optimizer files and MoE ``expp_rank_*`` files hold no weights that
-  ``load_checkpoint(load_module_only=True)`` reads: dropped, or the newest's copied unchanged with
-  ``--optimizer latest`` (they match the newest's DP size, which the output has). The model
-  states hold whole weights, so a change of data-parallel size changes nothing there.
+  (``optimizer_state_dict.optimizer_state_dict``) are removed under ``--optimizer drop``, kept
+  from the newest checkpoint under ``--optimizer latest`` (partitioned like the newest, and so is
+  the output) and under ``merge`` merged, remapped like the partitions where a source's DP size
+  differs.
+- ZeRO 1/2 optimizer files hold the fp32 masters (see deepspeed_optim): dropped under ``drop``;
+  under ``latest``/``merge`` merged (masters; moments under merge), as slices of every source's
+  DP-independent flat groups where a source's DP size differs. The model states' ``module`` is
+  cut from every source's merged masters (the model-states unit reads the optimizer files
+  itself) and rounded, where every source has them; else its own tensors are merged, with a note.
+- MoE ``expp_rank_*`` files (optimizer state without ZeRO): dropped; ``latest``/``merge`` refused.
 
 Validation, before anything is written: the selected checkpoints must share one ZeRO stage,
 model-parallel size, optimizer-file dtype (bf16_), MoE expert set, pipeline layer set and
