@@ -35,7 +35,7 @@ import torch
 from ..errors import InputError
 from ..io.safe_load import safe_load
 from ..io.tree import dotted
-from ..plan.types import OptimizerPolicy
+from ..plan.types import MODEL_WEIGHTS_NOTE, OptimizerPolicy
 from .base import MergeContext
 from .masters import (MASTER, MOMENT, MasterWeights, from_masters, from_model_copies, in_file_master_weights, is_counter,
                       rounded)
@@ -209,7 +209,7 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
         return from_model_copies("; ".join(skipped) or "no parameter has fp32 masters")
     result = from_masters(weights, num_read)
     if skipped:
-        result.details["model_weights_note"] = "model copies for " + "; ".join(skipped)
+        result.details[MODEL_WEIGHTS_NOTE] = "model copies for " + "; ".join(skipped)
     return result
 
 

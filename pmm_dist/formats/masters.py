@@ -13,7 +13,7 @@ loss scale: the newest's). ``step`` (and NAdam's ``mu_product``) are counters ev
 optimizer keeps them as float tensors.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from ..io.safe_load import register_framework_globals, safe_load
-from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
+from ..plan.types import CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
 from .common import discover_run_or_checkpoints, layout_change_refusal, listdir, number_in_name
 from .base import MergeContext
 from .masters import MasterWeights, from_model_copies
