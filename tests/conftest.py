@@ -12,9 +12,9 @@ engines, megatron-core models, FSDP2 training); ``gpu`` marks tests that need CU
 without it. The tier of a module is set in ``MODULE_TIERS`` below; a test marked with a tier
 itself (in a module that mixes tiers) keeps its own.
 
-    python -m pytest -m unit            # seconds (~10 s on 2 busy cores)
+    python -m pytest -m unit            # seconds (~25 s on 2 busy cores)
     python -m pytest -m multiprocess    # minutes (~3.5 min)
-    python -m pytest -m real            # minutes (~2.5 min)
+    python -m pytest -m real            # minutes (~4 min)
 """
 import os
 import pathlib
