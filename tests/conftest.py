@@ -12,9 +12,9 @@ engines, megatron-core models, FSDP2 training); ``gpu`` marks tests that need CU
 without it. The tier of a module is set in ``MODULE_TIERS`` below; a test marked with a tier
 itself (in a module that mixes tiers) keeps its own.
 
-    python -m pytest -m unit            # seconds (~10 s on 2 busy cores)
+    python -m pytest -m unit            # seconds (~25 s on 2 busy cores)
     python -m pytest -m multiprocess    # minutes (~3.5 min)
-    python -m pytest -m real            # minutes (~2.5 min)
+    python -m pytest -m real            # minutes (~4 min)
 """
 import os
 import pathlib
@@ -54,6 +54,7 @@ MODULE_TIERS = {
     "test_regions": "unit",
     "test_dcp_layouts": "unit",
     "test_dcp_optimizer": "unit",
+    "test_optimizer_merge": "unit",   # in-process merges of synthetic Megatron optimizer states
     "test_hf_merge": "multiprocess",  # but the tests that merge in this process are unit
     "test_megatron_errors": "multiprocess",
     "test_megatron_merge": "multiprocess",
@@ -72,9 +73,11 @@ MODULE_TIERS = {
     "test_dcp_optimizer_real": "real",
     "test_megatron_dist_layouts": "real",
     "test_watch_formats": "real",     # real FSDP2 and megatron-core runs among its formats
+    "test_deepspeed_optimizer_real": "real",
     "test_megatron_core_real": "real",
     "test_megatron_dist_real": "real",
     "test_megatron_dist_optimizer_real": "real",
+    "test_megatron_optimizer_real": "real",
     "test_pma_smoke": "real",
 }
 _UNLISTED_TIER = "multiprocess"  # a module not in the table yet: kept out of the fast tier

@@ -152,15 +152,16 @@ def _relpaths(units):
     return {(u.relpath, u.action) for u in units}
 
 
-def test_zero12_optimizer_files_are_dropped_or_copied(tmp_path):
+def test_zero12_optimizer_files_are_dropped_or_merged(tmp_path):
     run = make_run(str(tmp_path / "run"), [10, 20], stage=2, bf16=True)
     fmt = DeepSpeedFormat()
     refs = fmt.discover([run])
     assert _relpaths(fmt.plan_units(refs, "drop", 1)) == {("mp_rank_00_model_states.pt", "merge")}
-    assert _relpaths(fmt.plan_units(refs, "latest", 1)) == {
-        ("mp_rank_00_model_states.pt", "merge"),
-        ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "copy"),
-        ("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "copy")}
+    for policy in ("latest", "merge"):  # their fp32 masters are merged (tests/test_optimizer_merge.py)
+        assert _relpaths(fmt.plan_units(refs, policy, 1)) == {
+            ("mp_rank_00_model_states.pt", "merge"),
+            ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "merge"),
+            ("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "merge")}
     assert fmt.layout(refs) == {"zero_stage": 2, "dp": 2, "bf16": True, "mp": 1, "experts": 0,
                                 "pipeline_layers": 0}
 
@@ -261,11 +262,15 @@ def test_zero12_dp_change_merges_the_whole_weights(tmp_path):
     fmt = DeepSpeedFormat()
     refs = fmt.discover([run])
     assert _relpaths(fmt.plan_units(refs, "drop", 1)) == {("mp_rank_00_model_states.pt", "merge")}
-    assert _relpaths(fmt.plan_units(refs, "latest", 1)) == {  # the newest's partitions, copied
-        ("mp_rank_00_model_states.pt", "merge"), ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "copy")}
+    assert _relpaths(fmt.plan_units(refs, "latest", 1)) == {  # the newest's partitioning, remapped onto
+        ("mp_rank_00_model_states.pt", "merge"), ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "merge")}
     out = _merge(run, str(tmp_path / "out"), method="sma")
     merged = trusted_load(os.path.join(out, "global_step30", "mp_rank_00_model_states.pt"))
+    # these hand-made partitions do not add up to param_shapes: the module's own copies are merged
     assert torch.allclose(merged["module"]["w"], torch.full((4, 3), 20.0)) and merged["dp_world_size"] == 1
+    manifest = json.load(open(os.path.join(out, "pmm_manifest.json")))
+    assert manifest["model_weights_from"] == "model copies"
+    assert "param_shapes" in manifest["model_weights_notes"][0]
 
 
 def _refusal(run, tmp_path, **options):

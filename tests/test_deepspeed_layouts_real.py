@@ -160,13 +160,26 @@ def test_zero3_optimizer_latest_resumes_at_the_newest_size(work, latest):
 
 
 @pytest.mark.parametrize("latest", [name for name, case in LATEST.items() if case.startswith("zero2")])
-def test_zero2_optimizer_latest_copies_the_newest_partitions(work, latest):
+def test_zero2_optimizer_latest_remaps_the_masters_onto_the_newest_partitions(work, latest):
+    """ZeRO-2 + --optimizer latest across DP sizes: each output rank's fp32 partition is its slice
+    of the merged flat group (the sources' partitions concatenated; the group padding stripped),
+    so DeepSpeed's zero_to_fp32 reads the merged masters; the moments are the newest's."""
     case = LATEST[latest]
     out, newest = work["ws1"] / latest / NEWEST_TAG, work["mixed"][case] / NEWEST_TAG
     optim_files = sorted(p.name for p in newest.glob("*optim_states.pt"))
-    assert len(optim_files) == _newest_dp(case)
+    assert len(optim_files) == _newest_dp(case) and sorted(p.name for p in out.glob("*optim_states.pt")) == optim_files
+    merged = _zero_to_fp32(work["ws1"] / latest, 8)
+    sources = [_zero_to_fp32(work["mixed"][case], step) for step in STEPS]
+    for name in sources[-1]:
+        if name != "num_batches":
+            assert_merged_within_one_ulp(merged[name], [s[name] for s in sources], CASES[case][3], f"{latest} {name}")
     for name in optim_files:
-        assert (out / name).read_bytes() == (newest / name).read_bytes()
+        optim, newest_optim = (trusted_load(d / name)["optimizer_state_dict"] for d in (out, newest))
+        assert optim["partition_count"] == newest_optim["partition_count"]
+        assert [t.shape for t in optim["single_partition_of_fp32_groups"]] == \
+            [t.shape for t in newest_optim["single_partition_of_fp32_groups"]]
+        assert torch.equal(optim["base_optimizer_state"]["state"][0]["exp_avg"],
+                           newest_optim["base_optimizer_state"]["state"][0]["exp_avg"])
 
 
 # -- bad input: one message, nothing written ----------------------------------------------------------

@@ -18,6 +18,7 @@ saved (``module``, expert files, pipeline layer files) or, for ZeRO-3, of the fp
 ``deepspeed.utils.zero_to_fp32`` rebuilds from each source checkpoint.
 """
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -119,22 +120,43 @@ def _zero_to_fp32(run_dir, step):
 
 
 def _saved_weights(runs, run, step):
-    """name -> tensor of every weight and buffer DeepSpeed saved for ``run`` at ``step`` (global names)."""
+    """name -> tensor of every weight and buffer DeepSpeed saved for ``run`` at ``step`` (global
+    names): where the optimizer keeps fp32 masters, those (the merged module weights are the
+    merged masters, rounded); else the module's tensors."""
     run_dir = pathlib.Path(runs) / run
     tag_dir = run_dir / f"global_step{step}"
-    kind, stage, _ = RUNS[run]
-    if stage == 3:
-        return _zero_to_fp32(run_dir, step)
-    if kind == "pipe":
+    kind, stage, dtype = RUNS[run]
+    if stage == 3 or (stage in (1, 2) and kind == "dense"):
+        return _zero_to_fp32(run_dir, step)  # DeepSpeed's own reading of the fp32 masters
+    if kind == "pipe":  # (an fp32 run: its masters are its weights)
         weights = {}
         for path in sorted(tag_dir.glob("layer_*-model_states.pt")):
             layer = int(path.name.split("-")[0][len("layer_"):])
             weights.update({f"{layer}.{k}": v for k, v in trusted_load(path).items()})
         return weights
-    weights = dict(trusted_load(tag_dir / "mp_rank_00_model_states.pt")["module"])
+    states = trusted_load(tag_dir / "mp_rank_00_model_states.pt")
+    weights = dict(states["module"])
+    if kind == "moe":
+        weights.update(_moe_dense_masters(tag_dir, states))
+    elif dtype == "bf16":  # ZeRO-0 bf16: the masters per parameter, in the model's parameter order
+        names = [name for name, value in weights.items() if value.dtype == torch.bfloat16]
+        weights.update(zip(names, states["optimizer"]["fp32_groups"][0]))
     for path in sorted(tag_dir.glob("layer_*_expert_*_model_states.pt")):
-        weights.update(trusted_load(path))
+        weights.update(trusted_load(path))  # the experts: their own tensors
     return weights
+
+
+def _moe_dense_masters(tag_dir, states):
+    """The fp32 masters of the MoE run's non-expert param group (zero_to_fp32 refuses MoE
+    checkpoints): its two ranks' partitions concatenated, cut in param_shapes order."""
+    flat = torch.cat([trusted_load(tag_dir / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+                      ["optimizer_state_dict"]["single_partition_of_fp32_groups"][0] for r in range(2)])
+    masters, offset = {}, 0
+    for name, shape in states["param_shapes"][0].items():
+        masters[name] = flat[offset:offset + math.prod(shape)].view(shape)
+        offset += math.prod(shape)
+    assert offset == flat.numel()
+    return masters
 
 
 def _dumps(work, case):
@@ -179,19 +201,19 @@ def test_full_resume_from_zero3_optimizer_latest(work):
             assert_merged_within_one_ulp(value, [s[name] for s in sources], weights, f"full resume rank {rank} {name}")
 
 
-def test_zero12_optimizer_latest_resume_needs_load_from_fp32_weights_false(work):
-    """ZeRO-1/2 + --optimizer latest copies the newest fp32 master partitions unchanged. A full resume
-    with DeepSpeed's default (zero_optimization.load_from_fp32_weights: true) continues from those,
-    i.e. from the NEWEST weights, as soon as the optimizer steps; with false, DeepSpeed rebuilds the
-    masters from the merged module weights. (The README says so; this keeps it true.)"""
+def test_zero12_optimizer_latest_resumes_from_the_merged_weights(work):
+    """ZeRO-1/2 + --optimizer latest merges the fp32 master partitions: a full resume continues from
+    the merged weights after its first optimizer step (taken at learning rate 0, which copies the
+    masters into the bf16 module), with DeepSpeed's default (zero_optimization.load_from_fp32_weights:
+    true, the masters read from the optimizer files) and with false (the masters rebuilt from the
+    merged module): the module's weights are the merged masters rounded, so both agree exactly."""
     run, _, steps, weights = LATEST_CASES["zero2_bf16_latest"]
     sources = [_saved_weights(work["runs"], run, step) for step in steps]
-    for dump in _dumps(work, "zero2_latest_bit16"):
-        for name, value in dump["params"].items():
-            assert_merged_within_one_ulp(value, [s[name] for s in sources], weights, f"bit16 masters {name}")
-    for dump in _dumps(work, "zero2_latest_default"):
-        for name, value in dump["params"].items():
-            assert torch.equal(value, sources[-1][name]), f"{name}: expected the newest weights"
+    default, bit16 = _dumps(work, "zero2_latest_default"), _dumps(work, "zero2_latest_bit16")
+    for rank in range(2):
+        for name, value in default[rank]["params"].items():
+            assert_merged_within_one_ulp(value, [s[name] for s in sources], weights, f"resumed masters {name}")
+            assert torch.equal(value, bit16[rank]["params"][name]), name
 
 
 # -- the merged files ----------------------------------------------------------------------------------
@@ -218,7 +240,7 @@ def _check_merged_floats(merged, sources, weights, what):
         for i, value in enumerate(merged):
             num += _check_merged_floats(value, [s[i] for s in sources], weights, f"{what}[{i}]")
     elif isinstance(merged, torch.Tensor) and merged.is_floating_point():
-        assert merged.dtype == sources[-1].dtype, what
+        assert merged.dtype == sources[-1].dtype or sources[-1].dtype == torch.float32, what  # fp32: masters
         assert_merged_within_one_ulp(merged, sources, weights, what)
         num += 1
     else:
@@ -254,8 +276,14 @@ def test_merged_files(work, case):
         sources = [trusted_load(run_dir / f"global_step{step}" / name) for step in steps]
         newest = sources[-1]
         if name.endswith("optim_states.pt") and "fp32_flat_groups" not in newest["optimizer_state_dict"]:
-            # ZeRO 1/2 under --optimizer latest: copied unchanged
-            assert (out / NEWEST_TAG / name).read_bytes() == (run_dir / NEWEST_TAG / name).read_bytes()
+            # ZeRO 1/2 under --optimizer latest: the fp32 master partitions merged, the rest the newest's
+            optim, newest_optim = merged["optimizer_state_dict"], newest["optimizer_state_dict"]
+            key = "single_partition_of_fp32_groups"
+            num_merged += _check_merged_floats(optim[key], [s["optimizer_state_dict"][key] for s in sources],
+                                               weights, f"{case}:{name}:{key}")
+            assert all(_same(optim[k], newest_optim[k]) for k in newest_optim if k != key)
+            assert _same({k: v for k, v in merged.items() if k != "optimizer_state_dict"},
+                         {k: v for k, v in newest.items() if k != "optimizer_state_dict"})
         elif name.endswith("optim_states.pt"):  # ZeRO-3: the weights live in the fp32 flat partitions
             optim, newest_optim = merged["optimizer_state_dict"], newest["optimizer_state_dict"]
             num_merged += _check_merged_floats(optim["fp32_flat_groups"],
@@ -273,12 +301,19 @@ def test_merged_files(work, case):
         elif "module" in newest:  # model states: module (and frozen fragments) merged, the rest the newest's
             assert merged["global_steps"] == STEPS and merged["step_seen"] == STEPS
             assert list(merged) == list(newest)
+            masters = [_saved_weights(work["runs"], run, step) for step in steps]  # the fp32 masters, by name
             for key in newest:
-                if key in ("module", "frozen_param_fragments"):
+                if key == "module" and RUNS[run][1] != 3 and newest[key]:  # its weights: the merged masters, rounded
+                    num_merged += _check_merged_floats(merged[key], [{**s[key], **{n: m[n] for n in s[key] if n in m}}
+                                                                     for s, m in zip(sources, masters)],
+                                                       weights, f"{case}:{name}:{key}")
+                elif key in ("module", "frozen_param_fragments"):
                     num_merged += _check_merged_floats(merged[key], [s[key] for s in sources], weights,
                                                        f"{case}:{name}:{key}")
                 elif key == "optimizer" and drop:  # ZeRO-0 keeps the optimizer (fp32 masters, moments) here
                     assert merged[key] is None
+                elif key == "optimizer" and newest[key] is not None:  # ZeRO-0, latest: the newest's moments
+                    assert _same(merged[key]["state"], newest[key]["state"])
                 else:
                     assert _same(merged[key], newest[key]), f"{case}:{name}:{key} is not the newest's"
         else:  # expert and pipeline layer files: plain state dicts
@@ -378,20 +413,24 @@ def test_refuses_a_missing_rank_file(work, tmp_path, missing, fresh_copy):
 
 
 def test_pruned_optimizer_states_are_only_needed_where_read(work, tmp_path, fresh_copy):
-    """ZeRO 0-2 optimizer files hold no weights: pruned from older checkpoints they are not needed
-    (the same bytes come out); the newest's are, with --optimizer latest (they are copied)."""
+    """ZeRO 0-2 optimizer files are needed by --optimizer drop only for the masters: pruned from
+    older checkpoints, the module's own copies are merged (the manifest says so and why); with
+    --optimizer latest every checkpoint's are needed (their masters are merged)."""
     run = fresh_copy(work["runs"] / "zero2_bf16")
     for step in ALL_STEPS[:-1]:
         for path in (run / f"global_step{step}").glob("*optim_states.pt"):
             path.unlink()
     out = tmp_path / "out"
     pmm_dist.merge(sources=[str(run)], out=str(out), device="cpu", quiet=True, **CASES["zero2_bf16"][1])
-    reference = work["ws1"] / "zero2_bf16" / NEWEST_TAG
     assert sorted(p.name for p in (out / NEWEST_TAG).iterdir()) == ["mp_rank_00_model_states.pt"]
-    assert (out / NEWEST_TAG / "mp_rank_00_model_states.pt").read_bytes() == \
-        (reference / "mp_rank_00_model_states.pt").read_bytes()
-    missing = run / NEWEST_TAG / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    missing.unlink()
+    manifest = json.loads((out / "pmm_manifest.json").read_text())
+    assert manifest["model_weights_from"] == "model copies" and "no optimizer files" in manifest["model_weights_notes"][0]
+    merged = trusted_load(out / NEWEST_TAG / "mp_rank_00_model_states.pt")["module"]
+    copies = [trusted_load(run / f"global_step{step}" / "mp_rank_00_model_states.pt")["module"] for step in ALL_STEPS]
+    for name, value in merged.items():
+        if value.is_floating_point():
+            assert_merged_within_one_ulp(value, [c[name] for c in copies], CASES["zero2_bf16"][3], name)
+    missing = run / "global_step6" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     _assert_refused(tmp_path, [run], missing, "missing file", optimizer="latest")
 
 

@@ -195,4 +195,4 @@ def test_library_refusal_in_check_unit_is_reported(pristine, tmp_path, monkeypat
 def test_optimizer_merge_is_refused(pristine, tmp_path):
     """The Trainer's optimizer.pt is not merged: --optimizer merge says so (never drops it silently)."""
     message = merge_error([pristine], tmp_path, optimizer="merge")
-    assert message.startswith("--optimizer merge is not supported for Hugging Face checkpoints")
+    assert message.startswith("--optimizer merge is not implemented for hf checkpoints")

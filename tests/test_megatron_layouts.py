@@ -194,20 +194,24 @@ def test_merge_across_layouts_matches_a_global_reference(runs, tmp_path, mix):
             assert result[chunk]["rotary_pos_emb.inv_freq_step"] == newest[chunk]["rotary_pos_emb.inv_freq_step"]
 
 
-def test_world_size_2_gives_the_same_bytes_and_latest_keeps_the_newest_training_state(runs, tmp_path):
+def test_world_size_2_gives_the_same_bytes_and_latest_is_refused_across_layouts(runs, tmp_path):
+    """The weights merge across layouts (--optimizer drop); a shard's optimizer state is kept in
+    the order of that shard's parameters, so --optimizer latest|merge is refused in one message."""
     run = _mixed(runs, "ws", MIXES["vp_pp_ep"])
     outs = {}
     for world_size in (1, 2):
         outs[world_size] = str(tmp_path / f"ws{world_size}")
-        proc = run_cli(["merge", run, "--out", outs[world_size], "--optimizer", "latest", "--quiet", "--device", "cpu"],
-                       world_size=world_size)
+        proc = run_cli(["merge", run, "--out", outs[world_size], "--quiet", "--device", "cpu"], world_size=world_size)
         assert proc.returncode == 0, proc.stderr
     one, two = (os.path.join(outs[w], "iter_0000400") for w in (1, 2))
     for rel in shard_files(one):
         assert open(os.path.join(one, rel), "rb").read() == open(os.path.join(two, rel), "rb").read(), rel
-        result, newest = (trusted_load(os.path.join(d, rel)) for d in (one, os.path.join(run, "iter_0000400")))
-        assert torch.equal(result["optimizer"]["fp32_from_fp16_params"][0][0],
-                           newest["optimizer"]["fp32_from_fp16_params"][0][0])
+    manifest = json.load(open(os.path.join(outs[1], "pmm_manifest.json")))
+    assert manifest["model_weights_from"] == "model copies"  # the renumbered sources' masters are not used
+    assert "another PP/EP/VP layout" in manifest["model_weights_notes"][0]
+    proc = run_cli(["merge", run, "--out", str(tmp_path / "latest"), "--optimizer", "latest", "--device", "cpu"])
+    assert proc.returncode == 1 and "must have the newest's shard layout" in proc.stderr
+    assert "--iterations 400" in proc.stderr and not os.path.exists(tmp_path / "latest")
 
 
 def test_dry_run_lists_each_source_layout(runs, tmp_path):

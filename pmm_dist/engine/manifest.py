@@ -8,9 +8,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..io.atomic import write_json_atomically
+from ..plan.types import MODEL_WEIGHTS_FROM, MODEL_WEIGHTS_NOTE, WEIGHTS_FROM_MASTERS, WEIGHTS_FROM_MODEL, UnitResult
 
 MANIFEST = "pmm_manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -41,7 +42,11 @@ class Manifest:
     peak_rss_bytes_by_rank: List[int] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
     source_layouts: List[Dict[str, Any]] = field(default_factory=list)  # each source's layout, as `sources`
-    model_weights_from: str = ""            # "fp32 masters" or "model copies" (CheckpointFormat.model_weights_source)
+    # Where the model files' merged weights came from: "fp32 masters" (the merged fp32 master
+    # weights rounded to the model dtype), "model copies" (the model files' own tensors merged), or
+    # both with the files of each; the notes say why a file's weights are not the masters'.
+    model_weights_from: str = ""
+    model_weights_notes: List[str] = field(default_factory=list)
     created_unix: float = 0.0
     pmm_dist_version: str = ""
     format_version: int = MANIFEST_FORMAT_VERSION
@@ -70,3 +75,18 @@ class Manifest:
             return cls.read(out)
         except (OSError, ValueError):
             return None
+
+
+def model_weights_summary(results: Sequence[UnitResult], default: str = "") -> Tuple[str, List[str]]:
+    """(``model_weights_from``, ``model_weights_notes``) from the units' details. Units that
+    write no model weights say nothing; if none says anything, ``default`` (what the format
+    declared at planning), else the weights are the model's own."""
+    sources = {}
+    for result in results:
+        if MODEL_WEIGHTS_FROM in result.details:
+            sources.setdefault(str(result.details[MODEL_WEIGHTS_FROM]), []).append(result.relpath)
+    notes = sorted({f"{r.relpath}: {r.details[MODEL_WEIGHTS_NOTE]}" for r in results if r.details.get(MODEL_WEIGHTS_NOTE)})
+    if len(sources) <= 1:
+        return (next(iter(sources), default or WEIGHTS_FROM_MODEL)), notes
+    order = [WEIGHTS_FROM_MASTERS, WEIGHTS_FROM_MODEL] + sorted(set(sources) - {WEIGHTS_FROM_MASTERS, WEIGHTS_FROM_MODEL})
+    return "; ".join(f"{name} ({len(sources[name])} files)" for name in order if name in sources), notes

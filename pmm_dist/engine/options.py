@@ -42,9 +42,9 @@ class MergeOptions:
     format: str = option("auto", "checkpoint format (default: detect)", choices=("auto", *available_formats()))
     device: Optional[str] = option(None, "cpu or cuda (default: cuda when available)")
     optimizer: OptimizerPolicy = option(OptimizerPolicy.DROP, "drop: weights only (default); latest: the newest "
-                                        "checkpoint's optimizer moments, step counters, scheduler and RNG, with the "
-                                        "fp32 master weights merged; merge: the masters and every floating-point "
-                                        "optimizer state merged with the same weights, the rest the newest's")
+                                        "checkpoint's optimizer moments, steps, scheduler and RNG, with the fp32 "
+                                        "master weights merged; merge: the masters and every floating-point "
+                                        "optimizer state (Adam moments) merged, steps, scheduler and RNG the newest's")
     on_nonfinite: NonfinitePolicy = option(NonfinitePolicy.ERROR, "a NaN/Inf in a merged tensor: fail naming tensor "
                                            "and checkpoint (default), warn, or ignore")
     include: Optional[Sequence[str]] = option(None, "merge only the tensors whose names match one of these glob "

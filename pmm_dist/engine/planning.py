@@ -72,6 +72,9 @@ def _plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Inpu
         if not os.path.exists(src):
             raise UsageError(f"{src}: no such file or directory")
     fmt = resolve_format(options.format, options.sources)
+    if options.optimizer not in fmt.optimizer_policies:
+        raise UsageError(f"--optimizer {options.optimizer} is not implemented for {fmt.name} checkpoints (it takes "
+                         f"{', '.join(str(p) for p in fmt.optimizer_policies)})")
     available = fmt.discover(options.sources)
     where = options.sources[0] if len(options.sources) == 1 else f"the {len(options.sources)} given checkpoints"
     try:

@@ -57,8 +57,12 @@ def format_summary(result) -> str:
         f"throughput: {result.read_gbps:.3f} GB/s read, {result.write_gbps:.3f} GB/s written",
         "  peak RSS per rank: " + ", ".join(human_bytes(b) for b in result.peak_rss_by_rank),
         f"  metadata exchanged between ranks: {human_bytes(result.metadata_bytes_exchanged)}",
-        f"  output: {result.output_path}",
+        f"  model weights from: {result.model_weights_from}; --optimizer {plan.optimizer_policy}",
     ]
+    lines += [f"    {note}" for note in result.model_weights_notes[:3]]
+    if len(result.model_weights_notes) > 3:
+        lines.append(f"    ... and {len(result.model_weights_notes) - 3} more (see the manifest)")
+    lines.append(f"  output: {result.output_path}")
     return "\n".join(lines)
 
 

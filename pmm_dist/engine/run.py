@@ -23,7 +23,7 @@ from ..io.staging import Staging
 from . import faults
 from .commit import commit
 from .execution import ShareMerger, ShareOutcome, check_share, choose_device
-from .manifest import MANIFEST, Manifest
+from .manifest import MANIFEST, Manifest, model_weights_summary
 from .options import MergeOptions
 from .planning import MergePlan, plan_merge
 from .report import format_plan
@@ -45,6 +45,8 @@ class MergeResult:
     peak_rss_by_rank: List[int] = field(default_factory=list)
     bytes_read_by_rank: List[int] = field(default_factory=list)
     metadata_bytes_exchanged: int = 0
+    model_weights_from: str = ""      # as the manifest records it
+    model_weights_notes: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -161,6 +163,8 @@ class MergeRun:
         resumed_paths = {plan.output.file_path(r.relpath) for r in results} - \
             {plan.output.file_path(r.relpath) for r in done_now}
 
+        weights_from, weights_notes = model_weights_summary(results, default=plan.model_weights_from)
+
         def manifest_for(files: List[dict]) -> Manifest:
             timings = dict(self.timings, commit=time.perf_counter() - commit_started,
                            total=time.perf_counter() - self.started)
@@ -176,12 +180,13 @@ class MergeRun:
                 tensors_merged=summary["num_tensors_merged"], units_resumed=summary["num_units_resumed"],
                 metadata_bytes_exchanged=metadata_bytes, peak_rss_bytes_by_rank=summary["peak_rss_by_rank"],
                 timings_s={k: round(v, 6) for k, v in timings.items()}, created_unix=time.time(),
-                source_layouts=plan.source_layouts, model_weights_from=plan.model_weights_from,
-                pmm_dist_version=__version__)
+                source_layouts=plan.source_layouts, model_weights_from=weights_from,
+                model_weights_notes=weights_notes, pmm_dist_version=__version__)
 
         output_path, manifest_path, files = commit(fmt, plan, staging, results, self.snapshot,
                                                    self.options.overwrite, manifest_for)
         return dict(summary, output_path=output_path, manifest_path=manifest_path, files=files,
+                    model_weights_from=weights_from, model_weights_notes=weights_notes,
                     num_bytes_written=sum(f["bytes"] for f in files if f["path"] not in resumed_paths))
 
     # -- endings -----------------------------------------------------------------------------------
@@ -193,6 +198,7 @@ class MergeRun:
         result.files = manifest.files
         result.num_bytes_written = manifest.bytes_written
         result.num_units_resumed = plan.num_units
+        result.model_weights_from, result.model_weights_notes = manifest.model_weights_from, manifest.model_weights_notes
         self.timings["merge"] = 0.0
         return self._finish(result)
 

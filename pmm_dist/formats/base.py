@@ -56,6 +56,8 @@ class MergeContext:
 class CheckpointFormat(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
+    # The --optimizer policies the format implements; planning refuses the others in one message.
+    optimizer_policies: ClassVar[Tuple[OptimizerPolicy, ...]] = (OptimizerPolicy.DROP, OptimizerPolicy.LATEST)
 
     @classmethod
     @abstractmethod

@@ -175,9 +175,15 @@ class LeafMerger:
         self.flat_sources, self.paths, self.context = flat_sources, paths, context
         self.num_bytes_read = 0
         self.num_tensors = 0
+        # path -> the output's leaf, computed otherwise (a model weight that is a merged master)
+        self.overrides: Dict[tuple, object] = {}
 
     def __call__(self, path: tuple, leaf):
-        if not is_mergeable(leaf) or not self.context.selects(dotted(path)):
+        if path in self.overrides:
+            return self.overrides[path]
+        # Leaves the newest's merged set leaves out (step counters, moments under --optimizer
+        # latest) stay the newest's.
+        if not is_mergeable(leaf) or path not in self.flat_sources[-1] or not self.context.selects(dotted(path)):
             return leaf
         stack = [flat[path] for flat in self.flat_sources]
         merged = self.context.merge_tensor(stack, f"key '{dotted(path)}'", self.paths)

@@ -260,6 +260,7 @@ def trailing_number(path: str) -> Optional[int]:
 
 
 class DcpFormat(CheckpointFormat):
+    optimizer_policies = (OptimizerPolicy.DROP, OptimizerPolicy.LATEST, OptimizerPolicy.MERGE)
     name = "dcp"
     description = "PyTorch Distributed Checkpoint: .metadata + __*_*.distcp (a checkpoint dir, or a dir of step-N dirs)"
 

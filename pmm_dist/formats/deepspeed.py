@@ -23,14 +23,16 @@ has the newest checkpoint's layout: its data-parallel size and its file set.
   every source's, parameter by parameter (the geometry is in zero3_partitions: it follows from
   param_shapes, the partition count and DeepSpeed's padding), one source at a time, with zeros in
   the padding; ``frozen_param_fragments`` of the model states likewise. The Adam moments
-  (``optimizer_state_dict.optimizer_state_dict``) are removed under ``--optimizer drop`` and kept
-  from the newest checkpoint under ``--optimizer latest``: they are partitioned like the newest,
-  and so is the output, so a full resume at the newest's DP size continues from the merged
-  weights with the newest's moments (older moments, partitioned otherwise, are never mixed in).
-- ZeRO 1/2 (and bf16-optimizer) optimizer files and MoE ``expp_rank_*`` files hold no weights that
-  ``load_checkpoint(load_module_only=True)`` reads: dropped, or the newest's copied unchanged with
-  ``--optimizer latest`` (they match the newest's DP size, which the output has). The model
-  states hold whole weights, so a change of data-parallel size changes nothing there.
+  (``optimizer_state_dict.optimizer_state_dict``) are removed under ``--optimizer drop``, kept
+  from the newest checkpoint under ``--optimizer latest`` (partitioned like the newest, and so is
+  the output) and under ``merge`` merged, remapped like the partitions where a source's DP size
+  differs.
+- ZeRO 1/2 optimizer files hold the fp32 masters (see deepspeed_optim): dropped under ``drop``;
+  under ``latest``/``merge`` merged (masters; moments under merge), as slices of every source's
+  DP-independent flat groups where a source's DP size differs. The model states' ``module`` is
+  cut from every source's merged masters (the model-states unit reads the optimizer files
+  itself) and rounded, where every source has them; else its own tensors are merged, with a note.
+- MoE ``expp_rank_*`` files (optimizer state without ZeRO): dropped; ``latest``/``merge`` refused.
 
 Validation, before anything is written: the selected checkpoints must share one ZeRO stage,
 model-parallel size, optimizer-file dtype (bf16_), MoE expert set, pipeline layer set and
@@ -55,8 +57,13 @@ from ..errors import InputError
 from ..io.atomic import write_atomically
 from ..io.safe_load import register_framework_globals, safe_load
 from ..io.tree import remove_subtree, replace_subtree
-from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, UnitResult, WorkUnit
+from ..plan.types import (MODEL_WEIGHTS_FROM, WEIGHTS_FROM_MASTERS, Action, CheckpointRef, OptimizerPolicy, OutputKind,
+                          OutputLayout, UnitResult, WorkUnit)
 from .base import MergeContext
+from .deepspeed_optim import (FP32_FLAT_GROUPS, OPTIMIZER_STATE, SINGLE_PARTITION, has_moments, moments_by_group,
+                              zero0_leaf_kind, zero0_master_weights, zero12_master_weights, zero12_remap_merge,
+                              zero12_remap_sources, zero12_structure_problem, zero_optim_leaf_kind)
+from .masters import MasterWeights, from_model_copies
 from .common import discover_run_or_checkpoints, layout_change_refusal, listdir, number_in_name
 from .pickled import PickledFileFormat, SourceLeaves
 from .zero3_partitions import copy_pieces, gather_pieces, stream_numel
@@ -97,8 +104,6 @@ _MERGED_SUBTREES = {
 # Layout entries that must agree across the merged checkpoints (dp and the file count may change).
 # (Expert, pipeline-layer and bf16_ optimizer files are compared by name, file by file.)
 FIXED_LAYOUT = ("zero_stage", "mp")
-OPTIMIZER_STATE = "optimizer_state_dict"
-FP32_FLAT_GROUPS = "fp32_flat_groups"
 ZERO3_MOMENTS = (OPTIMIZER_STATE, "optimizer_state_dict")  # the base optimizer's state inside a ZeRO-3 file
 
 
@@ -128,6 +133,7 @@ class _Inventory:
 class DeepSpeedFormat(PickledFileFormat):
     name = "deepspeed"
     description = "DeepSpeed engine.save_checkpoint: latest + global_step*/(mp_rank|zero_pp_rank)_*_states.pt"
+    optimizer_policies = (OptimizerPolicy.DROP, OptimizerPolicy.LATEST, OptimizerPolicy.MERGE)
 
     def __init__(self):
         self._inventories: Dict[str, _Inventory] = {}
@@ -203,13 +209,18 @@ class DeepSpeedFormat(PickledFileFormat):
         newest = checkpoints[-1]
         reference = self._inventory(newest)
 
+        optimizer_policy = OptimizerPolicy(optimizer_policy)
+        keeps = optimizer_policy.keeps_training_state
+
         def needed(name: str, of_newest: bool) -> bool:
-            """Files the merge reads: weights everywhere; the newest's optimizer files to copy them.
-            (Pruned optimizer states of older ZeRO 0-2 checkpoints are fine: never read.)"""
+            """Files the merge must read: weights everywhere; with --optimizer latest|merge every
+            checkpoint's ZeRO optimizer files (their fp32 masters are merged). Under drop, the
+            ZeRO 0-2 optimizer files of older checkpoints are read where present (their masters
+            make the module weights) and may be pruned (the module's copies are merged then)."""
             kind = classify(name)
             if kind in (MODEL, EXPERT, LAYER) or (kind == ZERO_OPTIM and reference.zero_stage == 3):
                 return True
-            return of_newest and optimizer_policy == OptimizerPolicy.LATEST
+            return keeps and (kind == ZERO_OPTIM or of_newest)
 
         # The newest checkpoint is the reference: first its own completeness (from its metadata) ...
         missing = [(name, why) for name, why in _missing_rank_files(reference) if needed(name, True)]
@@ -224,13 +235,13 @@ class DeepSpeedFormat(PickledFileFormat):
                 problems += _unknown_entries(ckpt, inventories[ckpt.path])
             except InputError as exc:  # e.g. a tag directory without its model states: report them all
                 unreadable += exc.problems
-        refusal = None if unreadable else self._layout_refusal(checkpoints)
+        refusal = None if unreadable else self._layout_refusal(checkpoints, optimizer_policy)
         if unreadable or refusal:  # the file sets of other layouts are not compared: one message says why
             raise InputError(([refusal] if refusal else []) + unreadable + problems)
         for ckpt in checkpoints[:-1]:
             inv = inventories[ckpt.path]
             found = {name for name in inv.files if needed(name, False)}
-            if reference.zero_stage == 3 and not _same_partitioning(inv, reference):
+            if (reference.zero_stage == 3 or keeps) and not _same_partitioning(inv, reference):
                 # Its own partition count implies its own rank files (they are remapped onto the newest's).
                 own = {name for name in _implied_files(inv) if needed(name, False)}
                 problems += [f"{os.path.join(ckpt.path, name)}: missing file ({why})"
@@ -242,6 +253,10 @@ class DeepSpeedFormat(PickledFileFormat):
                          for name in sorted(expected - found)]
             problems += [f"{os.path.join(ckpt.path, name)}: unexpected file (absent from the newest checkpoint "
                          f"{newest.path})" for name in sorted(found - expected)]
+        if keeps and any(classify(name) == EXPERT_OPTIM for name in reference.files):
+            problems.append(f"{newest.path}: MoE optimizer state saved without ZeRO (expp_rank_*_optim_states.pt), "
+                            f"whose fp32 masters pmm_dist does not merge: --optimizer {optimizer_policy} is not "
+                            "possible; use --optimizer drop")
         if problems:
             raise InputError(problems)
         units = []
@@ -249,15 +264,16 @@ class DeepSpeedFormat(PickledFileFormat):
             if not needed(name, True):
                 continue
             kind = classify(name)
-            merged = kind in (MODEL, EXPERT, LAYER) or kind == ZERO_OPTIM and reference.zero_stage == 3
+            merged = kind in (MODEL, EXPERT, LAYER) or kind == ZERO_OPTIM and (keeps or reference.zero_stage == 3)
             units.append(WorkUnit(name, os.path.getsize(os.path.join(newest.path, name)),
-                                  action=Action.MERGE if merged else Action.COPY))
+                                  action=Action.MERGE if merged else Action.COPY, optimizer=optimizer_policy))
         return units
 
-    def _layout_refusal(self, checkpoints: Sequence[CheckpointRef]) -> Optional[str]:
+    def _layout_refusal(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> Optional[str]:
         """One message if the checkpoints' layouts cannot be merged: only the data-parallel
-        size may change (ZeRO 0-2: the weights are whole in the model states; ZeRO-3: the
-        partitions are remapped, see zero3_partitions)."""
+        size may change (ZeRO 0-2: the weights are whole in the model states, and the ZeRO-1/2
+        optimizer partitions are slices of DP-independent flat vectors; ZeRO-3: the partitions
+        are remapped, see zero3_partitions)."""
         layouts = [self.checkpoint_layout(ckpt) for ckpt in checkpoints]
         refusal = layout_change_refusal(
             checkpoints, layouts, FIXED_LAYOUT,
@@ -288,8 +304,85 @@ class DeepSpeedFormat(PickledFileFormat):
     def file_problem(self, path: str, state, relpath: str, newest_path=None, newest=None) -> Optional[str]:
         problem = super().file_problem(path, state, relpath)
         if problem is None and classify(relpath) == ZERO_OPTIM:
-            problem = _zero3_partitioning_problem(path, state, newest_path, newest)
+            optim = state.get(OPTIMIZER_STATE)
+            if isinstance(optim, dict) and SINGLE_PARTITION in optim:  # ZeRO-1/2, merged with --optimizer latest|merge
+                problem = None if newest is None else \
+                    zero12_structure_problem(path, optim, newest_path, newest.get(OPTIMIZER_STATE) or {})
+            else:
+                problem = _zero3_partitioning_problem(path, state, newest_path, newest)
         return problem
+
+    # -- optimizer state (see deepspeed_optim) -----------------------------------------------------
+    def training_subtrees(self, state: dict, relpath: str) -> List[tuple]:
+        kind = classify(relpath)
+        if kind == MODEL and isinstance(state.get("optimizer"), dict):  # ZeRO-0: the whole optimizer is here
+            return [("optimizer",)]
+        if kind == ZERO_OPTIM:
+            zero3 = FP32_FLAT_GROUPS in (state.get(OPTIMIZER_STATE) or {})
+            # ZeRO-3's flat groups are merged as the weights under every policy: only its moments here
+            return [ZERO3_MOMENTS] if zero3 else [(OPTIMIZER_STATE,)]
+        return []
+
+    def training_leaf_kind(self, relpath: str, path: tuple) -> Optional[str]:
+        kind = classify(relpath)
+        return zero0_leaf_kind(path) if kind == MODEL else zero_optim_leaf_kind(path) if kind == ZERO_OPTIM else None
+
+    def training_problems(self, relpath: str, checkpoints: Sequence[CheckpointRef], newest: dict,
+                          policy: OptimizerPolicy) -> List[str]:
+        """With --optimizer latest|merge: every checkpoint has optimizer state where the newest
+        keeps it (ZeRO-0: the model states' ``optimizer``; ZeRO 1-3: moments in the optimizer
+        files, for the newest's and, under merge, every source's), partitioned like the
+        newest's (compared by file_problem and the leaves)."""
+        kind = classify(relpath)
+        if not policy.keeps_training_state or kind not in (MODEL, ZERO_OPTIM):
+            return []
+        zero3 = kind == ZERO_OPTIM and FP32_FLAT_GROUPS in (newest.get(OPTIMIZER_STATE) or {})
+        if kind == MODEL and self._inventory(checkpoints[-1]).zero_stage != 0:
+            return []
+        problems = []
+        for index, ckpt in enumerate(checkpoints):
+            if index < len(checkpoints) - 1 and policy != OptimizerPolicy.MERGE and kind == ZERO_OPTIM:
+                continue  # under latest only the newest's moments are kept (its masters are compared as leaves)
+            path = os.path.join(ckpt.path, relpath)
+            if zero3 and self._remaps_partitions(relpath, checkpoints) and ckpt is not checkpoints[-1]:
+                continue  # a source of another partitioning: checked by _partition_sources
+            try:
+                state = newest if ckpt is checkpoints[-1] else safe_load(path)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            if kind == MODEL and not isinstance(state.get("optimizer"), dict):
+                problems.append(f"{path}: no optimizer state (key 'optimizer' is {state.get('optimizer')!r}), needed "
+                                f"by --optimizer {policy}")
+            elif kind == ZERO_OPTIM and not has_moments(state.get(OPTIMIZER_STATE) or {}, zero3):
+                problems.append(f"{path}: no optimizer moments (the base optimizer's state is empty or was removed), "
+                                f"needed by --optimizer {policy}")
+        return problems
+
+    def master_weights(self, relpath: str, checkpoints: Sequence[CheckpointRef], output: dict,
+                       sources: Sequence[SourceLeaves], context: MergeContext) -> MasterWeights:
+        """ZeRO-1/2 model states: the module's parameters cut from every source's merged fp32
+        masters (deepspeed_optim), rounded; ZeRO-3 optimizer files: their fp32 partitions are
+        the weights. Expert and pipeline-layer files: their own tensors (the masters of those
+        live in flat groups pmm_dist does not cut into them)."""
+        kind, inv = classify(relpath), self._inventory(checkpoints[-1])
+        if kind == ZERO_OPTIM:
+            zero3 = FP32_FLAT_GROUPS in (output.get(OPTIMIZER_STATE) or {})
+            return MasterWeights(details={MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MASTERS}) if zero3 else MasterWeights()
+        if kind in (EXPERT, LAYER):
+            return from_model_copies("the fp32 masters of expert and pipeline-layer files are not cut from the "
+                                     "optimizer's flat groups")
+        if kind != MODEL or inv.zero_stage == 3:
+            return MasterWeights()
+        if inv.zero_stage == 0:
+            return zero0_master_weights(output, sources, context)
+        mp = _mp_rank(relpath)
+        files = []
+        for ckpt in checkpoints:
+            optim = sorted((_dp_mp(name)[0], os.path.join(ckpt.path, name))
+                           for name, k in self._inventory(ckpt).files.items() if k == ZERO_OPTIM and _dp_mp(name)[1] == mp)
+            files.append((ckpt.path, [path for _, path in optim]))
+        return zero12_master_weights(output, files, context, _shapes(output.get("param_shapes")))
 
     def without_training_state(self, state: dict, relpath: str) -> dict:
         kind = classify(relpath)
@@ -300,7 +393,7 @@ class DeepSpeedFormat(PickledFileFormat):
         return state
 
     def source_leaves(self, relpath: str, checkpoints: Sequence[CheckpointRef], index: int,
-                      newest: dict) -> SourceLeaves:
+                      newest: dict, policy: OptimizerPolicy = OptimizerPolicy.DROP) -> SourceLeaves:
         """A ZeRO-3 model-states file of a source saved at another data-parallel size: its
         ``module`` (buffers, which every rank saves whole, and empty parameter placeholders)
         from the source's file of the same rank, or of rank 0 where it has fewer ranks; the
@@ -309,7 +402,7 @@ class DeepSpeedFormat(PickledFileFormat):
         ckpt, ref = checkpoints[index], self._inventory(checkpoints[-1])
         inv = self._inventory(ckpt)
         if classify(relpath) != MODEL or ref.zero_stage != 3 or _same_partitioning(inv, ref):
-            return super().source_leaves(relpath, checkpoints, index, newest)
+            return super().source_leaves(relpath, checkpoints, index, newest, policy)
         dp, mp = _dp_mp(relpath)
         count, out_count = zero3_partition_count(inv), zero3_partition_count(ref)
         files = {rank: os.path.join(ckpt.path, _zero3_model_name(rank, mp)) for rank in range(count)}
@@ -334,60 +427,111 @@ class DeepSpeedFormat(PickledFileFormat):
                 where[("frozen_param_fragments", name)] = f"{ckpt.path} (frozen_param_fragments of its {count} ranks)"
         return SourceLeaves(path, leaves, where)
 
-    # -- ZeRO-3 fp32 partitions across data-parallel sizes -----------------------------------------
+    # -- ZeRO partitions across data-parallel sizes -------------------------------------------------
     def _remaps_partitions(self, relpath: str, checkpoints: Sequence[CheckpointRef]) -> bool:
-        """A ZeRO-3 optimizer file, and some source is partitioned otherwise than the newest."""
+        """A ZeRO optimizer file, and some source is partitioned otherwise than the newest (ZeRO
+        1/2 files reach this only under --optimizer latest|merge, where they are merged)."""
         ref = self._inventory(checkpoints[-1])
-        return classify(relpath) == ZERO_OPTIM and ref.zero_stage == 3 and \
+        return classify(relpath) == ZERO_OPTIM and \
             any(not _same_partitioning(self._inventory(c), ref) for c in checkpoints[:-1])
 
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
         if not self._remaps_partitions(unit.relpath, checkpoints):
             return super().check_unit(unit, checkpoints)
         try:
-            self._partition_sources(unit.relpath, checkpoints)
+            if self._inventory(checkpoints[-1]).zero_stage == 3:
+                self._partition_sources(unit.relpath, checkpoints, unit.optimizer)
+            else:
+                self._zero12_sources(unit.relpath, checkpoints, unit.optimizer)
         except InputError as exc:
             return exc.problems
         return []
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
+        filtered = context.tensor_filter.include or context.tensor_filter.exclude
+        if filtered and classify(unit.relpath) == ZERO_OPTIM and context.optimizer_policy.keeps_training_state:
+            raise InputError(f"{os.path.join(checkpoints[-1].path, unit.relpath)}: --include/--exclude select tensors "
+                             f"by name, but the fp32 masters and moments here are flat partitions of many parameters; "
+                             f"--optimizer {context.optimizer_policy} cannot honour them (use --optimizer drop)")
         if not self._remaps_partitions(unit.relpath, checkpoints):
             return super().merge_unit(unit, checkpoints, destination, context)
-        output, numels, sources = self._partition_sources(unit.relpath, checkpoints)
-        out_groups = output[OPTIMIZER_STATE][FP32_FLAT_GROUPS]
-        dp, _ = _dp_mp(unit.relpath)
-        count = zero3_partition_count(self._inventory(checkpoints[-1]))
-        accumulators = [context.accumulator(group.shape, f"key '{OPTIMIZER_STATE}.{FP32_FLAT_GROUPS}.{i}'")
-                        for i, group in enumerate(out_groups)]
-        num_read = 0
-        # One source at a time: memory is the output partition (float64) plus one gathered copy.
-        for (ckpt, source_count, files), weight in zip(sources, context.weights):
-            loaded: Dict[int, list] = {}
-
-            def groups_of(rank: int, files=files, loaded=loaded):
-                if rank not in loaded:
-                    loaded[rank] = safe_load(files[rank])[OPTIMIZER_STATE][FP32_FLAT_GROUPS]
-                return loaded[rank]
-
-            gathered = [torch.zeros(group.shape, dtype=group.dtype) for group in out_groups]  # padding: zeros
-            copied = copy_pieces(gather_pieces(numels, count, dp, source_count), groups_of, gathered)
-            for accumulator, group in zip(accumulators, gathered):
-                accumulator.add(group, weight, ckpt.path)
-            num_read += copied * out_groups[0].element_size()
-            context.on_progress(copied * out_groups[0].element_size())
-        merged = [accumulator.result() for accumulator in accumulators]
-        output = replace_subtree(output, (OPTIMIZER_STATE, FP32_FLAT_GROUPS), lambda groups: type(groups)(merged))
+        if self._inventory(checkpoints[-1]).zero_stage != 3:
+            output, num_read, num_merged = zero12_remap_merge(*self._zero12_sources(unit.relpath, checkpoints,
+                                                                                   context.optimizer_policy), context)
+            details = {}
+        else:
+            output, num_read, num_merged = self._zero3_remap_merge(unit.relpath, checkpoints, context)
+            details = {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MASTERS}
         if context.optimizer_policy == OptimizerPolicy.DROP:
             output = self.without_training_state(output, unit.relpath)
         num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: torch.save(output, f))
-        return UnitResult(unit.relpath, num_bytes, num_read, sha, len(merged))
+        return UnitResult(unit.relpath, num_bytes, num_read, sha, num_merged, details=details)
 
-    def _partition_sources(self, relpath: str, checkpoints: Sequence[CheckpointRef]):
+    def _zero3_remap_merge(self, relpath: str, checkpoints: Sequence[CheckpointRef], context: MergeContext):
+        """This rank's fp32 partitions (and, under --optimizer merge, each moment alike) rebuilt
+        from every source's, one source at a time: memory is the output partition (float64) plus
+        one gathered copy. Under latest the moments are the newest's (partitioned like it)."""
+        policy = context.optimizer_policy
+        output, numels, sources = self._partition_sources(relpath, checkpoints, policy)
+        out_optim = output[OPTIMIZER_STATE]
+        dp, _ = _dp_mp(relpath)
+        count = zero3_partition_count(self._inventory(checkpoints[-1]))
+        # (what, the output's tensors, how a source file gives its tensors of the same kind)
+        streams = [(f"{OPTIMIZER_STATE}.{FP32_FLAT_GROUPS}", out_optim[FP32_FLAT_GROUPS],
+                    lambda state: state[OPTIMIZER_STATE][FP32_FLAT_GROUPS])]
+        if policy == OptimizerPolicy.MERGE:
+            for key in moments_by_group(out_optim)[0]:
+                streams.append((f"moment '{key}'", [group[key] for group in moments_by_group(out_optim)],
+                                lambda state, key=key: [g[key] for g in moments_by_group(state[OPTIMIZER_STATE])]))
+        merged_streams, num_read = [], 0
+        for what, out_groups, of_file in streams:
+            accumulators = [context.accumulator(group.shape, f"{what} group {i}") for i, group in enumerate(out_groups)]
+            for (ckpt, source_count, files), weight in zip(sources, context.weights):
+                loaded: Dict[int, list] = {}
+
+                def groups_of(rank: int, files=files, loaded=loaded, of_file=of_file):
+                    if rank not in loaded:
+                        loaded[rank] = of_file(safe_load(files[rank]))
+                    return loaded[rank]
+
+                gathered = [torch.zeros(group.shape, dtype=group.dtype) for group in out_groups]  # padding: zeros
+                copied = copy_pieces(gather_pieces(numels, count, dp, source_count), groups_of, gathered)
+                for accumulator, group in zip(accumulators, gathered):
+                    accumulator.add(group, weight, ckpt.path)
+                num_read += copied * out_groups[0].element_size()
+                context.on_progress(copied * out_groups[0].element_size())
+            merged_streams.append([accumulator.result() for accumulator in accumulators])
+        output = replace_subtree(output, (OPTIMIZER_STATE, FP32_FLAT_GROUPS),
+                                 lambda groups: type(groups)(merged_streams[0]))
+        if policy == OptimizerPolicy.MERGE:
+            keys = list(moments_by_group(out_optim)[0])
+
+            def moments(base):
+                state = {index: dict(values, **{key: merged_streams[1 + k][position] for k, key in enumerate(keys)})
+                         for position, (index, values) in enumerate(sorted(base["state"].items()))}
+                return dict(base, state=state)
+            output = replace_subtree(output, ZERO3_MOMENTS, moments)
+        return output, num_read, sum(len(groups) for groups in merged_streams)
+
+    def _zero12_sources(self, relpath: str, checkpoints: Sequence[CheckpointRef], policy: OptimizerPolicy):
+        """For one output ZeRO-1/2 optimizer file when some source has another DP size: what
+        zero12_remap_merge needs (see deepspeed_optim.zero12_remap_sources)."""
+        dp, mp = _dp_mp(relpath)
+        files = []
+        for ckpt in checkpoints:
+            ranks = sorted((_dp_mp(name)[0], os.path.join(ckpt.path, name))
+                           for name, k in self._inventory(ckpt).files.items() if k == ZERO_OPTIM and _dp_mp(name)[1] == mp)
+            files.append((ckpt.path, [path for _, path in ranks]))
+        return zero12_remap_sources(files, dp, policy)
+
+    def _partition_sources(self, relpath: str, checkpoints: Sequence[CheckpointRef],
+                           policy: OptimizerPolicy = OptimizerPolicy.DROP):
         """For one output ZeRO-3 optimizer file: the newest's file (loaded), the parameters'
         element counts (param_shapes order) and per source (checkpoint, partition count, its
         optimizer files by dp rank), each file this output reads checked to hold exactly the
-        stream that param_shapes and its partition count imply. InputError lists every problem."""
+        stream that param_shapes and its partition count imply (and, under --optimizer merge,
+        moments of the flat groups' sizes). InputError lists every problem."""
         dp, mp = _dp_mp(relpath)
         newest = checkpoints[-1]
         newest_path = os.path.join(newest.path, relpath)
@@ -397,7 +541,7 @@ class DeepSpeedFormat(PickledFileFormat):
             raise InputError(f"{shapes_path}: no 'param_shapes' (is this a ZeRO-3 model-states file?)")
         numels = [math.prod(shape) for group in shapes for _, shape in group]
         count = zero3_partition_count(self._inventory(newest))
-        output, problem = _flat_partition_problem(newest_path, count, numels, None, newest_path)
+        output, problem = _flat_partition_problem(newest_path, count, numels, None, newest_path, policy)
         if problem:
             raise InputError(problem)
         dtype = output[OPTIMIZER_STATE][FP32_FLAT_GROUPS][0].dtype
@@ -419,7 +563,7 @@ class DeepSpeedFormat(PickledFileFormat):
                     name = _optim_name("bf16_" if inv.bf16 else "", rank, mp, {})
                     problems.append(f"{os.path.join(ckpt.path, name)}: missing file")
                     continue
-                _, problem = _flat_partition_problem(files[rank], source_count, numels, dtype, newest_path)
+                _, problem = _flat_partition_problem(files[rank], source_count, numels, dtype, newest_path, policy)
                 if problem:
                     problems.append(problem)
         if problems:
@@ -606,10 +750,12 @@ def _zero3_model_name(dp_rank: int, mp: int) -> str:
     return f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_model_states.pt"
 
 
-def _flat_partition_problem(path: str, count: int, numels: Sequence[int], dtype, newest_path: str):
+def _flat_partition_problem(path: str, count: int, numels: Sequence[int], dtype, newest_path: str,
+                            policy: OptimizerPolicy = OptimizerPolicy.DROP):
     """(state, None) if the ZeRO-3 optimizer file at ``path`` holds one rank's stream at
     partition count ``count`` (stage 3, that partition count, 1-D float groups of ``dtype``
-    whose sizes add up to what param_shapes imply), else (None, the problem naming file and key)."""
+    whose sizes add up to what param_shapes imply; with --optimizer latest|merge moments of the
+    groups' sizes), else (None, the problem naming file and key)."""
     try:
         state = safe_load(path)
     except InputError as exc:
@@ -632,6 +778,12 @@ def _flat_partition_problem(path: str, count: int, numels: Sequence[int], dtype,
         return None, (f"{path}: key '{OPTIMIZER_STATE}.{FP32_FLAT_GROUPS}' holds {held} elements, but param_shapes "
                       f"({len(numels)} parameters) at partition count {count} need {need} per rank; the "
                       "partitions cannot be mapped")
+    if policy.keeps_training_state and (dtype is None or policy == OptimizerPolicy.MERGE):
+        moments = moments_by_group(optim)
+        if not moments or len(moments) != len(groups) or \
+                any(v.shape != g.shape for m, g in zip(moments, groups) for v in m.values()):
+            return None, (f"{path}: no optimizer moments of the flat groups' sizes (key '{OPTIMIZER_STATE}."
+                          f"{OPTIMIZER_STATE}.state'), needed by --optimizer {policy}")
     return state, None
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..io.atomic import copy_atomically, write_atomically, write_json_atomically
-from ..errors import InputError, MergeError, UsageError
+from ..errors import InputError, MergeError
 from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, UnitResult, WorkUnit
 from .base import CheckpointFormat, MergeContext
 from .common import EntrySpec, compare_entries, listdir, number_in_name, sorted_unique
@@ -106,6 +106,8 @@ class _Inventory:
 
 
 class HuggingFaceFormat(CheckpointFormat):
+    # --optimizer merge is refused (by planning): the Trainer's optimizer.pt is one pickled state
+    # dict keyed by parameter index, not merged here, and must never be silently dropped.
     name = "hf"
     description = ("Hugging Face model directories: model.safetensors or model.safetensors.index.json + shards "
                    "(several checkpoint dirs, or one run dir of step_*/checkpoint-* dirs)")
@@ -184,12 +186,6 @@ class HuggingFaceFormat(CheckpointFormat):
 
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
-        if optimizer_policy == OptimizerPolicy.MERGE:
-            # The Trainer's optimizer.pt is one pickled torch state dict per checkpoint, keyed by
-            # parameter index: not merged here. Refused, so that it is never silently dropped.
-            raise UsageError("--optimizer merge is not supported for Hugging Face checkpoints (their optimizer.pt "
-                             "is not merged); use --optimizer latest (the newest's optimizer, scheduler and RNG "
-                             "files) or drop")
         inventories = [self._inventory(c) for c in checkpoints]
         newest = inventories[-1]
         problems = [p for inv in inventories for p in inv.problems]

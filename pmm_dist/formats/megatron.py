@@ -12,6 +12,12 @@ The output has the newest checkpoint's layout. A source saved at another PP, EP 
 (same TP) is renumbered: each output key's global name (global layer, global expert; see
 megatron_layout) is looked up in whichever of that source's shards holds it. A TP change is
 refused in one message: the files do not record how each parameter is split over TP ranks.
+
+Optimizer state (megatron_optim): the model tensors are the merged fp32 masters rounded wherever
+every source has them (``optimizer.fp32_from_fp16_params``, or the ``param`` buffers of the
+shard's ``distrib_optim.pt``), under every policy; ``--optimizer latest`` merges the masters and
+keeps the newest's moments, ``merge`` merges the moments too (``distrib_optim.pt`` elementwise).
+Both need every checkpoint to have the newest's optimizer structure and shard layout.
 """
 import os
 import re
@@ -20,9 +26,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import InputError
 from ..io.planning_reads import subdirectories
 from ..io.safe_load import register_framework_globals, safe_load
-from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
+from ..plan.types import CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
 from .common import discover_run_or_checkpoints, layout_change_refusal, listdir, number_in_name
+from .base import MergeContext
+from .masters import MasterWeights, from_model_copies
 from .megatron_layout import ShardLayout, shard_layout
+from .megatron_optim import (distrib_leaf_kind, distrib_structure, distrib_weights, has_optimizer_state, in_file_weights,
+                             masters_of, model_file_leaf_kind, optimizer_entries, structure)
 from .pickled import PickledFileFormat, SourceLeaves
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -102,6 +112,7 @@ class IterationTracker:
 class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
     name = "megatron"
     description = "Megatron-LM legacy torch format: latest_checkpointed_iteration.txt + iter_*/mp_rank_*/model_optim_rng.pt"
+    optimizer_policies = (OptimizerPolicy.DROP, OptimizerPolicy.LATEST, OptimizerPolicy.MERGE)
 
     def __init__(self):
         # per checkpoint: (file, saved args) of its first shard, and its shard layout (read once)
@@ -199,10 +210,18 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
 
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
+        optimizer_policy = OptimizerPolicy(optimizer_policy)
         newest = checkpoints[-1]
         problems: List[str] = []
         layouts = [self.checkpoint_layout(ckpt) for ckpt in checkpoints]
         refusal = self._layout_refusal(checkpoints, layouts)
+        if refusal is None and optimizer_policy.keeps_training_state:
+            # A shard's optimizer state is ordered by that shard's parameters: no renumbering.
+            refusal = layout_change_refusal(
+                checkpoints, layouts, ("tp", "pp", "ep", "vp", "shards"), show=("tp", "pp", "ep", "vp"),
+                reason=f"--optimizer {optimizer_policy} merges each shard's optimizer state (kept in the order of "
+                       "that shard's parameters), so every checkpoint must have the newest's shard layout",
+                hint="or use --optimizer drop (the weights merge across PP, EP and VP changes)")
         if refusal:
             raise InputError(refusal)
         reference = self._degrees(newest)
@@ -227,12 +246,18 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
                     problems.append(f"{path}: missing file")
         if problems:
             raise InputError(sorted(set(problems), key=problems.index))
-        units = [WorkUnit(f"{name}/{MODEL_FILE}", os.path.getsize(os.path.join(newest.path, name, MODEL_FILE)))
-                 for name in sorted(expected)]
-        if optimizer_policy == OptimizerPolicy.LATEST:
-            units += [WorkUnit(f"{name}/{DISTRIB_OPTIM_FILE}", os.path.getsize(path), action=Action.COPY)
-                      for name in sorted(expected)
-                      for path in [os.path.join(newest.path, name, DISTRIB_OPTIM_FILE)] if os.path.isfile(path)]
+        units = [WorkUnit(f"{name}/{MODEL_FILE}", os.path.getsize(os.path.join(newest.path, name, MODEL_FILE)),
+                          optimizer=optimizer_policy) for name in sorted(expected)]
+        if optimizer_policy.keeps_training_state:  # the distributed optimizer's masters and moments: merged
+            distrib = [name for name in sorted(expected) if os.path.isfile(os.path.join(newest.path, name, DISTRIB_OPTIM_FILE))]
+            problems = [f"{os.path.join(ckpt.path, name, DISTRIB_OPTIM_FILE)}: missing file (present in the newest "
+                        f"checkpoint {newest.path}; --optimizer {optimizer_policy} merges it)"
+                        for ckpt in checkpoints[:-1] for name in distrib
+                        if not os.path.isfile(os.path.join(ckpt.path, name, DISTRIB_OPTIM_FILE))]
+            if problems:
+                raise InputError(problems)
+            units += [WorkUnit(f"{name}/{DISTRIB_OPTIM_FILE}", os.path.getsize(os.path.join(newest.path, name, DISTRIB_OPTIM_FILE)),
+                               optimizer=optimizer_policy) for name in distrib]
         return units
 
     @staticmethod
@@ -244,18 +269,97 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
 
     # -- per-file hooks of the pickled-file skeleton ----------------------------------------------
     def merged_subtrees(self, state: dict, relpath: str) -> List[tuple]:
-        return [(key,) for key in model_keys(state)]
+        return [] if _is_distrib(relpath) else [(key,) for key in model_keys(state)]
 
     def file_problem(self, path: str, state, relpath: str, newest_path=None, newest=None) -> Optional[str]:
+        if _is_distrib(relpath):
+            if not isinstance(state, (dict, list)):
+                return f"{path}: expected a dict (or a list, chained optimizers), found {type(state).__name__}"
+            if newest is not None and distrib_structure(state) != distrib_structure(newest):
+                return (f"{path}: its buffers (optimizer, gbuf_idx, dtype, numel_unpadded) "
+                        f"{_differing(distrib_structure(state), distrib_structure(newest))} differ from the newest "
+                        f"checkpoint's ({newest_path}): another model or bucket layout")
+            return None
         if not isinstance(state, dict) or not model_keys(state):
             return f"{path}: no 'model' entry (is this a Megatron model_optim_rng.pt?)"
         return None
+
+    # -- optimizer state (see megatron_optim) ------------------------------------------------------
+    def training_subtrees(self, state: dict, relpath: str) -> List[tuple]:
+        if _is_distrib(relpath):
+            return [()]
+        return [("optimizer",)] if state.get("optimizer") is not None else []
+
+    def training_leaf_kind(self, relpath: str, path: tuple) -> Optional[str]:
+        return distrib_leaf_kind(path) if _is_distrib(relpath) else model_file_leaf_kind(path)
+
+    def training_problems(self, relpath: str, checkpoints: Sequence[CheckpointRef], newest: dict,
+                          policy: OptimizerPolicy) -> List[str]:
+        """With --optimizer latest|merge: the newest has optimizer state, and every source the
+        newest's optimizer structure (its masters are merged; under merge its moments too)."""
+        if not policy.keeps_training_state or _is_distrib(relpath):
+            return []  # distrib_optim.pt: compared by file_problem and the leaves
+        newest_path = os.path.join(checkpoints[-1].path, relpath)
+        if not has_optimizer_state(newest):
+            return [f"{newest_path}: no optimizer state (saved with --no-save-optim?), needed by --optimizer {policy}"]
+        problems = []
+        for ckpt in checkpoints[:-1]:
+            path = os.path.join(ckpt.path, relpath)
+            try:
+                state = safe_load(path)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            if not has_optimizer_state(state):
+                problems.append(f"{path}: no optimizer state (saved with --no-save-optim?), needed by --optimizer {policy}")
+            elif structure(state) != structure(newest):
+                problems.append(f"{path}: optimizer structure (kind of state, param group sizes, master groups) "
+                                f"{_differing(structure(state), structure(newest))} differs from the newest "
+                                f"checkpoint's ({newest_path})")
+        return problems
+
+    def master_weights(self, relpath: str, checkpoints: Sequence[CheckpointRef], output: dict,
+                       sources: Sequence[SourceLeaves], context: MergeContext) -> MasterWeights:
+        """The shard's model tensors as the merged fp32 masters, rounded: from the file's
+        ``fp32_from_fp16_params`` (Float16Optimizer) or the shard's distrib_optim.pt buffers
+        (DistributedOptimizer) of every source; the model copies (with a note) where a source
+        has none, or was saved at another layout."""
+        if _is_distrib(relpath):
+            if context.tensor_filter.include or context.tensor_filter.exclude:
+                raise InputError(f"{os.path.join(checkpoints[-1].path, relpath)}: --include/--exclude select tensors by "
+                                 f"name, but the fp32 masters and moments here are flat partitions of many parameters; "
+                                 f"--optimizer {context.optimizer_policy} cannot honour them (use --optimizer drop)")
+            return MasterWeights()
+        states, names = [source.state for source in sources], [source.name for source in sources]
+        if any(state is None for state in states):
+            return from_model_copies("some source was saved at another PP/EP/VP layout: its optimizer state is "
+                                     "not renumbered, so the model copies are merged")
+        missing = [name for state, name in zip(states, names) if not has_optimizer_state(state)]
+        if missing:
+            return from_model_copies(f"{missing[0]} has no optimizer state (--no-save-optim?): the masters of every "
+                                     "source are needed" if has_optimizer_state(states[-1]) else "")
+        keys = model_keys(output)
+        if any(masters_of(entry) is not None for _, entry in optimizer_entries(states[-1])):
+            if any(structure(state) != structure(states[-1]) for state in states[:-1]):
+                return from_model_copies("the sources' optimizer structures differ")
+            return in_file_weights(states, names, keys, context)
+        distrib = os.path.join(os.path.dirname(relpath), DISTRIB_OPTIM_FILE)
+        paths = [os.path.join(ckpt.path, distrib) for ckpt in checkpoints]
+        if not os.path.isfile(paths[-1]):
+            return from_model_copies()  # fp32 training: the model's tensors are the weights
+        absent = [path for path in paths if not os.path.isfile(path)]
+        if absent:
+            return from_model_copies(f"{absent[0]} is missing: the masters of every source are needed")
+        distribs = [safe_load(path) for path in paths]
+        if any(distrib_structure(d) != distrib_structure(distribs[-1]) for d in distribs[:-1]):
+            return from_model_copies("the sources' distrib_optim.pt buffers differ")
+        return distrib_weights(states[-1], keys, distribs, paths, states, context)
 
     def without_training_state(self, state: dict, relpath: str) -> dict:
         return {key: value for key, value in state.items() if key not in TRAINING_STATE_KEYS}
 
     def source_leaves(self, relpath: str, checkpoints: Sequence[CheckpointRef], index: int,
-                      newest: dict) -> SourceLeaves:
+                      newest: dict, policy: OptimizerPolicy = OptimizerPolicy.DROP) -> SourceLeaves:
         """A source saved at another PP/EP/VP layout: each leaf of the newest's shard file
         ``relpath``, under its global name (global layer, global expert), from whichever of the
         source's shards holds it; keys outside the decoder layers (embedding, final norm, output
@@ -263,7 +367,7 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         or last)."""
         ckpt, newest_ckpt = checkpoints[index], checkpoints[-1]
         if self._placement(ckpt) == self._placement(newest_ckpt):
-            return super().source_leaves(relpath, checkpoints, index, newest)
+            return super().source_leaves(relpath, checkpoints, index, newest, policy)
         out, src = self._shard_layout(newest_ckpt), self._shard_layout(ckpt)
         tp, out_pp, out_ep = out.rank_of(relpath.split("/")[0])
         ep = out_ep if out_ep < src.ep else 0  # what every EP rank holds alike: from this one
@@ -314,6 +418,18 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
 
     def weight_files(self, checkpoint_dir: str) -> List[str]:
         return [f"{name}/{MODEL_FILE}" for name in _shard_dirs(checkpoint_dir)]
+
+
+def _is_distrib(relpath: str) -> bool:
+    return os.path.basename(relpath) == DISTRIB_OPTIM_FILE
+
+
+def _differing(found: list, newest: list) -> str:
+    """The first entry where two structure descriptions differ, for messages."""
+    for a, b in zip(found, newest):
+        if a != b:
+            return f"{a} (the newest: {b})"
+    return f"{len(found)} entries (the newest: {len(newest)})"
 
 
 def _shard_dirs(path: str) -> List[str]:

@@ -39,10 +39,21 @@ class Action(Choice):
 
 
 class OptimizerPolicy(Choice):
-    """What the output keeps of the training state (optimizer, scheduler, RNG)."""
+    """What the output keeps of the training state (optimizer, scheduler, RNG).
+
+    Where a format keeps fp32 master weights apart from the model's low-precision copies, the
+    masters are the weights: they are merged under LATEST and MERGE like the model, and the model
+    files hold the merged masters rounded to the model's dtype (under every policy, where every
+    source has them).
+    """
     DROP = "drop"       # weights only
-    LATEST = "latest"   # the newest checkpoint's training state
-    MERGE = "merge"  # masters and every float optimizer state merged with the same weights
+    LATEST = "latest"   # the newest checkpoint's moments, steps, scheduler and RNG; the masters merged
+    MERGE = "merge"     # the masters and every floating-point optimizer state merged; steps, scheduler
+                        # and RNG the newest's
+
+    @property
+    def keeps_training_state(self) -> bool:
+        return self != OptimizerPolicy.DROP
 
 
 class NonfinitePolicy(Choice):
@@ -155,6 +166,8 @@ class WorkUnit:
     num_bytes: int
     action: Action = Action.MERGE
     items: Tuple[ChunkItem, ...] = ()
+    optimizer: OptimizerPolicy = OptimizerPolicy.DROP   # the merge's --optimizer, for formats whose
+                                                        # checks depend on it (what a file must hold)
 
 
 @dataclass(frozen=True)
@@ -166,3 +179,11 @@ class UnitResult:
     sha256: str
     num_tensors_merged: int
     details: Dict[str, object] = field(default_factory=dict)  # small, format-specific (for finalize)
+    # Keys of ``details`` the engine reads (a format that writes model weights sets them):
+    # MODEL_WEIGHTS_FROM, one of the WEIGHTS_FROM_* values, and MODEL_WEIGHTS_NOTE, why not masters.
+
+
+MODEL_WEIGHTS_FROM = "model_weights_from"
+MODEL_WEIGHTS_NOTE = "model_weights_note"
+WEIGHTS_FROM_MASTERS = "fp32 masters"    # the merged fp32 master weights, rounded to the model's dtype
+WEIGHTS_FROM_MODEL = "model copies"      # the merged tensors of the model files themselves

@@ -9,6 +9,14 @@ weights, Transformer Engine ``_extra_state`` entries, the argparse ``args``, opt
 scheduler state and an RNG state holding numpy arrays. Weights drift slowly between
 checkpoints as in a real run, so the checkpoints of one run are close to one another.
 
+With ``fp32_masters`` the optimizer state is shaped as megatron-core saves it and consistent
+with the model, as in a mixed-precision run: the fp32 masters are the unrounded weights and the
+model's bf16/fp16 tensors their rounding; Float16Optimizer's ``fp32_from_fp16_params`` per param
+group (weights with weight decay, then biases and norms), without names, and moments per
+parameter index; or, with ``distrib_optim``, distrib_optim.pt's coalesced buffers (one per model
+chunk and dtype, parameters in reverse order at 64-element alignment; a chained pair of states,
+dense then expert, where the model has experts) with masters and moments.
+
     python -m pmm_dist.synthetic RUN --tp 2 --pp 2 --ep 2 --iterations 100,200,300,400
 """
 import argparse
@@ -56,8 +64,10 @@ def layer_tensors(cfg, tp_rank: int, ep_rank: int) -> Dict[str, tuple]:
     return spec
 
 
-def model_chunk(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int) -> Dict[str, object]:
-    """The state dict of one virtual-pipeline chunk of one shard at one iteration."""
+def model_chunk(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int,
+                masters: Dict[str, torch.Tensor] = None) -> Dict[str, object]:
+    """The state dict of one virtual-pipeline chunk of one shard at one iteration (``masters``,
+    if given, receives the fp32 value of every tensor before its rounding to the model dtype)."""
     layers_per_chunk = cfg.num_layers // (cfg.pp * cfg.vp)
     first_layer = (chunk * cfg.pp + pp_rank) * layers_per_chunk  # Megatron's interleaved assignment
     is_first = pp_rank == 0 and chunk == 0
@@ -70,7 +80,10 @@ def model_chunk(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int, c
         base = _tensor(shape, torch.float32, "base", global_name, *owner)
         drift = _tensor(shape, torch.float32, "drift", global_name, *owner, scale=0.002)
         noise = _tensor(shape, torch.float32, "noise", global_name, *owner, iteration, scale=0.0005)
-        state[name] = (base + drift * (iteration / cfg.interval) + noise).to(dtype)
+        value = base + drift * (iteration / cfg.interval) + noise
+        state[name] = value.to(dtype)
+        if masters is not None:
+            masters[name] = value
 
     vocab = cfg.padded_vocab_size
     if is_first:
@@ -104,11 +117,77 @@ def saved_args(cfg) -> argparse.Namespace:
         use_distributed_optimizer=cfg.distrib_optim, seed=1234)
 
 
+def _params(models: Dict[str, dict]) -> List[tuple]:
+    """(chunk key, key, tensor) of every float tensor of the model chunks, in state-dict order."""
+    return [(chunk, key, value) for chunk, state in models.items() for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()]
+
+
+def _moments(master: torch.Tensor, *parts) -> Dict[str, torch.Tensor]:
+    return {"exp_avg": master * 0.1 + _tensor(master.shape, torch.float32, "m", *parts, scale=1e-4),
+            "exp_avg_sq": master * master + _tensor(master.shape, torch.float32, "v", *parts, scale=1e-6).abs()}
+
+
+def float16_optimizer_state(models, masters, iteration: int, where: tuple) -> dict:
+    """Float16OptimizerWithFloat16Params.state_dict() of a shard: two param groups (weight decay
+    for matrices, none for biases and norms), moments per parameter index, and per group the fp32
+    masters of its low-precision parameters (fp32 parameters, like the router, have none)."""
+    params = _params(models)
+    groups = [[p for p in params if p[2].dim() > 1], [p for p in params if p[2].dim() <= 1]]
+    index, state, param_groups, fp32_from_fp16 = 0, {}, [], []
+    for wd_mult, group in zip((1.0, 0.0), groups):
+        param_groups.append({"lr": 3e-4, "wd_mult": wd_mult, "lr_mult": 1.0, "params": list(range(index, index + len(group)))})
+        fp32_from_fp16.append([masters[chunk][key].clone() for chunk, key, value in group if value.dtype != torch.float32])
+        for chunk, key, value in group:
+            master = masters[chunk][key] if value.dtype != torch.float32 else value
+            state[index] = {"step": torch.tensor(float(iteration)), **_moments(master, *where, chunk, key, iteration)}
+            index += 1
+    return {"optimizer": {"state": state, "param_groups": param_groups},
+            "grad_scaler": {"scale": 1.0}, "fp32_from_fp16_params": fp32_from_fp16}
+
+
+def distrib_optim_state(models, masters, iteration: int, where: tuple):
+    """distrib_optim.pt of a shard (get_parameter_state_dp_zero's coalesced format): per model
+    chunk and parameter dtype one buffer, its parameters in reverse order, each at a multiple of
+    64 elements; dense and expert parameters in two chained states where there are experts."""
+    params = _params(models)
+    kinds = [[p for p in params if ".experts." not in p[1]], [p for p in params if ".experts." in p[1]]]
+    states = []
+    for kind in (k for k in kinds if k):
+        state, gbuf = {"buckets_coalesced": True}, 0
+        for chunk in models:
+            dtypes = list(dict.fromkeys(p[2].dtype for p in kind if p[0] == chunk))
+            for dtype in dtypes:
+                members = [p for p in kind if p[0] == chunk and p[2].dtype == dtype]
+                starts, end = [], 0
+                for _, _, value in reversed(members):
+                    end = -(-end // 64) * 64
+                    starts.append(end)
+                    end += value.numel()
+                buffer = {key: torch.zeros(end) for key in ("param", "exp_avg", "exp_avg_sq")}
+                for start, (c, key, value) in zip(starts, reversed(members)):
+                    master = masters[c][key] if value.dtype != torch.float32 else value
+                    for name, tensor in {"param": master, **_moments(master, *where, c, key, iteration)}.items():
+                        buffer[name][start:start + value.numel()] = tensor.reshape(-1)
+                state[gbuf] = {(dtype, torch.float32): dict(buffer, numel_unpadded=end)}
+                gbuf += 1
+        states.append(state)
+    return states[0] if len(states) == 1 else states
+
+
 def shard_state(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int) -> Dict[str, object]:
-    models = {f"model{c}" if cfg.vp > 1 else "model": model_chunk(cfg, iteration, tp_rank, pp_rank, ep_rank, c)
-              for c in range(cfg.vp)}
+    masters = {}
+    models = {}
+    for c in range(cfg.vp):
+        key = f"model{c}" if cfg.vp > 1 else "model"
+        models[key] = model_chunk(cfg, iteration, tp_rank, pp_rank, ep_rank, c, masters.setdefault(key, {}))
     if not cfg.optimizer_state:  # as saved with --no-save-optim --no-save-rng
         return {"args": saved_args(cfg), "checkpoint_version": 3.0, "iteration": iteration, **models}
+    optimizer = None
+    if cfg.fp32_masters:
+        optimizer = {"optimizer": {"param_groups": [{"lr": 3e-4, "wd_mult": 1.0, "lr_mult": 1.0, "step": iteration}]},
+                     "grad_scaler": {"scale": 1.0}} if cfg.distrib_optim else \
+            float16_optimizer_state(models, masters, iteration, (tp_rank, pp_rank, ep_rank))
     fp32_params = [t.float() for m in models.values() for t in m.values()
                    if isinstance(t, torch.Tensor) and t.is_floating_point()]
     rng = random.Random(iteration)
@@ -118,7 +197,7 @@ def shard_state(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int) -
         "checkpoint_version": 3.0,
         "iteration": iteration,
         **models,
-        "optimizer": {
+        "optimizer": optimizer if cfg.fp32_masters else {
             "optimizer": {"state": {i: {"exp_avg": p * 0.1, "exp_avg_sq": p * p, "step": torch.tensor(float(iteration))}
                                     for i, p in enumerate(fp32_params)},
                           "param_groups": [{"lr": 3e-4, "params": list(range(len(fp32_params)))}]},
@@ -134,8 +213,9 @@ def shard_state(cfg, iteration: int, tp_rank: int, pp_rank: int, ep_rank: int) -
 def generate_run(run_dir: str, *, iterations: Sequence[int], tp: int = 2, pp: int = 2, ep: int = 2, vp: int = 1,
                  num_layers: int = 4, hidden_size: int = 64, ffn_hidden_size: int = 128, num_experts: int = 4,
                  vocab_size: int = 256, dtype: torch.dtype = torch.bfloat16, distrib_optim: bool = False,
-                 optimizer_state: bool = True) -> List[str]:
-    """Write a run directory with one checkpoint per iteration; returns the checkpoint dirs."""
+                 optimizer_state: bool = True, fp32_masters: bool = False) -> List[str]:
+    """Write a run directory with one checkpoint per iteration; returns the checkpoint dirs.
+    ``fp32_masters``: optimizer state as megatron-core saves it (see the module docstring)."""
     if num_layers % (pp * vp):
         raise ValueError(f"num_layers {num_layers} must divide by PP*VP = {pp * vp}")
     if num_experts and num_experts % ep:
@@ -144,7 +224,7 @@ def generate_run(run_dir: str, *, iterations: Sequence[int], tp: int = 2, pp: in
     cfg = argparse.Namespace(tp=tp, pp=pp, ep=ep, vp=vp, num_layers=num_layers, hidden_size=hidden_size,
                              ffn_hidden_size=ffn_hidden_size, num_experts=num_experts, dtype=dtype,
                              padded_vocab_size=vocab_size, distrib_optim=distrib_optim,
-                             optimizer_state=optimizer_state,
+                             optimizer_state=optimizer_state, fp32_masters=fp32_masters,
                              interval=(iterations[1] - iterations[0]) if len(iterations) > 1 else 1)
     ckpt_dirs = []
     for iteration in iterations:
@@ -155,7 +235,14 @@ def generate_run(run_dir: str, *, iterations: Sequence[int], tp: int = 2, pp: in
                     shard = os.path.join(ckpt_dir, shard_dirname(t, p, e, pp, ep))
                     os.makedirs(shard, exist_ok=True)
                     torch.save(shard_state(cfg, iteration, t, p, e), os.path.join(shard, MODEL_FILE))
-                    if distrib_optim:
+                    if distrib_optim and fp32_masters:
+                        masters = {}
+                        models = {f"model{c}" if vp > 1 else "model": model_chunk(
+                            cfg, iteration, t, p, e, c, masters.setdefault(f"model{c}" if vp > 1 else "model", {}))
+                            for c in range(vp)}
+                        torch.save(distrib_optim_state(models, masters, iteration, (t, p, e)),
+                                   os.path.join(shard, "distrib_optim.pt"))
+                    elif distrib_optim:
                         torch.save({"buckets_coalesced": True, 0: {(torch.bfloat16, torch.float32): {
                             "param": _tensor((1024,), torch.float32, "dopt", iteration, t, p, e),
                             "numel_unpadded": 1000}}}, os.path.join(shard, "distrib_optim.pt"))
@@ -184,12 +271,15 @@ def main(argv=None) -> int:
     parser.add_argument("--distrib-optim", action="store_true", help="also write distrib_optim.pt files")
     parser.add_argument("--no-optimizer", action="store_true",
                         help="weights only, as saved with --no-save-optim --no-save-rng")
+    parser.add_argument("--fp32-masters", action="store_true",
+                        help="optimizer state as megatron-core saves it: fp32 masters whose rounding the model holds")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     dirs = generate_run(args.run_dir, iterations=[int(x) for x in args.iterations.split(",")], tp=args.tp,
                         pp=args.pp, ep=args.ep, vp=args.vp, num_layers=args.layers, hidden_size=args.hidden,
                         ffn_hidden_size=args.ffn, num_experts=args.experts, vocab_size=args.vocab, dtype=dtype,
-                        distrib_optim=args.distrib_optim, optimizer_state=not args.no_optimizer)
+                        distrib_optim=args.distrib_optim, optimizer_state=not args.no_optimizer,
+                        fp32_masters=args.fp32_masters)
     size = sum(os.path.getsize(os.path.join(d, f)) for c in dirs for d, _, fs in os.walk(c) for f in fs)
     print(f"wrote {len(dirs)} checkpoints (TP={args.tp} PP={args.pp} EP={args.ep} VP={args.vp}) "
           f"to {args.run_dir}, {size / 2**20:.1f} MiB")

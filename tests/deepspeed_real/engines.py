@@ -24,6 +24,11 @@ Launch with torchrun (2 processes unless said otherwise):
       this rank holds to DUMP/rank{r}.pt: every parameter (ZeRO-3: gathered; MoE experts under
       their GLOBAL ids; pipeline: this stage's layers) and buffer, and which parameters changed.
       A "_dp1" run's engine is built at data-parallel size 1, as it was trained.
+      With "probe": a full load (``tag`` picks a checkpoint of a run directory), then the dump also
+      holds what the optimizer continues from, through DeepSpeed's own accessors: each parameter's
+      fp32 master (``safe_get_full_fp32_param``) and Adam moments (``safe_get_full_optimizer_state``),
+      the scheduler's state and the engine's global step; then one training step (the run's own
+      learning rate), whose loss and whether every weight changed and stayed finite are recorded.
 
 The models: "dense" (Linear 8->15, LayerNorm, Linear 15->6, a float buffer updated in forward and an
 integer buffer; 135-element weight, so ZeRO-3 partitions need padding), "moe" (Linear, a
@@ -50,6 +55,10 @@ RUNS["moe_ep2"] = ("moe", 2, "bf16")
 RUNS["pipe_2stage"] = ("pipe", 1, "fp32")
 RUNS["zero2_fp32_dp1"] = ("dense", 2, "fp32")  # data-parallel size 1 (see SoloMPU)
 RUNS["zero3_fp32_dp1"] = ("dense", 3, "fp32")  # the same, under ZeRO-3 (layout-change tests)
+# Optimizer-aware merges (tests/test_deepspeed_optimizer_real.py): with a learning-rate scheduler.
+OPTIM_RUNS = [f"opt_zero{stage}_{dtype}" for stage in (1, 2, 3) for dtype in ("fp32", "bf16")]
+OPTIM_RUNS += ["opt_zero2_bf16_dp1", "opt_zero3_bf16_dp1"]
+RUNS.update({run: ("dense", int(run[len("opt_zero")]), run.split("_")[2]) for run in OPTIM_RUNS})
 
 
 def _deepspeed():
@@ -104,6 +113,9 @@ def build(run: str, seed: int):
               "zero_optimization": {"stage": stage}}
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}
+    if run.startswith("opt_"):
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-2,
+                                                              "warmup_num_steps": 20}}
     if kind == "dense":
         model = DenseNet()
         params = model.parameters()
@@ -225,7 +237,9 @@ def cmd_load(opts):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                mpu=SoloMPU() if run.endswith("_dp1") else None)
         before = _named_parameters(engine, run)
-        if load.get("full"):
+        if load.get("probe"):
+            path, client_state = engine.load_checkpoint(load["checkpoint"], tag=load.get("tag"))
+        elif load.get("full"):
             path, client_state = engine.load_checkpoint(load["checkpoint"])
         else:
             path, client_state = engine.load_checkpoint(load["checkpoint"], load_module_only=True,
@@ -244,9 +258,38 @@ def cmd_load(opts):
         dump = {"params": after, "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()},
                 "changed": sorted(n for n in after if not torch.equal(after[n], before[n])),
                 "load_path": path, "client_state_keys": sorted(client_state or {})}
+        if load.get("probe"):
+            dump.update(_probe(engine, run, rank))
         os.makedirs(load["dump"], exist_ok=True)
         torch.save(dump, os.path.join(load["dump"], f"rank{rank}.pt"))
         del engine, optimizer, model
+
+
+def _probe(engine, run, rank):
+    """What the loaded optimizer holds (through DeepSpeed's accessors), then one training step."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    # ZeRO-1/2 link each parameter to its optimizer state lazily, at the first step: link now
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+    masters, moments = {}, {}
+    for name, param in engine.module.named_parameters():  # collective under ZeRO-3: every rank, same order
+        masters[name] = safe_get_full_fp32_param(param).detach().cpu().clone()
+        moments[name] = {key: safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+                         for key in ("exp_avg", "exp_avg_sq")}
+    probe = {"masters": masters, "moments": moments, "global_steps": engine.global_steps,
+             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+             "lr": [group["lr"] for group in engine.optimizer.param_groups]}
+    before = _named_parameters(engine, run)
+    x, y = next(_batches(rank, next(engine.module.parameters()).dtype))
+    loss = _mse(engine(x), y)
+    engine.backward(loss)
+    engine.step()
+    after = _named_parameters(engine, run)
+    probe["step"] = {"loss": float(loss), "changed": sorted(n for n in after if not torch.equal(after[n], before[n])),
+                     "finite": all(bool(torch.isfinite(v).all()) for v in after.values()),
+                     "global_steps": engine.global_steps}
+    return probe
 
 
 def main(argv=None):
@@ -254,7 +297,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train")
     train.add_argument("out")
-    train.add_argument("--runs", default=",".join(RUNS))
+    train.add_argument("--runs", default=",".join(run for run in RUNS if run not in OPTIM_RUNS))
     load = commands.add_parser("load")
     load.add_argument("spec")
     opts = parser.parse_args(argv)

@@ -1,0 +1,166 @@
+"""fp32 master weights and optimizer state in pickled shard files: what merges under each
+``--optimizer`` policy, and which model tensor each master is.
+
+Under mixed precision the trainer's weights are the fp32 masters the optimizer keeps; the
+model's bf16/fp16 tensors are their rounding (Megatron copies masters to the model after every
+step; so does DeepSpeed). The formats therefore write merged model weights as the merged masters
+rounded to the model's dtype wherever every source has masters, and say so in the unit's details.
+
+Leaves of an optimizer state are of three kinds: MASTER (fp32 master weights: merged under every
+policy that keeps training state, and used for the model weights under all), MOMENT (every other
+floating-point state: merged under ``merge`` only) and the rest (step counters, hyperparameters,
+loss scale: the newest's). ``step`` (and NAdam's ``mu_product``) are counters even where a torch
+optimizer keeps them as float tensors.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..plan.types import MODEL_WEIGHTS_FROM, MODEL_WEIGHTS_NOTE, WEIGHTS_FROM_MASTERS, WEIGHTS_FROM_MODEL, OptimizerPolicy
+
+MASTER, MOMENT = "master", "moment"
+COUNTER_KEYS = ("step", "mu_product")
+
+
+def is_counter(path: tuple) -> bool:
+    return bool(path) and path[-1] in COUNTER_KEYS
+
+
+def merges(kind: Optional[str], policy: OptimizerPolicy) -> bool:
+    """Whether a training-state leaf of ``kind`` is merged under ``policy``."""
+    return (kind == MASTER and policy.keeps_training_state) or (kind == MOMENT and policy == OptimizerPolicy.MERGE)
+
+
+@dataclass
+class MasterWeights:
+    """What a unit's masters give its model file: model leaf path -> the merged master rounded
+    to the model tensor's dtype, and the unit's details (where its weights came from)."""
+    weights: Dict[tuple, torch.Tensor] = field(default_factory=dict)
+    details: Dict[str, object] = field(default_factory=dict)
+    num_bytes_read: int = 0       # what reading the masters cost beyond the unit's own leaves
+
+
+def from_masters(weights: Dict[tuple, torch.Tensor], num_bytes_read: int = 0) -> MasterWeights:
+    return MasterWeights(weights, {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MASTERS}, num_bytes_read)
+
+
+def from_model_copies(note: str = "") -> MasterWeights:
+    """The model files' own tensors are merged; ``note`` says why not the masters (if it matters)."""
+    details = {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MODEL}
+    if note:
+        details[MODEL_WEIGHTS_NOTE] = note
+    return MasterWeights({}, details)
+
+
+def rounded(master: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A merged fp32 master as the model tensor ``like`` holds it (its dtype and shape): the
+    rounding the trainer itself does when it copies masters into the model."""
+    return master.to(torch.float32).reshape(like.shape).to(like.dtype).clone()
+
+
+def rounds_to(master: torch.Tensor, model: torch.Tensor) -> bool:
+    """Whether ``model`` is exactly ``master`` rounded to the model's dtype."""
+    return master.numel() == model.numel() and torch.equal(master.reshape(model.shape).to(model.dtype), model)
+
+
+class MatchError(ValueError):
+    """No consistent master -> model tensor mapping (the message says which master and why)."""
+
+
+def match_masters(masters: Sequence[Tuple[tuple, torch.Tensor]], groups: Sequence[int],
+                  model: Sequence[Tuple[tuple, torch.Tensor]]) -> Dict[tuple, tuple]:
+    """Master leaf path -> model leaf path, from the values of ONE checkpoint.
+
+    ``masters`` are in the optimizer's order, without names; ``groups`` gives each master's param
+    group (within a group the optimizer keeps the model's parameter order, across groups it does
+    not); ``model`` is the model's low-precision float tensors in state-dict order. A master's
+    model tensor has its shape and is exactly its rounding. Each master takes the first such
+    tensor after the previous one of its group (the usual case: one comparison each), else the
+    first unused one anywhere. Tensors that both match a master hold the same values, so the
+    choice between them cannot change a merged weight beyond the masters' sub-bf16 bits; a
+    master that matches none raises MatchError (the caller falls back to the model copies).
+    """
+    used: set = set()
+    position: Dict[int, int] = {}
+    mapping: Dict[tuple, tuple] = {}
+    for (master_path, master), group in zip(masters, groups):
+        start = position.get(group, 0)
+        order = list(range(start, len(model))) + list(range(start))
+        for index in order:
+            model_path, tensor = model[index]
+            if index in used or tensor.numel() != master.numel():
+                continue
+            if rounds_to(master, tensor):
+                used.add(index)
+                position[group] = index + 1
+                mapping[master_path] = model_path
+                break
+        else:
+            raise MatchError(f"the master at {'.'.join(map(str, master_path))} (shape {tuple(master.shape)}) rounds to "
+                             "no model tensor of its size")
+    return mapping
+
+
+def check_mapping(mapping: Dict[tuple, tuple], masters: Callable[[tuple], torch.Tensor],
+                  model: Callable[[tuple], torch.Tensor], where: str) -> Optional[str]:
+    """Why ``mapping`` does not hold in another checkpoint (its master of a model tensor does not
+    round to it), or None."""
+    for master_path, model_path in mapping.items():
+        if not rounds_to(masters(master_path), model(model_path)):
+            return (f"in {where} the master at {'.'.join(map(str, master_path))} does not round to "
+                    f"'{'.'.join(map(str, model_path))}'")
+    return None
+
+
+def leaf_at(state, path: tuple):
+    """The value at ``path`` through dicts and lists; KeyError/IndexError/TypeError if absent."""
+    for key in path:
+        state = state[key]
+    return state
+
+
+def in_file_master_weights(masters: Sequence[Tuple[tuple, int]], model: Sequence[tuple],
+                           states: Sequence[Optional[dict]], names: Sequence[str], context) -> MasterWeights:
+    """Model weights from masters kept per parameter, without names, in the same file
+    (Megatron's ``fp32_from_fp16_params``, DeepSpeed ZeRO-0's ``fp32_groups``).
+
+    ``masters``: (leaf path, param group) in the optimizer's order; ``model``: the paths of the
+    model's low-precision float tensors in state-dict order; ``states``: each source's file
+    (None where its leaves come from other files: another layout), ``names`` naming them, the
+    newest last. The mapping is found in the newest by value (``match_masters``) and must hold
+    in every source. Returns the rounded merged masters for the model leaves (and the merged
+    masters for their own leaves), honouring the tensor filter by model name: an unselected
+    tensor keeps the newest's weight and master. Where no mapping holds, the model copies, with
+    a note that says why.
+    """
+    if any(state is None for state in states):
+        return from_model_copies("some source was saved at another layout: its masters are not renumbered")
+    newest = states[-1]
+    try:
+        newest_masters = [(path, leaf_at(newest, path)) for path, _ in masters]
+        mapping = match_masters(newest_masters, [group for _, group in masters],
+                                [(path, leaf_at(newest, path)) for path in model])
+    except MatchError as exc:
+        return from_model_copies(f"{names[-1]}: {exc}")
+    for state, name in zip(states[:-1], names[:-1]):
+        try:
+            problem = check_mapping(mapping, lambda p: leaf_at(state, p), lambda p: leaf_at(state, p), name)
+        except (KeyError, IndexError, TypeError):
+            problem = f"{name} has another optimizer structure than the newest"
+        if problem:
+            return from_model_copies(problem)
+    weights: Dict[tuple, torch.Tensor] = {}
+    num_read = 0
+    for master_path, model_path in mapping.items():
+        model_tensor = leaf_at(newest, model_path)
+        if not context.selects(".".join(map(str, model_path))):
+            weights[master_path] = leaf_at(newest, master_path)
+            continue
+        stack = [leaf_at(state, master_path) for state in states]
+        merged = context.merge_tensor(stack, f"master of '{'.'.join(map(str, model_path))}'", names)
+        num_read += sum(t.numel() * t.element_size() for t in stack)
+        context.on_progress(sum(t.numel() * t.element_size() for t in stack))
+        weights[master_path] = merged
+        weights[model_path] = rounded(merged, model_tensor)
+    return from_masters(weights, num_read)
