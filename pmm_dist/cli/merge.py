@@ -6,7 +6,7 @@ import shlex
 import sys
 import typing
 from dataclasses import MISSING, fields
-from typing import List
+from typing import Callable, List, Optional, TypeVar
 
 from ..engine.options import METHOD_OPTION, MergeOptions
 from ..errors import MergeError, UsageError
@@ -16,6 +16,7 @@ from ..io.staging import Staging
 from ..plan.types import Choice
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+T = TypeVar("T")
 
 def epilog() -> str:
     """--help's closing text: the methods' formulas and the formats' loading commands come from
@@ -118,15 +119,22 @@ def options_from_args(args: argparse.Namespace) -> MergeOptions:
     return MergeOptions(**{f.name: getattr(args, f.name) for f in fields(MergeOptions)})
 
 
+def options_or_usage_error(build: Callable[[], T]) -> Optional[T]:
+    """What ``build()`` makes of the flags, or None once the usage error is printed (exit 2)."""
+    try:
+        return build()
+    except (UsageError, ValueError) as exc:
+        print(f"pmm-dist: error: {exc}", file=sys.stderr)
+        return None
+
+
 def run_merge(args: argparse.Namespace) -> int:
     # the engine (torch, the collective) only now: building the parser must not import them
     from ..dist.collective import sigterm_as_exception
     from ..engine.report import format_summary
     from ..engine.run import merge
-    try:
-        options = options_from_args(args)
-    except (UsageError, ValueError) as exc:
-        print(f"pmm-dist: error: {exc}", file=sys.stderr)
+    options = options_or_usage_error(lambda: options_from_args(args))
+    if options is None:
         return EXIT_USAGE
     coordinator = is_coordinator()
     try:

@@ -6,7 +6,7 @@ from dataclasses import fields
 from ..errors import MergeError, UsageError
 from ..watcher.options import NOT_WATCH_OPTIONS, WatchOptions
 from .merge import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_merge_arguments, add_option_arguments, \
-    is_coordinator
+    is_coordinator, options_or_usage_error
 
 DESCRIPTION = """\
 Follow a training run's checkpoints and publish, whenever its commit marker names a new complete
@@ -57,10 +57,8 @@ def _merge_fields():
 
 def run_watch(args: argparse.Namespace) -> int:
     from ..watcher import watch
-    try:
-        options = options_from_args(args)
-    except (UsageError, ValueError) as exc:
-        print(f"pmm-dist: error: {exc}", file=sys.stderr)
+    options = options_or_usage_error(lambda: options_from_args(args))
+    if options is None:
         return EXIT_USAGE
     try:
         result = watch(options=options)

@@ -15,7 +15,7 @@ engine calls these in this order and never branches on a format's name:
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -23,6 +23,8 @@ from ..merge.kernel import Accumulator, weighted_sum
 from ..plan.selection import TensorFilter
 from ..plan.types import Action, CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputLayout, UnitResult, WorkUnit
 
+
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class MergeContext:
@@ -133,6 +135,14 @@ class CheckpointFormat(ABC):
         """RUN_DIRECTORY formats: the content of the tracker that makes the output loadable (the
         engine lists it in the manifest, then writes it atomically, last)."""
         raise NotImplementedError(f"{type(self).__name__} has no tracker")
+
+    def memo(self, what: str, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per (what, key) for this format instance (one job, or one watcher
+        round): what planning and checking read from a checkpoint's metadata is read once."""
+        cache = self.__dict__.setdefault("_memo", {})
+        if (what, key) not in cache:
+            cache[(what, key)] = compute()
+        return cache[(what, key)]
 
     def names_checkpoint(self, name: str) -> bool:
         """Whether a directory called ``name`` inside a run directory would be taken for one of

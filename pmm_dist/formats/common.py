@@ -3,7 +3,7 @@ comparing entries with the newest checkpoint's, and merging state-dict leaves.""
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Pattern, Sequence
+from typing import Callable, Dict, List, Optional, Pattern, Sequence, Tuple
 
 import torch
 
@@ -73,6 +73,21 @@ def _checkpoint_names(ckpts: Sequence[CheckpointRef], short: bool, most: int = 6
     if len(names) > most:
         names = names[:3] + [f"... ({len(names) - 5} more)"] + names[-2:]
     return ", ".join(names)
+
+
+def iteration_of(ckpt_dir: str, pattern: Pattern, recorded: Callable[[], Tuple[str, object]], key: str,
+                 hint: str = "") -> int:
+    """A checkpoint's iteration: the number in its directory's name (``pattern``), else the
+    integer ``key`` of the state ``recorded()`` reads, as (path, state); missing: an error naming
+    the file (and ``hint``)."""
+    named = number_in_name(ckpt_dir, pattern)
+    if named is not None:
+        return named
+    path, state = recorded()
+    value = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(value, int):
+        raise InputError(f"{path}: key '{key}' missing; cannot order this checkpoint{hint}")
+    return value
 
 
 def listdir(path: str) -> List[str]:

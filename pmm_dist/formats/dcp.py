@@ -270,7 +270,6 @@ class DcpFormat(CheckpointFormat):
     optimizer_keys: Tuple[str, ...] = ("optimizer", "optim")
 
     def __init__(self):
-        self._metadata_cache: Dict[str, object] = {}
         self._model_keys_by_parameter: Dict[int, Dict[str, str]] = {}
 
     # -- discovery ---------------------------------------------------------------------------
@@ -303,9 +302,7 @@ class DcpFormat(CheckpointFormat):
 
     # -- metadata ----------------------------------------------------------------------------
     def metadata(self, ckpt: CheckpointRef):
-        if ckpt.path not in self._metadata_cache:
-            self._metadata_cache[ckpt.path] = load_metadata(ckpt.path)
-        return self._metadata_cache[ckpt.path]
+        return self.memo("metadata", ckpt.path, lambda: load_metadata(ckpt.path))
 
     def is_training_state(self, metadata, fqn: str) -> bool:
         return top_level_key(metadata, fqn) in self.training_state_keys

@@ -64,7 +64,7 @@ from .deepspeed_optim import (FP32_FLAT_GROUPS, OPTIMIZER_STATE, SINGLE_PARTITIO
                               zero0_leaf_kind, zero0_master_weights, zero12_master_weights, zero12_remap_merge,
                               zero12_remap_sources, zero12_structure_problem, zero_optim_leaf_kind)
 from .masters import MasterWeights, from_model_copies
-from .common import discover_run_or_checkpoints, layout_change_refusal, listdir, number_in_name
+from .common import discover_run_or_checkpoints, iteration_of, layout_change_refusal, listdir
 from .pickled import PickledFileFormat, SourceLeaves
 from .zero3_partitions import copy_pieces, gather_pieces, stream_numel
 
@@ -135,9 +135,6 @@ class DeepSpeedFormat(PickledFileFormat):
     description = "DeepSpeed engine.save_checkpoint: latest + global_step*/(mp_rank|zero_pp_rank)_*_states.pt"
     optimizer_policies = (OptimizerPolicy.DROP, OptimizerPolicy.LATEST, OptimizerPolicy.MERGE)
 
-    def __init__(self):
-        self._inventories: Dict[str, _Inventory] = {}
-
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -178,21 +175,15 @@ class DeepSpeedFormat(PickledFileFormat):
 
     @staticmethod
     def _iteration_of(tag_dir: str) -> int:
-        named = number_in_name(tag_dir, _TAG_DIR)
-        if named is not None:
-            return named
-        files, _ = _list_files(tag_dir)
-        path = os.path.join(tag_dir, _reference_file(files) or "mp_rank_00_model_states.pt")
-        steps = safe_load(path).get("global_steps")
-        if not isinstance(steps, int):
-            raise InputError(f"{path}: key 'global_steps' missing; cannot order this checkpoint")
-        return steps
+        def model_states():
+            files, _ = _list_files(tag_dir)
+            path = os.path.join(tag_dir, _reference_file(files) or "mp_rank_00_model_states.pt")
+            return path, safe_load(path)
+        return iteration_of(tag_dir, _TAG_DIR, model_states, "global_steps")
 
     # -- layout ------------------------------------------------------------------------------
     def _inventory(self, ckpt: CheckpointRef) -> _Inventory:
-        if ckpt.path not in self._inventories:
-            self._inventories[ckpt.path] = _read_inventory(ckpt.path)
-        return self._inventories[ckpt.path]
+        return self.memo("inventory", ckpt.path, lambda: _read_inventory(ckpt.path))
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         return self.checkpoint_layout(checkpoints[-1])

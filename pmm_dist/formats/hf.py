@@ -120,7 +120,6 @@ class HuggingFaceFormat(CheckpointFormat):
             if max_shard_bytes < 1:
                 raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
             self.max_shard_bytes = max_shard_bytes
-        self._inventories: Dict[str, _Inventory] = {}
 
     # -- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -172,9 +171,7 @@ class HuggingFaceFormat(CheckpointFormat):
 
     # -- inventory and layout ----------------------------------------------------------------
     def _inventory(self, ckpt: CheckpointRef) -> _Inventory:
-        if ckpt.path not in self._inventories:
-            self._inventories[ckpt.path] = _read_inventory(ckpt.path)
-        return self._inventories[ckpt.path]
+        return self.memo("inventory", ckpt.path, lambda: _read_inventory(ckpt.path))
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         newest = self._inventory(checkpoints[-1])

@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..io.planning_reads import subdirectories
 from ..io.safe_load import register_framework_globals, safe_load
 from ..plan.types import CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
-from .common import discover_run_or_checkpoints, layout_change_refusal, listdir, number_in_name
+from .common import discover_run_or_checkpoints, iteration_of, layout_change_refusal, listdir
 from .base import MergeContext
 from .masters import MasterWeights, from_model_copies
 from .megatron_layout import ShardLayout, shard_layout
@@ -145,14 +145,10 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
 
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
-        named = number_in_name(ckpt_dir, _ITER_DIR)
-        if named is not None:
-            return named
-        first = os.path.join(ckpt_dir, _shard_dirs(ckpt_dir)[0], MODEL_FILE)
-        iteration = safe_load(first).get("iteration")
-        if not isinstance(iteration, int):
-            raise InputError(f"{first}: key 'iteration' missing; cannot order this checkpoint")
-        return iteration
+        def first_shard():
+            path = os.path.join(ckpt_dir, _shard_dirs(ckpt_dir)[0], MODEL_FILE)
+            return path, safe_load(path)
+        return iteration_of(ckpt_dir, _ITER_DIR, first_shard, "iteration")
 
     # -- layout ------------------------------------------------------------------------------
     def _args(self, ckpt: CheckpointRef) -> Tuple[str, object]:

@@ -47,7 +47,7 @@ from ..errors import InputError
 from ..io.atomic import copy_atomically, write_atomically
 from ..io.safe_load import safe_load
 from ..plan.types import CheckpointRef, OptimizerPolicy, UnitResult
-from .common import listdir, number_in_name, sorted_unique
+from .common import iteration_of, listdir, sorted_unique
 from .dcp import DcpFormat, storage_index
 from .dcp_reads import read_object
 from .dcp_state import COUNTER_NAMES, MASTER, MOMENT, STATE, WEIGHTS, is_float_tensor
@@ -245,14 +245,8 @@ class MegatronDistFormat(IterationTracker, DcpFormat):
 
     @staticmethod
     def _iteration_of(ckpt_dir: str) -> int:
-        named = number_in_name(ckpt_dir, _ITER_DIR)
-        if named is not None:
-            return named
-        iteration = _common_state(ckpt_dir).get("iteration")
-        if not isinstance(iteration, int):
-            raise InputError(f"{os.path.join(ckpt_dir, COMMON_FILE)}: key 'iteration' missing; cannot order "
-                             "this checkpoint (name its directory iter_NNNNNNN)")
-        return iteration
+        return iteration_of(ckpt_dir, _ITER_DIR, lambda: (os.path.join(ckpt_dir, COMMON_FILE), _common_state(ckpt_dir)),
+                            "iteration", hint=" (name its directory iter_NNNNNNN)")
 
     # -- layout ------------------------------------------------------------------------------
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
