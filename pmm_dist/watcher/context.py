@@ -58,6 +58,7 @@ class _UnitCounters:
 
 @dataclass(frozen=True)
 class IncrementalContext(MergeContext):
+    masters_as_weights: bool = False  # the state holds the model tensors' running sums
     rule: Optional[UpdateRule] = None
     fmt: Optional[CheckpointFormat] = None
     unit: Optional[WorkUnit] = None
@@ -181,11 +182,12 @@ class _CollectingAccumulator:
         self.sources[-1][region] = source
         self._unfilled -= source.numel()
 
-    def result(self) -> torch.Tensor:
+    def result(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """As ``Accumulator.result``: the merge in the sources' dtype, then ``dtype`` if given."""
         assert self.sources, "no source was added"
         merged = self.context.merge_tensor(self.sources, self.what, self.names, sources_are_mapped=False)
         self.sources, self.names = [], []
-        return merged
+        return merged if dtype is None else merged.to(dtype)
 
 
 def with_state_details(outcome: UnitResult, context: IncrementalContext, state_bytes_written: int) -> UnitResult:
