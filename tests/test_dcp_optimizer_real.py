@@ -13,7 +13,6 @@ newest's.
 """
 import pathlib
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import pmm_dist
 
 from .conftest import run_python
 from .helpers import assert_merged_within_one_ulp, sma
+from .test_dcp_merge import _load_tensors as _load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "dcp_real" / "dcp_train.py"
@@ -32,18 +32,6 @@ WEIGHTS = sma(len(STEPS))
 POLICIES = ("latest", "merge")
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _load(ckpt, prefix):
-    """The global tensors under ``prefix`` via dcp.load in this (single) process."""
-    with open(pathlib.Path(ckpt) / ".metadata", "rb") as f:  # test side: our own files
-        entries = pickle.load(f).state_dict_metadata
-    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
-             for k, v in entries.items() if k.startswith(prefix) and hasattr(v, "size")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)))
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,9 @@ import time
 import pytest
 import torch
 
+from pmm_dist.testing.synthetic_dcp import split
 from pmm_dist.plan.regions import (contiguous_strides, coverage_problems, describe, find_gap, intersect, map_chunks,
                                    overlapping_pairs, read_span, volume)
-
-
-def split(shape, dim, num):
-    """``num`` near-equal chunks of ``shape`` along ``dim`` (uneven like FSDP's / DCP's)."""
-    boxes, start = [], 0
-    for k in range(num):
-        size = (shape[dim] - start) // (num - k)
-        offsets = tuple(start if d == dim else 0 for d in range(len(shape)))
-        boxes.append((offsets, tuple(size if d == dim else n for d, n in enumerate(shape))))
-        start += size
-    return boxes
 
 
 def grid(shape, counts):
