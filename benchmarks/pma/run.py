@@ -10,13 +10,19 @@ Phases (fixed seed everywhere; every merge goes through the pmm_dist CLI):
    of every checkpoint.
 2. branches, in ``num_workers`` processes (start as soon as their inputs exist):
    - decay branches forked from several points of the constant phase (linear decay to 0);
-   - PMA-init: continue from the merged weights vs from the latest checkpoint (fresh optimizer both);
+   - PMA-init: continue from the merged weights vs from the latest checkpoint (fresh optimizer both),
+     and from merges that carry optimizer state (``--optimizer latest`` and ``--optimizer merge``:
+     AdamW loaded from the merge, no re-warmup);
    - loss spike: an LR spike, the spiked run left to recover, and resumes from the last pre-spike
-     checkpoint vs the SMA of the last 3 pre-spike checkpoints.
+     checkpoint vs the SMA of the last 3 pre-spike checkpoints (fresh optimizer, and with the
+     optimizer state of ``--optimizer latest`` / ``merge``).
 3. merges (``python -m pmm_dist merge ... --iterations ...``), two at a time: SMA, WMA, EMA(0.1, 0.2)
-   over N in ``merge_ns`` and the intervals in ``merge_intervals`` at each point, and an SMA curve
-   along the whole run; held-out loss of each merged checkpoint, loaded with strict load_state_dict.
-4. results JSON, markdown report and PNG plots in benchmarks/results/.
+   over N in ``merge_ns`` and the intervals in ``merge_intervals`` at each point; held-out loss of
+   each merged checkpoint, loaded with strict load_state_dict.
+4. the SMA curve along the whole run, at every checkpoint, from ONE ``pmm_dist watch --backfill
+   --once --keep 0`` (incremental updates), timed beside the same windows merged one
+   ``pmm_dist merge`` at a time (with nothing else running), and checked equal to them.
+5. results JSON, markdown report and PNG plots in benchmarks/results/.
 """
 import argparse
 import concurrent.futures
@@ -49,9 +55,8 @@ class ExperimentConfig:
     decay_steps: int                # length of a decay branch
     merge_ns: tuple                 # N
     merge_intervals: tuple          # V, in steps (multiples of ckpt_every)
-    curve_n: int                    # the SMA curve along the run: N and V
+    curve_n: int                    # the SMA curve along the run (at every checkpoint): N and V
     curve_interval: int
-    curve_every: int                # an SMA point every this many steps
     pma_init_point: int             # PMA-init: continue from here
     pma_init_steps: int
     pma_init_n: int                 # SMA of the last pma_init_n checkpoints (interval ckpt_every)
@@ -74,7 +79,7 @@ class ExperimentConfig:
             peak_lr=3e-3, warmup_steps=100, total_steps=2000, ckpt_every=50,
             fork_points=(1000, 1500, 2000), decay_steps=300,
             merge_ns=(3, 6, 10), merge_intervals=(50, 100),
-            curve_n=10, curve_interval=50, curve_every=200,
+            curve_n=10, curve_interval=50,
             pma_init_point=1500, pma_init_steps=300, pma_init_n=10, rewarmup_steps=20,
             spike_point=1000, spike_steps=10, spike_factor=30.0, spike_run_steps=300, resume_steps=300,
             eval_windows=384, branch_eval_every=50)
@@ -88,7 +93,7 @@ class ExperimentConfig:
             peak_lr=3e-3, warmup_steps=30, total_steps=400, ckpt_every=20,
             fork_points=(240, 400), decay_steps=60,
             merge_ns=(3, 6), merge_intervals=(20, 40),
-            curve_n=6, curve_interval=20, curve_every=40,
+            curve_n=6, curve_interval=20,
             pma_init_point=300, pma_init_steps=60, pma_init_n=6, rewarmup_steps=10,
             spike_point=240, spike_steps=5, spike_factor=30.0, spike_run_steps=60, resume_steps=60,
             eval_windows=128, branch_eval_every=20)
@@ -194,45 +199,89 @@ class Experiment:
         return log
 
     # --- merges through the CLI
-    def merge_key(self, method, alpha, iterations):
+    def merge_key(self, method, alpha, iterations, optimizer="drop"):
         tag = method if alpha is None else f"{method}{alpha}"
-        return f"{tag}:{','.join(map(str, iterations))}"
+        return f"{tag}:{','.join(map(str, iterations))}" + ("" if optimizer == "drop" else f"+optimizer-{optimizer}")
 
     def window(self, point, n, interval):
         its = [point - interval * (n - 1 - i) for i in range(n)]
         return its if its[0] >= self.cfg.ckpt_every else None
 
-    def _cli_merge(self, key, method, alpha, iterations):
-        out = os.path.join(self.merge_dir, key.replace(":", "_").replace(",", "-"))
+    def _cli_merge(self, key, method, alpha, iterations, optimizer="drop", out=None):
+        out = out or os.path.join(self.merge_dir, key.replace(":", "_").replace(",", "-").replace("+", "_"))
         if os.path.exists(out):
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "pmm_dist", "merge", self.run_dir, "--out", out, "--method", method,
-               "--iterations", ",".join(map(str, iterations)), "--quiet", "--device", "cpu"]
+               "--iterations", ",".join(map(str, iterations)), "--optimizer", optimizer, "--quiet", "--device", "cpu"]
         if alpha is not None:
             cmd += ["--alpha", str(alpha)]
         t0 = time.time()
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"pmm_dist merge failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        path = os.path.join(out, f"iter_{iterations[-1]:07d}", "mp_rank_00", "model_optim_rng.pt")
-        return dict(method=method, alpha=alpha, iterations=list(iterations), path=path,
-                    cli_seconds=time.time() - t0, command=" ".join(cmd[1:]))
+        _pmm_dist(cmd)
+        from benchmarks.pma.gpt import checkpoint_path
+        with open(os.path.join(out, "pmm_manifest.json")) as f:
+            bytes_read = json.load(f)["bytes_read"]
+        return dict(method=method, alpha=alpha, iterations=list(iterations), optimizer=optimizer,
+                    path=checkpoint_path(out, iterations[-1]), cli_seconds=time.time() - t0,
+                    bytes_read=bytes_read, command=" ".join(cmd[1:]))
 
     def run_merges(self, specs, evaluate):
-        """specs: [(method, alpha, iterations)]; merges two at a time, evaluates each as it lands."""
-        todo = []
-        for method, alpha, its in specs:
-            key = self.merge_key(method, alpha, its)
-            if key not in self.merges and key not in [k for k, *_ in todo]:
-                todo.append((key, method, alpha, its))
+        """specs: [(method, alpha, iterations[, optimizer])]; merges two at a time, evaluates each as it lands."""
+        specs = [tuple(spec) + ("drop",) * (4 - len(spec)) for spec in specs]
+        todo = {}
+        for method, alpha, its, optimizer in specs:
+            key = self.merge_key(method, alpha, its, optimizer)
+            if key not in self.merges:
+                todo[key] = (key, method, alpha, its, optimizer)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = {pool.submit(self._cli_merge, *t): t[0] for t in todo}
+            futures = {pool.submit(self._cli_merge, *t): key for key, t in todo.items()}
             for fut in concurrent.futures.as_completed(futures):
                 rec = fut.result()
                 rec["held_out"] = evaluate(rec["path"])
                 self.merges[futures[fut]] = rec
-        return [self.merges[self.merge_key(m, a, its)] for m, a, its in specs]
+        return [self.merges[self.merge_key(*spec)] for spec in specs]
+
+    # --- phase 4: the merged curve from one watcher, beside one merge per point
+    def merged_curve(self, evaluate):
+        """Every checkpoint's SMA of the last ``curve_n`` (fewer at the start), published by ONE
+        ``watch --backfill --once``; then the same windows merged by ``merge``, one process each,
+        one after another, timed the same way and compared tensor by tensor with the watcher's."""
+        import torch
+        from benchmarks.pma.gpt import checkpoint_path
+        cfg = self.cfg
+        out = os.path.join(self.workdir, "watched")
+        cmd = [sys.executable, "-m", "pmm_dist", "watch", self.run_dir, "--out", out, "--method", "sma",
+               "--last", str(cfg.curve_n), "--interval", str(cfg.curve_interval), "--backfill", "--once",
+               "--keep", "0", "--quiet", "--device", "cpu"]
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        _pmm_dist(cmd)
+        watch_s = time.time() - t0
+        with open(os.path.join(out, ".pmm_watch", "history.json")) as f:
+            published = json.load(f)["published"]
+        def model(path):
+            return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+        sources = {}
+        points, merge_s, merge_bytes = [], 0.0, 0
+        baseline = os.path.join(self.workdir, "one-merge-per-point")
+        for entry in published:
+            first, last = entry["window"]["first"], entry["window"]["last"]
+            its = list(range(first, last + 1, cfg.curve_interval))
+            rec = self._cli_merge(None, "sma", None, its, out=baseline)
+            merge_s += rec["cli_seconds"]
+            merge_bytes += rec["bytes_read"]
+            watched = checkpoint_path(out, entry["iteration"])
+            for it in its:
+                sources.setdefault(it, model(checkpoint_path(self.run_dir, it)))
+            errors = rounding_errors({"watch": model(watched), "merge": model(rec["path"])},
+                                     [sources[it] for it in its])
+            points.append(dict(iteration=entry["iteration"], iterations=its, incremental=entry["incremental"],
+                               bytes_read=entry["bytes_read"], held_out=evaluate(watched), **errors))
+        shutil.rmtree(baseline, ignore_errors=True)
+        shown = ["RUN" if c == self.run_dir else "OUT" if c == out else c for c in cmd[3:]]
+        return dict(command=" ".join(shown), watch_seconds=watch_s, published=len(points),
+                    watch_bytes_read=sum(p["bytes_read"] for p in points), merge_seconds=merge_s,
+                    merge_bytes_read=merge_bytes, points=points)
 
     def run(self):
         cfg = self.cfg
@@ -252,21 +301,23 @@ class Experiment:
             gpt.load_weights(eval_model, path)
             return gpt.held_out_loss(eval_model, windows)
 
-        print(f"[1/4] main run: {cfg.total_steps} steps, checkpoint every {cfg.ckpt_every}", flush=True)
+        print(f"[1/5] main run: {cfg.total_steps} steps, checkpoint every {cfg.ckpt_every}", flush=True)
         main = self.main_run(gpt, model_cfg, train, windows)
         self.timings["main_run_s"] = main["seconds"]
 
-        print("[2/4] branches (decay, PMA-init, loss spike) in worker processes", flush=True)
+        print("[2/5] branches (decay, PMA-init, loss spike) in worker processes", flush=True)
         t0 = time.time()
         pre_spike = self.window(cfg.spike_point, 3, cfg.ckpt_every)
         init_its = self.window(cfg.pma_init_point, cfg.pma_init_n, cfg.ckpt_every)
-        sma_spike, sma_init = self.run_merges([("sma", None, pre_spike), ("sma", None, init_its)], evaluate)
-        jobs = self.branch_jobs(gpt, sma_spike["path"], sma_init["path"])
+        starts = self.run_merges([("sma", None, its, optimizer) for its in (pre_spike, init_its)
+                                  for optimizer in OPTIMIZER_POLICIES], evaluate)
+        jobs = self.branch_jobs(gpt, {(tuple(r["iterations"]), r["optimizer"]): r["path"] for r in starts},
+                                pre_spike, init_its)
         ctx = multiprocessing.get_context("spawn")
         pool = ctx.Pool(cfg.num_workers, initializer=_worker_init, initargs=(dataclasses.asdict(cfg),))
         pending = pool.map_async(train_branch, jobs, chunksize=1)
 
-        print("[3/4] merges through the pmm_dist CLI", flush=True)
+        print("[3/5] merges through the pmm_dist CLI", flush=True)
         t1 = time.time()
         specs = []
         for point in cfg.fork_points:
@@ -275,9 +326,6 @@ class Experiment:
                     its = self.window(point, n, interval)
                     if its:
                         specs += [(m, a, its) for m, a in cfg.methods()]
-        curve_points = [p for p in range(cfg.curve_every, cfg.total_steps + 1, cfg.curve_every)
-                        if self.window(p, cfg.curve_n, cfg.curve_interval)]
-        specs += [("sma", None, self.window(p, cfg.curve_n, cfg.curve_interval)) for p in curve_points]
         self.run_merges(specs, evaluate)
         self.timings["merges_s"] = time.time() - t1
         branches = pending.get()
@@ -287,7 +335,12 @@ class Experiment:
         self.timings["merge_cli_calls"] = len(self.merges)
         self.timings["merge_cli_mean_s"] = sum(r["cli_seconds"] for r in self.merges.values()) / len(self.merges)
 
-        print("[4/4] report", flush=True)
+        print("[4/5] the merged curve: one watch --backfill beside one merge per point", flush=True)
+        t0 = time.time()
+        curve = self.merged_curve(evaluate)
+        self.timings["curve_s"] = time.time() - t0
+
+        print("[5/5] report", flush=True)
         self.timings["total_s"] = time.time() - t_all
         results = {
             "config": dataclasses.asdict(cfg),
@@ -303,14 +356,17 @@ class Experiment:
             "merges": self.merges,
             "pma_init_merge": self.merge_key("sma", None, init_its),
             "spike_merge": self.merge_key("sma", None, pre_spike),
-            "curve": [self.merge_key("sma", None, self.window(p, cfg.curve_n, cfg.curve_interval))
-                      for p in curve_points],
+            "curve": curve,
             "timings": self.timings,
         }
         return results
 
-    def branch_jobs(self, gpt, sma_spike_path, sma_init_path):
+    def branch_jobs(self, gpt, merged, pre_spike, init_its):
+        """merged: {(iterations, optimizer policy): merged checkpoint}. Starts from a merge with
+        optimizer state load it and keep the constant LR (no re-warmup: the moments are there);
+        starts without take a fresh AdamW and a short re-warmup."""
         cfg = self.cfg
+        constant = [cfg.peak_lr] * max(cfg.pma_init_steps, cfg.resume_steps)
         jobs = []
         for point in cfg.fork_points:
             schedule = gpt.WSD(cfg.peak_lr, cfg.warmup_steps, decay_start=point, decay_steps=cfg.decay_steps)
@@ -324,18 +380,62 @@ class Experiment:
         p = cfg.pma_init_point
         jobs.append(dict(label="pma_init/latest", init=gpt.checkpoint_path(self.run_dir, p), start=p,
                          steps=cfg.pma_init_steps, fresh_optimizer=True, lr=rewarm(cfg.pma_init_steps)))
-        jobs.append(dict(label="pma_init/merged", init=sma_init_path, start=p,
+        jobs.append(dict(label="pma_init/merged", init=merged[(tuple(init_its), "drop")], start=p,
                          steps=cfg.pma_init_steps, fresh_optimizer=True, lr=rewarm(cfg.pma_init_steps)))
+        for optimizer in OPTIMIZER_POLICIES[1:]:
+            jobs.append(dict(label=f"pma_init/merged_optimizer_{optimizer}", init=merged[(tuple(init_its), optimizer)],
+                             start=p, steps=cfg.pma_init_steps, fresh_optimizer=False,
+                             lr=constant[:cfg.pma_init_steps]))
         s = cfg.spike_point
         spike_lr = [cfg.peak_lr * (cfg.spike_factor if k < cfg.spike_steps else 1.0) for k in range(cfg.spike_run_steps)]
         jobs.append(dict(label="spike/spiked", init=gpt.checkpoint_path(self.run_dir, s), start=s,
                          steps=cfg.spike_run_steps, fresh_optimizer=False, lr=spike_lr))
         jobs.append(dict(label="spike/resume_latest", init=gpt.checkpoint_path(self.run_dir, s), start=s,
                          steps=cfg.resume_steps, fresh_optimizer=True, lr=rewarm(cfg.resume_steps)))
-        jobs.append(dict(label="spike/resume_sma3", init=sma_spike_path, start=s,
+        jobs.append(dict(label="spike/resume_sma3", init=merged[(tuple(pre_spike), "drop")], start=s,
                          steps=cfg.resume_steps, fresh_optimizer=True, lr=rewarm(cfg.resume_steps)))
+        for optimizer in OPTIMIZER_POLICIES[1:]:
+            jobs.append(dict(label=f"spike/resume_sma3_optimizer_{optimizer}", init=merged[(tuple(pre_spike), optimizer)],
+                             start=s, steps=cfg.resume_steps, fresh_optimizer=False, lr=constant[:cfg.resume_steps]))
         jobs.sort(key=lambda j: -j["steps"])
         return jobs
+
+
+OPTIMIZER_POLICIES = ("drop", "latest", "merge")   # pmm_dist merge --optimizer, drop first
+
+
+def rounding_errors(merged: dict, sources: list) -> dict:
+    """For each merged model (name -> state dict) of the SMA of ``sources``: its largest error in
+    ulps of its stored dtype against the float64 reference, and the share of its elements that
+    differ from the reference rounded to nearest (0 = correctly rounded); and the share of
+    elements where the merged models differ from each other."""
+    import torch
+    worst = {name: 0.0 for name in merged}
+    off = {name: 0 for name in merged}
+    apart = total = 0
+    for key, first in sources[0].items():
+        if not (isinstance(first, torch.Tensor) and first.is_floating_point()):
+            continue
+        exact = sum(s[key].double() for s in sources) / len(sources)
+        nearest = exact.to(first.dtype)
+        ulp = (torch.nextafter(nearest.abs(), torch.tensor(float("inf"), dtype=first.dtype)) - nearest.abs()).double()
+        values = [m[key] for m in merged.values()]
+        for name, value in zip(merged, values):
+            worst[name] = max(worst[name], ((value.double() - exact).abs() / ulp).max().item())
+            off[name] += (value != nearest).sum().item()
+        apart += (values[0] != values[-1]).sum().item()
+        total += first.numel()
+    out = {f"{name}_max_ulps": worst[name] for name in merged}
+    out.update({f"{name}_not_nearest": off[name] / total for name in merged})
+    out["elements_apart"] = apart / total
+    return out
+
+
+def _pmm_dist(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pmm_dist failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
 def machine() -> dict:
