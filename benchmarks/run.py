@@ -127,6 +127,7 @@ def run_pmm(run_dir, out: str, ranks: int, extra=()) -> dict:
     wall = time.perf_counter() - started
     manifest = json.load(open(os.path.join(out, "pmm_manifest.json")))
     return {"ranks": ranks, "seconds": manifest["timings_s"]["total"], "wall_seconds": wall,
+            "timings": manifest["timings_s"],
             "bytes_read": manifest["bytes_read"], "bytes_written": manifest["bytes_written"],
             "peak_rss_bytes_by_rank": manifest["peak_rss_bytes_by_rank"], "tensors": manifest["tensors_merged"],
             "metadata_bytes": manifest["metadata_bytes_exchanged"],

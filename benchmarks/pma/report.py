@@ -338,9 +338,26 @@ def optimizer_finding(results, a):
                    if better else
                    " Neither ends below the main run (the run that never merged): keeping the optimizer state "
                    "does not make PMA-init pay off at this scale either, with the LR at its constant-phase peak.")
+    spike = a["spike"]
+    spike_lead = {p: spike[f"resume_sma3_optimizer_{p}"]["held_out"][-1] - spike["resume_sma3"]["held_out"][-1]
+                  for p in ("latest", "merge")}
+    largest = max(abs(d) for d in [*lead.values(), *spike_lead.values()])
     return ("- **Optimizer state in the merge** (AdamW loaded from the merge, constant LR "
             f"{cfg['peak_lr']:g}, no re-warmup): " + "; ".join(parts) + ". Against the fresh-AdamW merged start, "
-            + ", ".join(f"`{p}` {d:+.4f}" for p, d in lead.items()) + " nats at the end of PMA-init." + verdict)
+            + ", ".join(f"`{p}` {d:+.4f}" for p, d in lead.items()) + " nats at the end of PMA-init, "
+            + ", ".join(f"`{p}` {d:+.4f}" for p, d in spike_lead.items()) + " at the end of the spike recovery"
+            + (f" (at most {largest:.3f} nats: the noise level of one seed at this scale)" if largest < 0.01 else "")
+            + "." + (" Kept moments spare the re-warmup, but each arm with them is above the main run at its first "
+                     "evaluation: at the peak LR the merged start's lead is gone within one evaluation interval."
+                     if all(_behind_main_at_first_evaluation(results, arms[f"{fresh}_optimizer_{p}"])
+                            for arms, fresh in ((init, "merged"), (spike, "resume_sma3")) for p in ("latest", "merge"))
+                     else "") + verdict)
+
+
+def _behind_main_at_first_evaluation(results, branch) -> bool:
+    main = results["main"]
+    step = branch["eval_step"][1]
+    return step in main["ckpt"] and branch["held_out"][1] > main["held_out"][main["ckpt"].index(step)]
 
 
 def watch_finding(results):
