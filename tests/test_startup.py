@@ -26,3 +26,17 @@ def test_the_api_still_loads_on_first_use():
              "from pmm_dist import MergePlan, MergeResult\nfrom pmm_dist.formats import CheckpointFormat\n"
              "print('ok')")
     assert run_python(["-c", probe], check="the API probe").stdout.strip().endswith("ok")
+
+
+def test_detecting_a_non_dcp_run_does_not_import_torch_distributed_checkpoint(tmp_path):
+    """Detection asks every format, torch_dist and DCP included; torch.distributed.checkpoint
+    (~0.6 s of imports) must be paid only by a DCP or torch_dist merge."""
+    from pmm_dist.testing.synthetic import generate_run
+    run = tmp_path / "run"
+    generate_run(str(run), iterations=[10], tp=1, pp=1, ep=1, num_layers=2, hidden_size=8, ffn_hidden_size=16,
+                 num_experts=0, vocab_size=32, optimizer_state=False)
+    probe = ("import sys\nfrom pmm_dist.formats import resolve_format\n"
+             f"fmt = resolve_format('auto', [{str(run)!r}])\n"
+             "fmt.discover([" + repr(str(run)) + "])\n"
+             "print(fmt.name, 'torch.distributed.checkpoint' in sys.modules)")
+    assert run_python(["-c", probe], check="the detection probe").stdout.split()[-2:] == ["megatron", "False"]

@@ -1,5 +1,6 @@
 """Pieces several formats share: ordering checkpoints, numbers in names, listing directories,
 comparing entries with the newest checkpoint's, and merging state-dict leaves."""
+import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -207,3 +208,19 @@ class LeafMerger:
         self.num_tensors += 1
         self.context.on_progress(num_read)
         return merged
+
+
+class LazyModule:
+    """A module imported at its first attribute access. Why: ``torch.distributed.checkpoint``
+    imports DTensor, torch.fx and sympy (~0.6 s); format detection imports every format class,
+    so the DCP modules use it this way and only a DCP or torch_dist merge pays for it."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module = None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+

@@ -34,6 +34,7 @@ DCP checkpoint (``dcp.load(state_dict, checkpoint_id=OUT)``).
 metadata dataclasses, ``torch.Size``, torch dtypes/layouts and paths; anything else is refused.
 """
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -44,9 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint import planner as dcp_planner
-from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from ..io.atomic import write_atomically
 from ..errors import InputError, MergeError
@@ -55,9 +53,13 @@ from ..plan.regions import Box, coverage_problems, map_chunks, read_span
 from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, OutputKind, OutputLayout, Piece,
                           UnitResult, WorkUnit)
 from .base import CheckpointFormat, MergeContext
-from .common import EntrySpec, compare_entries, listdir, number_in_name, sorted_unique
+from .common import EntrySpec, LazyModule, compare_entries, listdir, number_in_name, sorted_unique
 from .dcp_reads import SMALL_BLOB_BYTES, PieceReader, SourceFiles, load_chunk, piece_is_whole, piece_region
 from .dcp_state import FP32_MASTERS, MODEL_COPIES, action_for, dcp_role, state_path
+
+dcp_metadata = LazyModule("torch.distributed.checkpoint.metadata")
+dcp_planner = LazyModule("torch.distributed.checkpoint.planner")
+dcp_filesystem = LazyModule("torch.distributed.checkpoint.filesystem")
 
 DCP_METADATA = ".metadata"
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
@@ -66,6 +68,7 @@ ChunkKey = Tuple[str, Optional[Tuple[int, ...]]]  # (fqn, chunk offsets), offset
 
 
 # -- reading .metadata safely ------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _allowed_globals() -> Dict[Tuple[str, str], object]:
     classes = [getattr(dcp_metadata, name) for name in (
         "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
@@ -83,9 +86,6 @@ def _allowed_globals() -> Dict[Tuple[str, str], object]:
     return allowed
 
 
-_ALLOWED_GLOBALS = _allowed_globals()
-
-
 class _RefusedGlobal(pickle.UnpicklingError):
     pass
 
@@ -95,12 +95,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return _allowed_globals()[(module, name)]
         except KeyError:
             raise _RefusedGlobal(f"{module}.{name}") from None
 
 
-def load_metadata(ckpt_dir: str) -> dcp_metadata.Metadata:
+def load_metadata(ckpt_dir: str) -> "dcp_metadata.Metadata":
     """The DCP ``Metadata`` of ``ckpt_dir``; InputError naming the file if absent or unusable."""
     path = os.path.join(ckpt_dir, DCP_METADATA)
     try:

@@ -25,9 +25,10 @@ trainer updates, the model copy is their rounding.
 import re
 from typing import Optional, Tuple
 
-from torch.distributed.checkpoint import metadata as dcp_metadata
-
 from ..plan.types import Action, OptimizerPolicy
+from .common import LazyModule
+
+dcp_metadata = LazyModule("torch.distributed.checkpoint.metadata")  # imported by a DCP merge only
 
 WEIGHTS, MASTER, MOMENT, STATE = "weights", "master", "moment", "state"
 
