@@ -271,7 +271,7 @@ def _formats(args, startup) -> list:
                                          [os.path.join(sources[0], e) for e in os.listdir(sources[0])])
                              if os.path.isdir(d))
         files = [f for ckpt in checkpoints for f in case.files(ckpt)]
-        output_bytes = sum(os.path.getsize(f) for f in case.files(checkpoints[-1]))
+        output_bytes = sum(os.path.getsize(f) for f in case.output_files(checkpoints[-1]))
         roofline = warm_roofline(files, output_bytes, args.work)
         result = run_pmm(sources, os.path.join(args.work, f"out_fmt_{name}"), 1, ["--format", name, *case.merge_args])
         row = {"format": name, "description": case.description, "roofline": roofline, "pmm_dist": result,

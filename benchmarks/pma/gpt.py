@@ -115,7 +115,7 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
 
-def build_model(cfg: ModelConfig, seed: int):
+def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -128,8 +128,9 @@ def build_model(cfg: ModelConfig, seed: int):
         num_attention_heads=cfg.num_attention_heads,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         use_cpu_initialization=True,
         perform_initialization=True,
         hidden_dropout=0.0,
