@@ -8,6 +8,7 @@ are refused at plan time, from ``.metadata`` alone, before anything is written.
 """
 import io
 import json
+import math
 import os
 import pickle
 import time
@@ -79,12 +80,20 @@ def _load(ckpt):
 
 
 class _ReadLog:
-    """Every byte range the merge reads, by file."""
+    """Every byte range the merge reads, by file: with pread, or viewed in place in the mapped
+    file (a stored chunk every source stores whole: its blob's range)."""
 
     def __init__(self, monkeypatch):
         self.reads = []
         pread, read_into = dcp_reads.SourceFiles.pread, dcp_reads.SourceFiles.read_into
+        view = dcp_reads.MappedChunks.view
         log = self.reads
+
+        def logged_view(chunks, ckpt_dir, info, dtype, sizes):
+            tensor = view(chunks, ckpt_dir, info, dtype, sizes)
+            if tensor is not None:
+                log.append((os.path.join(ckpt_dir, info.relative_path), info.offset, info.length))
+            return tensor
 
         def logged_pread(files, path, length, offset):
             log.append((path, offset, length))
@@ -96,6 +105,7 @@ class _ReadLog:
 
         monkeypatch.setattr(dcp_reads.SourceFiles, "pread", logged_pread)
         monkeypatch.setattr(dcp_reads.SourceFiles, "read_into", logged_read_into)
+        monkeypatch.setattr(dcp_reads.MappedChunks, "view", logged_view)
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0)], ids=["ws3-ws1-ws2", "ws2-ws1-ws3"])
@@ -336,3 +346,35 @@ def test_bytes_entries_named_by_shard_may_differ_across_layouts(tmp_path):
     _edit_metadata(same[0], rename)  # world size 2 like the newest: the keys must agree
     _refused(tmp_path / "same", tmp_path / "out2", f"{same[0]}: key 'train_state' missing",
              f"{same[0]}: unexpected key 'extra/shard_0_3'")
+
+
+def test_same_layout_chunks_are_viewed_in_place_not_read(tmp_path, monkeypatch):
+    """Every source storing a chunk whole (the same layout): its elements are viewed in the mapped
+    .distcp file and summed there: pread reads only the small integer and bytes entries, and the
+    manifest counts the viewed blobs as read."""
+    ckpts = _write_run(tmp_path / "run", (0, 0, 0))
+    viewed = []
+    view = dcp_reads.MappedChunks.view
+
+    def counted_view(chunks, ckpt_dir, info, dtype, sizes):
+        tensor = view(chunks, ckpt_dir, info, dtype, sizes)
+        viewed.append(tensor is not None)
+        return tensor
+    monkeypatch.setattr(dcp_reads.MappedChunks, "view", counted_view)
+    log = _ReadLog(monkeypatch)  # over the counting view: logs its ranges too
+    out = tmp_path / "out"
+    pmm_dist.merge(sources=[str(tmp_path / "run")], out=str(out), method="wma", device="cpu", quiet=True)
+    inputs, merged = [_load(c) for c in ckpts], _load(out)
+    for key, value in merged.items():
+        if value.is_floating_point():
+            assert_merged_within_one_ulp(value, [s[key] for s in inputs], wma(3), key)
+    num, layout = LAYOUTS[0]
+    float_chunks = sum(len(_chunks(shape, layout.get(fqn, "whole"), num))
+                       for fqn, (shape, dtype) in SHAPES.items() if dtype.is_floating_point)
+    assert viewed.count(True) == 3 * float_chunks and all(viewed)
+    preads = log.reads[:]  # the views' ranges are logged too: the large ones are all theirs
+    assert sum(1 for _, _, length in preads if length > 4096) == 3 * sum(
+        1 for fqn, (shape, dtype) in SHAPES.items() if dtype.is_floating_point
+        for _, sizes in _chunks(shape, layout.get(fqn, "whole"), num) if math.prod(sizes) * dtype.itemsize > 4096)
+    manifest = json.loads((out / "pmm_manifest.json").read_text())
+    assert manifest["bytes_read"] == sum(length for _, _, length in log.reads)

@@ -20,6 +20,7 @@ from ..dist.collective import Collective
 from ..errors import InputError
 from ..formats import resolve_format
 from ..io.staging import Staging
+from ..merge.kernel import fused_kernels
 from . import faults
 from .commit import commit
 from .execution import ShareMerger, ShareOutcome, check_share, choose_device
@@ -93,6 +94,9 @@ class MergeRun:
 
     def run(self) -> MergeResult:
         options, collective = self.options, self.collective
+        device = choose_device(options.device, collective.local_rank)
+        if device.type == "cpu" and not options.dry_run:
+            fused_kernels()  # starts loading the compiled loops in the background, beside planning
         plan, share = collective.scatter_step("plan", self._plan_and_shares)
         self._timed("plan", self.started)
         fmt = resolve_format(plan.format_name, options.sources)
@@ -102,7 +106,6 @@ class MergeRun:
         if problems:
             raise InputError(problems)
         self._timed("validate", tick)
-        device = choose_device(options.device, collective.local_rank)
         result = MergeResult(plan=plan, dry_run=options.dry_run, world_size=collective.world_size, device=str(device))
         if options.dry_run:
             if collective.is_coordinator and not options.quiet:

@@ -54,7 +54,8 @@ from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, Out
                           UnitResult, WorkUnit)
 from .base import CheckpointFormat, MergeContext
 from .common import EntrySpec, LazyModule, compare_entries, listdir, number_in_name, sorted_unique
-from .dcp_reads import SMALL_BLOB_BYTES, PieceReader, SourceFiles, load_chunk, piece_is_whole, piece_region
+from .dcp_reads import (SMALL_BLOB_BYTES, MappedChunks, PieceReader, SourceFiles, load_chunk, piece_is_whole,
+                        piece_region)
 from .dcp_state import FP32_MASTERS, MODEL_COPIES, action_for, dcp_role, state_path
 
 dcp_metadata = LazyModule("torch.distributed.checkpoint.metadata")
@@ -634,16 +635,29 @@ class DcpFormat(CheckpointFormat):
         sizes_of = [chunk_sizes(md) for md in metadatas]
         files = SourceFiles()
         pieces = PieceReader(files)
+        mapped = MappedChunks()
         written: List[tuple] = []
         counters = {"merged": 0}
         last = len(checkpoints) - 1
         # --include/--exclude turn a merged item into a copied one.
         actions = [Action.MERGE if item.action == Action.MERGE and self.selected(newest, item.key, context)
                    else Action.COPY for item in unit.items]
-        # Every read, in order: all sources of a merged item (each whole, or piece by piece),
-        # the newest of a copied one. (position, source, piece index or None)
+        # Merged items every source stores whole, viewed in the mapped files: summed in one pass.
+        # (Model weights from masters keep the accumulator: it rounds to the model's dtype once.)
+        views: Dict[int, List[torch.Tensor]] = {}
+        for position, (item, action) in enumerate(zip(unit.items, actions)):
+            if action == Action.MERGE and not item.sources and item.source_key is None:
+                found = [mapped.view(ckpt.path, indexes[i][item.storage_key],
+                                     metadatas[i].state_dict_metadata[item.key].properties.dtype,
+                                     sizes_of[i][item.storage_key]) for i, ckpt in enumerate(checkpoints)]
+                if all(v is not None for v in found) and len({v.dtype for v in found}) == 1:
+                    views[position] = found
+        # Every other read, in order: all sources of a merged item (each whole, or piece by
+        # piece), the newest of a copied one. (position, source, piece index or None)
         reads = []
         for position, (item, action) in enumerate(zip(unit.items, actions)):
+            if position in views:
+                continue
             if action == Action.COPY:
                 reads.append((position, last, None))
                 continue
@@ -664,11 +678,26 @@ class DcpFormat(CheckpointFormat):
                                metadatas[i].state_dict_metadata[item.read_key].properties.dtype, sizes_of[i][key],
                                piece)
 
+        def merge_mapped(writer, position):
+            item, sources = unit.items[position], views.pop(position)
+            stored = [indexes[i][item.storage_key] for i in range(len(checkpoints))]
+            context.on_progress(sum(info.length for info in stored))
+            names = [os.path.join(ckpt.path, info.relative_path) for ckpt, info in zip(checkpoints, stored)]
+            merged = context.merge_tensor(sources, item.describe(), names)
+            del sources
+            start = writer.num_bytes
+            torch.save(merged, writer)
+            written.append((item.key, item.offsets, start, writer.num_bytes - start))
+            counters["merged"] += not any(item.offsets)
+
         def produce(writer):
+            in_place = sorted(views)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
                 pending = reader.submit(read, reads[0]) if reads else None
                 accumulator = None
                 for step, (position, i, k) in enumerate(reads):
+                    while in_place and in_place[0] < position:  # items stay in stored order
+                        merge_mapped(writer, in_place.pop(0))
                     fetched = pending.result()
                     if step + 1 < len(reads):
                         pending = reader.submit(read, reads[step + 1])
@@ -710,12 +739,15 @@ class DcpFormat(CheckpointFormat):
                         # Tensors, not chunks: each is counted by the unit holding its first chunk.
                         counters["merged"] += not any(offsets)
                         accumulator = None
+            for position in in_place:
+                merge_mapped(writer, position)
 
         try:
             num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), produce)
         finally:
             files.close()
-        return UnitResult(unit.relpath, num_bytes, files.num_bytes_read, sha, counters["merged"],
+            mapped.close()
+        return UnitResult(unit.relpath, num_bytes, files.num_bytes_read + mapped.num_bytes_read, sha, counters["merged"],
                           details={"dcp_storage": written})
 
     def state_key(self, unit: WorkUnit, what: str) -> str:

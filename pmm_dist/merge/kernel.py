@@ -95,6 +95,11 @@ def fused_kernels(wait: bool = False):
     return None if module is _LOADING else module
 
 
+def fused_kernels_pending() -> bool:
+    """True while the background load of the compiled loops is under way."""
+    return _fused_module is _LOADING
+
+
 def _load_fused():
     from . import fused
     fused.warm_up()
@@ -237,15 +242,21 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     result = torch.empty(numel, dtype=stored)
     block_size = max(1, min(numel, BLOCK_ELEMENTS))
     staged = device.type != "cpu" if staged is None else staged
-    module = fused_kernels() if device.type == "cpu" and not staged and numel >= FUSED_MIN_ELEMENTS else None
-    if module is not None and _FusedBlocks.supports(module, flat_sources, result):
-        blocks = _FusedBlocks(module, flat_sources, weights, result, block_size)
-    else:
-        to_device = _Stager(device, stored, block_size) if staged else (lambda piece: piece)
-        blocks = _TorchBlocks(flat_sources, weights, result, block_size, device, to_device)
+    may_fuse = device.type == "cpu" and not staged and numel >= FUSED_MIN_ELEMENTS
+    blocks = None
     advice = _PageAdvice(flat_sources, BLOCK_ELEMENTS * ADVICE_BLOCKS) if sources_are_mapped else None
     for begin in range(0, numel, BLOCK_ELEMENTS):
         end = min(begin + BLOCK_ELEMENTS, numel)
+        # The compiled loops load in the background: a large tensor switches to them between two
+        # blocks once they are ready (both give the same bits, block by block).
+        if blocks is None or (may_fuse and not isinstance(blocks, _FusedBlocks)):
+            module = fused_kernels() if may_fuse else None
+            if module is not None and _FusedBlocks.supports(module, flat_sources, result):
+                blocks = _FusedBlocks(module, flat_sources, weights, result, block_size)
+            elif blocks is None:
+                to_device = _Stager(device, stored, block_size) if staged else (lambda piece: piece)
+                blocks = _TorchBlocks(flat_sources, weights, result, block_size, device, to_device)
+                may_fuse = may_fuse and fused_kernels_pending()
         if advice is not None:
             advice.before(begin)
         block = blocks.add_block(begin, end)
@@ -322,9 +333,18 @@ class Accumulator:
         self.count = 0
         self.stored = None
         self.requires_grad = False
-        module = fused_kernels() if device.type == "cpu" and self.acc.numel() >= FUSED_MIN_ELEMENTS else None
-        self._fused = module
-        self._acc_view = self.acc.view(-1).numpy() if module is not None else None
+        self._may_fuse = device.type == "cpu" and self.acc.numel() >= FUSED_MIN_ELEMENTS
+        self._fused = self._acc_view = None
+        self._use_fused_when_ready()
+
+    def _use_fused_when_ready(self) -> None:
+        """The compiled loops once loaded (between two sources: both give the same bits)."""
+        if self._fused is None and self._may_fuse:
+            self._fused = fused_kernels()
+            if self._fused is not None:
+                self._acc_view = self.acc.view(-1).numpy()
+            else:
+                self._may_fuse = fused_kernels_pending()
 
     def add(self, source: torch.Tensor, weight: float, name: str, *, region: Optional[tuple] = None,
             first: Optional[bool] = None) -> None:
@@ -339,6 +359,7 @@ class Accumulator:
         else:
             if source.numel() != self.acc.numel():
                 raise ValueError(f"{self.what}: {source.numel()} elements added to a sum of {self.acc.numel()}")
+            self._use_fused_when_ready()
             kernels = self._fused.SOURCE_KERNELS.get(_dtype_name(src.dtype)) if self._fused else None
             if kernels is not None:
                 view_as, scale, add = kernels
