@@ -118,3 +118,44 @@ def test_remove_tree_quietly(tmp_path):
     remove_tree_quietly(str(tmp_path / "tree"))
     remove_tree_quietly(str(tmp_path / "never_existed"))
     assert os.listdir(tmp_path) == []
+
+
+def test_write_behind_runs_jobs_in_order_and_waits_for_them():
+    import threading
+    import time
+    from pmm_dist.io.write_behind import WriteBehind
+    done, threads = [], set()
+    with WriteBehind(depth=1) as behind:
+        for k in range(20):
+            def job(k=k):
+                time.sleep(0.001 * (k % 3))  # uneven jobs: the order must not depend on their length
+                threads.add(threading.current_thread().name)
+                done.append(k)
+            behind.submit(job)
+    assert done == list(range(20))
+    assert len(threads) == 1 and threading.current_thread().name not in threads
+
+
+def test_write_behind_raises_a_job_failure_and_skips_the_rest():
+    from pmm_dist.io.write_behind import WriteBehind
+    done = []
+
+    def fail():
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        with WriteBehind(depth=1) as behind:
+            behind.submit(fail)
+            for k in range(10):
+                behind.submit(lambda k=k: done.append(k))
+    assert len(done) < 10  # the failure surfaced at a later submit: the file is abandoned
+
+
+def test_write_behind_waits_for_the_running_job_when_the_caller_fails():
+    import time
+    from pmm_dist.io.write_behind import WriteBehind
+    done = []
+    with pytest.raises(RuntimeError, match="merge failed"):
+        with WriteBehind() as behind:
+            behind.submit(lambda: (time.sleep(0.05), done.append("written")))
+            raise RuntimeError("merge failed")
+    assert done == ["written"]  # nothing writes after the with block: the caller may remove the file

@@ -47,6 +47,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..io.atomic import write_atomically
+from ..io.write_behind import WriteBehind
 from ..errors import InputError, MergeError
 from ..plan.assign import balance, work_cost
 from ..plan.regions import Box, coverage_problems, map_chunks, read_span
@@ -678,26 +679,36 @@ class DcpFormat(CheckpointFormat):
                                metadatas[i].state_dict_metadata[item.read_key].properties.dtype, sizes_of[i][key],
                                piece)
 
-        def merge_mapped(writer, position):
+        def merge_mapped(behind, writer, position):
             item, sources = unit.items[position], views.pop(position)
             stored = [indexes[i][item.storage_key] for i in range(len(checkpoints))]
             context.on_progress(sum(info.length for info in stored))
             names = [os.path.join(ckpt.path, info.relative_path) for ckpt, info in zip(checkpoints, stored)]
             merged = context.merge_tensor(sources, item.describe(), names)
             del sources
-            start = writer.num_bytes
-            torch.save(merged, writer)
-            written.append((item.key, item.offsets, start, writer.num_bytes - start))
+            emit(behind, writer, item.key, item.offsets, merged)
             counters["merged"] += not any(item.offsets)
+
+        def emit(behind, writer, fqn, offsets, value):
+            """Appends a merged tensor (torch.save) or a copied blob to the file, behind the merge."""
+            def write():
+                start = writer.num_bytes
+                if isinstance(value, torch.Tensor):
+                    torch.save(value, writer)
+                else:
+                    writer.write(value)
+                written.append((fqn, offsets, start, writer.num_bytes - start))
+            behind.submit(write)
 
         def produce(writer):
             in_place = sorted(views)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
+            with WriteBehind() as behind, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-dcp-read") as reader:
                 pending = reader.submit(read, reads[0]) if reads else None
                 accumulator = None
                 for step, (position, i, k) in enumerate(reads):
                     while in_place and in_place[0] < position:  # items stay in stored order
-                        merge_mapped(writer, in_place.pop(0))
+                        merge_mapped(behind, writer, in_place.pop(0))
                     fetched = pending.result()
                     if step + 1 < len(reads):
                         pending = reader.submit(read, reads[step + 1])
@@ -705,9 +716,7 @@ class DcpFormat(CheckpointFormat):
                     fqn, offsets, read_key = item.key, item.offsets, item.read_key
                     if actions[position] == Action.COPY:
                         context.on_progress(len(fetched))
-                        start = writer.num_bytes
-                        writer.write(fetched)
-                        written.append((fqn, offsets, start, writer.num_bytes - start))
+                        emit(behind, writer, fqn, offsets, fetched)
                         continue
                     # The output chunk's sizes; a source read whole stores a chunk of the same box.
                     sizes = sizes_of[-1][item.storage_key]
@@ -732,15 +741,13 @@ class DcpFormat(CheckpointFormat):
                                     first=None if region is None else i == 0)
                     del chunk
                     if i == last and (k is None or k == len(item.pieces(i)) - 1):  # the newest's last read
-                        start = writer.num_bytes
                         # Model weights from masters: rounded to the model's dtype.
-                        torch.save(accumulator.result(newest.state_dict_metadata[fqn].properties.dtype), writer)
-                        written.append((fqn, offsets, start, writer.num_bytes - start))
+                        emit(behind, writer, fqn, offsets, accumulator.result(newest.state_dict_metadata[fqn].properties.dtype))
                         # Tensors, not chunks: each is counted by the unit holding its first chunk.
                         counters["merged"] += not any(offsets)
                         accumulator = None
-            for position in in_place:
-                merge_mapped(writer, position)
+                for position in in_place:
+                    merge_mapped(behind, writer, position)
 
         try:
             num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), produce)

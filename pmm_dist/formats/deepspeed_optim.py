@@ -107,10 +107,6 @@ class Zero12Masters:
     partition_counts: List[int]
     alignment_paddings: Optional[list]    # [group][param], None where DeepSpeed saved none
 
-    def full_group(self, group: int, states: Sequence[dict]) -> torch.Tensor:
-        """The group's whole flat fp32 vector: the ranks' partitions, concatenated."""
-        return torch.cat([state[OPTIMIZER_STATE][SINGLE_PARTITION][group].reshape(-1) for state in states])
-
 
 def read_zero12_masters(paths: Sequence[str]) -> Tuple[Optional[Zero12Masters], Optional[List[dict]], Optional[str]]:
     """(masters, the loaded files, None) for a complete set of ZeRO-1/2 optimizer files (one per
@@ -184,24 +180,28 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
         if why:
             skipped.append(why)
         else:
-            groups[group] = (offsets, context.accumulator((length,), f"param group {group} of the fp32 masters"))
-    num_read = 0
-    # One source at a time: memory is the accumulators (float64, the groups' size) and one group's vector.
-    for (ckpt_path, masters, _), weight in zip(read, context.weights):
+            groups[group] = offsets
+    # Parameter by parameter, every source's masters viewed in its mapped optimizer files: memory
+    # is one parameter in fp32 beside the output, whatever N and the size of a group (a group's
+    # float64 sum, 8 bytes per parameter of the whole model at ZeRO-1/2 with one rank, was not).
+    partitions, names, num_read = [], [], 0
+    for ckpt_path, masters, _ in read:
         states = [safe_load(path) for path in masters.paths]
-        for group, (_, accumulator) in groups.items():
-            full = masters.full_group(group, states)
-            accumulator.add(full, weight, ckpt_path)
-            num_read += full.numel() * full.element_size()
-            context.on_progress(full.numel() * full.element_size())
-        del states
+        flat = {group: [state[OPTIMIZER_STATE][SINGLE_PARTITION][group].reshape(-1) for state in states]
+                for group in groups}
+        partitions.append(flat)
+        names.append(ckpt_path)
+        num_bytes = sum(part.numel() * part.element_size() for parts in flat.values() for part in parts)
+        num_read += num_bytes
+        context.on_progress(num_bytes)
     weights: Dict[tuple, torch.Tensor] = {}
-    for group, (offsets, accumulator) in groups.items():
-        merged = accumulator.result()
+    for group, offsets in groups.items():
         for name, start, numel in offsets:
             path = ("module", name)
             if context.selects(dotted(path)):
-                weights[path] = rounded(merged[start:start + numel], module[name])
+                sources = [_flat_range(flat[group], start, numel) for flat in partitions]
+                merged = context.merge_tensor(sources, f"the fp32 master of module.{name}", names)
+                weights[path] = rounded(merged, module[name])
     for alias, primary in (output.get("shared_params") or {}).items():  # tied weights stay tied
         if ("module", primary) in weights and alias in module:
             weights[("module", alias)] = weights[("module", primary)]
@@ -211,6 +211,18 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
     if skipped:
         result.details[MODEL_WEIGHTS_NOTE] = "model copies for " + "; ".join(skipped)
     return result
+
+
+def _flat_range(partitions: Sequence[torch.Tensor], start: int, numel: int) -> torch.Tensor:
+    """Elements [start, start + numel) of the group's flat vector, the data-parallel ranks'
+    partitions laid end to end: a view where they lie in one partition, else the pieces joined."""
+    pieces, offset = [], 0
+    for part in partitions:
+        begin, end = max(start, offset), min(start + numel, offset + part.numel())
+        if begin < end:
+            pieces.append(part[begin - offset:end - offset])
+        offset += part.numel()
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _group_problem(group: int, shapes, offsets, length: int, read, module) -> Optional[str]:
