@@ -103,14 +103,23 @@ def write_bytes(path: str, num_bytes: int) -> float:
     return elapsed
 
 
-def drop_page_cache() -> bool:
+def drop_page_cache(files) -> str:
+    """Makes ``files`` cold: each file's pages evicted (fsync, then posix_fadvise DONTNEED: the
+    clean pages of a file one may open go, no root needed), and the kernel's whole page cache
+    dropped too where that is allowed. Returns how."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     try:
-        subprocess.run(["sync"], check=True)
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
+        return "posix_fadvise(DONTNEED) of every input file, and drop_caches"
     except OSError:
-        return False
+        return "posix_fadvise(DONTNEED) of every input file"
 
 
 def run_pmm(run_dir, out: str, ranks: int, extra=()) -> dict:
@@ -161,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--name", default=None, help="report name (default: quick or full)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default all: {','.join(PARTS)})")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved roofline + merge repeats per format "
+                                                                   "(medians reported; default 3)")
     parser.add_argument("--formats", default=None, help="formats side by side (default: every entry of "
                                                           "benchmarks/formats.py)")
     args = parser.parse_args(argv)
@@ -223,7 +234,7 @@ def main(argv=None) -> int:
     if "mergekit" in parts:
         report["mergekit"] = _maybe_mergekit(args)
     if args.cold and "cold" in parts:
-        report["cold"] = _cold(run_dir, files, output_bytes, args.work)
+        report["cold"] = _cold(run_dir, files, output_bytes, args.work, args.repeats)
     if "n_sweep" in parts:
         report["n_sweep"] = _n_sweep(args)
     _write_reports(report, args)
@@ -272,9 +283,19 @@ def _formats(args, startup) -> list:
                              if os.path.isdir(d))
         files = [f for ckpt in checkpoints for f in case.files(ckpt)]
         output_bytes = sum(os.path.getsize(f) for f in case.output_files(checkpoints[-1]))
-        roofline = warm_roofline(files, output_bytes, args.work)
-        result = run_pmm(sources, os.path.join(args.work, f"out_fmt_{name}"), 1, ["--format", name, *case.merge_args])
+        # Interleaved repeats, medians taken: this disk's write speed varies several-fold from one
+        # minute to the next, so one roofline beside one merge says little.
+        rooflines, results = [], []
+        for _ in range(args.repeats):
+            rooflines.append(warm_roofline(files, output_bytes, args.work))
+            results.append(run_pmm(sources, os.path.join(args.work, f"out_fmt_{name}"), 1,
+                                   ["--format", name, *case.merge_args]))
+        roofline = _median_by(rooflines, "seconds")
+        result = _median_by(results, "seconds")
         row = {"format": name, "description": case.description, "roofline": roofline, "pmm_dist": result,
+               "repeats": {"roofline_seconds": [r["seconds"] for r in rooflines],
+                           "merge_seconds": [r["seconds"] for r in results],
+                           "process_seconds": [r["wall_seconds"] for r in results]},
                "import_torch_seconds": import_torch,
                "merge_vs_roofline": roofline["seconds"] / result["seconds"],
                "process_vs_roofline_plus_import_torch": (roofline["seconds"] + import_torch) / result["wall_seconds"]}
@@ -286,22 +307,35 @@ def _formats(args, startup) -> list:
     return rows
 
 
+def _median_by(samples: list, key: str) -> dict:
+    """The sample whose ``key`` is the median (the lower one of an even count)."""
+    return sorted(samples, key=lambda sample: sample[key])[(len(samples) - 1) // 2]
+
+
 def _import_torch_seconds() -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch"], check=True)
     return time.perf_counter() - started
 
 
-def _cold(run_dir, files, output_bytes, work) -> dict:
-    if not drop_page_cache():
-        return {"skipped": "cannot drop the page cache (needs root)"}
-    t_read = read_all(files)
-    t_write = write_bytes(os.path.join(work, "roofline.tmp"), output_bytes)
-    drop_page_cache()
-    pmm = run_pmm(run_dir, os.path.join(work, "out_pmm_cold"), 1)
-    result = {"roofline_seconds": t_read + t_write, "read_seconds": t_read, "pmm_seconds": pmm["seconds"],
-              "fraction_of_roofline": (t_read + t_write) / pmm["seconds"]}
-    print(f"cold cache: roofline {t_read + t_write:.2f} s, pmm_dist 1 rank {pmm['seconds']:.2f} s "
+def _cold(run_dir, files, output_bytes, work, repeats: int) -> dict:
+    """Roofline and merge with the inputs out of the page cache (as when the data exceeds RAM),
+    interleaved, medians taken."""
+    rooflines, merges = [], []
+    for _ in range(repeats):
+        how = drop_page_cache(files)
+        t_read = read_all(files)
+        rooflines.append({"read_seconds": t_read, "write_seconds": write_bytes(os.path.join(work, "roofline.tmp"),
+                                                                                output_bytes)})
+        rooflines[-1]["seconds"] = t_read + rooflines[-1]["write_seconds"]
+        drop_page_cache(files)
+        merges.append(run_pmm(run_dir, os.path.join(work, "out_pmm_cold"), 1))
+    roofline, pmm = _median_by(rooflines, "seconds"), _median_by(merges, "seconds")
+    result = {"how": how, "roofline_seconds": roofline["seconds"], "read_seconds": roofline["read_seconds"],
+              "pmm_seconds": pmm["seconds"], "fraction_of_roofline": roofline["seconds"] / pmm["seconds"],
+              "repeats": {"roofline_seconds": [r["seconds"] for r in rooflines],
+                          "merge_seconds": [r["seconds"] for r in merges]}}
+    print(f"cold cache ({how}): roofline {roofline['seconds']:.2f} s, pmm_dist 1 rank {pmm['seconds']:.2f} s "
           f"({result['fraction_of_roofline']:.2f} of roofline)", flush=True)
     return result
 
@@ -390,8 +424,9 @@ def _main_section(report: dict) -> list:
                   "(benchmarks/hf_vs_mergekit.py, seconds):", "", "```", report["mergekit"]["text"], "```"]
     if report.get("cold") and "skipped" not in report["cold"]:
         c = report["cold"]
-        lines.append(f"Cold page cache: roofline {c['roofline_seconds']:.2f} s, pmm_dist 1 rank {c['pmm_seconds']:.2f} s "
-                     f"= **{c['fraction_of_roofline']:.2f}** of roofline.")
+        lines.append(f"Cold page cache ({c['how']}; median of {len(c['repeats']['merge_seconds'])}): roofline "
+                     f"{c['roofline_seconds']:.2f} s (read {c['read_seconds']:.2f} s), pmm_dist 1 rank "
+                     f"{c['pmm_seconds']:.2f} s = **{c['fraction_of_roofline']:.2f}** of roofline (target 0.85).")
     sweep = report.get("n_sweep")
     if sweep:
         lines += ["", "Cost as a function of N (1 rank, fixed checkpoint size):", "",

@@ -213,8 +213,10 @@ def _mapped_sources(tmp_path, n, numel, dtype=torch.bfloat16):
 
 def test_page_advice_releases_every_page_once_and_reads_ahead(backend, tmp_path, monkeypatch):
     """Every whole page of every mapped source is released (DONTNEED) exactly once, in order and
-    only after it was added; the pages of the group after the current one are asked for ahead."""
+    only after it was added; every page is asked for (WILLNEED) before the sum reaches it, at
+    least half the read-ahead distance ahead, in steps without gaps."""
     sources, mapped = _mapped_sources(tmp_path, 3, 50_000)
+    monkeypatch.setattr(kernel, "READ_AHEAD_BYTES", 12_000 * mapped[0].element_size())  # 12 groups of 1000
     calls = []
     monkeypatch.setattr(kernel, "_madvise", lambda start, length, advice: calls.append((start, length, advice)))
     merged = kernel.weighted_sum(mapped, _ema(3), torch.device("cpu"), sources_are_mapped=True)
@@ -228,6 +230,10 @@ def test_page_advice_releases_every_page_once_and_reads_ahead(backend, tmp_path,
         ahead = sorted((s, s + n) for s, n, a in calls if a == kernel._MADV_WILLNEED and start - page < s < end)
         assert len(ahead) >= 3 and ahead[0][0] <= start and ahead[-1][1] >= end
         assert all(a[1] >= b[0] for a, b in zip(ahead, ahead[1:])), "a gap in the read-ahead"
+        # the order of the calls: a page is released only after it was asked for
+        order = [(a, s) for s, n, a in calls if start - page < s < end]
+        first_release = next(i for i, (a, _) in enumerate(order) if a == kernel._MADV_DONTNEED)
+        assert order[0][0] == kernel._MADV_WILLNEED and first_release > 0
 
 
 def test_mapped_pages_are_released_from_this_process(tmp_path, monkeypatch):
