@@ -47,6 +47,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..io.atomic import write_atomically
+from ..io.planning_reads import gc_paused
 from ..io.write_behind import WriteBehind
 from ..errors import InputError, MergeError
 from ..plan.assign import balance, work_cost
@@ -106,7 +107,7 @@ def load_metadata(ckpt_dir: str) -> "dcp_metadata.Metadata":
     """The DCP ``Metadata`` of ``ckpt_dir``; InputError naming the file if absent or unusable."""
     path = os.path.join(ckpt_dir, DCP_METADATA)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, gc_paused():
             metadata = _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise InputError(f"{path}: file not found (an incomplete DCP checkpoint? .metadata is written last)") from None
@@ -135,9 +136,10 @@ def chunk_keys(metadata) -> List[ChunkKey]:
 
 
 def storage_index(metadata) -> Dict[ChunkKey, object]:
-    """(fqn, offsets) -> _StorageInfo(relative_path, offset, length)."""
-    return {(index.fqn, None if index.offset is None else tuple(index.offset)): info
-            for index, info in metadata.storage_data.items()}
+    """(fqn, offsets) -> _StorageInfo(relative_path, offset, length). The offsets are kept as
+    stored (a torch.Size, which hashes and compares as the tuple it holds): looked up with tuples,
+    and no tuple made per chunk."""
+    return {(index.fqn, index.offset): info for index, info in metadata.storage_data.items()}
 
 
 def top_level_key(metadata, fqn: str) -> str:
@@ -147,8 +149,8 @@ def top_level_key(metadata, fqn: str) -> str:
 
 
 def chunk_sizes(metadata) -> Dict[ChunkKey, Tuple[int, ...]]:
-    """(fqn, offsets) -> the chunk's sizes, for every tensor chunk."""
-    return {(fqn, tuple(chunk.offsets)): tuple(chunk.sizes)
+    """(fqn, offsets) -> the chunk's sizes (torch.Size, a tuple), for every tensor chunk."""
+    return {(fqn, chunk.offsets): chunk.sizes
             for fqn, entry in metadata.state_dict_metadata.items()
             if isinstance(entry, dcp_metadata.TensorStorageMetadata) for chunk in entry.chunks}
 
@@ -188,6 +190,8 @@ def plan_pieces(path: str, fqn: str, entry, newest_entry) -> Tuple[Optional[Dict
     same chunks; else, per newest chunk (by offsets), the pieces of the source's chunks that
     cover it exactly once; or the problems (naming checkpoint, key and region) why they cannot
     (chunks outside the tensor, overlapping, or leaving a gap)."""
+    if entry.chunks == newest_entry.chunks:  # the same chunks in the same order: nothing to map
+        return None, []
     boxes, outputs = chunk_boxes(entry), chunk_boxes(newest_entry)
     if sorted(boxes) == sorted(outputs):
         return None, []
@@ -201,30 +205,39 @@ def plan_pieces(path: str, fqn: str, entry, newest_entry) -> Tuple[Optional[Dict
 
 def saved_world_size(metadata) -> Optional[int]:
     """How many ranks wrote the checkpoint, from its file names (``__{rank}_{n}.distcp``)."""
-    ranks = {m.group(1) for m in (re.match(r"__(\d+)_", str(info.relative_path))
-                                  for info in metadata.storage_data.values()) if m}
+    names = {str(info.relative_path) for info in metadata.storage_data.values()}  # a few per rank, not per chunk
+    ranks = {m.group(1) for m in (re.match(r"__(\d+)_", name) for name in names) if m}
     return len(ranks) or None
 
 
-def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_files: bool = True) -> List[str]:
+@functools.lru_cache(maxsize=1 << 16)  # per file name: a checkpoint has a few files, a million keys
+def _escapes(relative_path: str) -> bool:
+    return os.path.isabs(relative_path) or os.path.normpath(relative_path).split(os.sep)[0] == ".."
+
+
+def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_files: bool = True,
+                     index: Optional[Dict[ChunkKey, object]] = None) -> List[str]:
     """Every key must have a storage entry pointing inside the checkpoint, into an existing file,
-    within its size, without stream transforms (compression) pmm_dist cannot undo."""
+    within its size, without stream transforms (compression) pmm_dist cannot undo. ``index``:
+    the metadata's ``storage_index``, where the caller has it."""
     problems = []
-    index = storage_index(metadata)
+    index = storage_index(metadata) if index is None else index
     sizes: Dict[str, Optional[int]] = {}
     where = os.path.join(ckpt_dir, DCP_METADATA)
+
+    def named(key):
+        return key[0] if key[1] is None else f"{key[0]} (chunk at {list(key[1])})"
     for key in keys:
         info = index.get(key)
-        name = key[0] if key[1] is None else f"{key[0]} (chunk at {list(key[1])})"
         if info is None:
-            problems.append(f"{where}: key '{name}' has no storage entry")
+            problems.append(f"{where}: key '{named(key)}' has no storage entry")
             continue
         rel = info.relative_path
-        if not isinstance(rel, str) or os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
-            problems.append(f"{where}: key '{name}' is stored at {rel!r}, outside the checkpoint directory")
+        if not isinstance(rel, str) or _escapes(rel):
+            problems.append(f"{where}: key '{named(key)}' is stored at {rel!r}, outside the checkpoint directory")
             continue
         if getattr(info, "transform_descriptors", None):
-            problems.append(f"{where}: key '{name}' is stored with stream transforms "
+            problems.append(f"{where}: key '{named(key)}' is stored with stream transforms "
                             f"{list(info.transform_descriptors)} (e.g. compression), which pmm_dist does not support")
             continue
         if not check_files:
@@ -233,9 +246,9 @@ def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_fi
             path = os.path.join(ckpt_dir, rel)
             sizes[rel] = os.path.getsize(path) if os.path.isfile(path) else None
             if sizes[rel] is None:
-                problems.append(f"{path}: missing file (holds key '{name}' and possibly more)")
+                problems.append(f"{path}: missing file (holds key '{named(key)}' and possibly more)")
         if sizes[rel] is not None and (info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[rel]):
-            problems.append(f"{os.path.join(ckpt_dir, rel)}: key '{name}' is stored at bytes "
+            problems.append(f"{os.path.join(ckpt_dir, rel)}: key '{named(key)}' is stored at bytes "
                             f"[{info.offset}, {info.offset + info.length}), beyond the file's {sizes[rel]} bytes "
                             "(truncated file?)")
     return problems
@@ -305,6 +318,14 @@ class DcpFormat(CheckpointFormat):
     # -- metadata ----------------------------------------------------------------------------
     def metadata(self, ckpt: CheckpointRef):
         return self.memo("metadata", ckpt.path, lambda: load_metadata(ckpt.path))
+
+    def storage(self, ckpt: CheckpointRef) -> Dict[ChunkKey, object]:
+        """The checkpoint's ``storage_index``, made once per job like its metadata (1M chunks: a second)."""
+        return self.memo("storage index", ckpt.path, lambda: storage_index(self.metadata(ckpt)))
+
+    def stored_sizes(self, ckpt: CheckpointRef) -> Dict[ChunkKey, Tuple[int, ...]]:
+        """The checkpoint's ``chunk_sizes``, made once per job like its metadata."""
+        return self.memo("chunk sizes", ckpt.path, lambda: chunk_sizes(self.metadata(ckpt)))
 
     def is_training_state(self, metadata, fqn: str) -> bool:
         return top_level_key(metadata, fqn) in self.training_state_keys
@@ -380,7 +401,7 @@ class DcpFormat(CheckpointFormat):
     # -- planning (metadata only) ------------------------------------------------------------
     def checkpoint_layout(self, ckpt: CheckpointRef) -> Dict[str, object]:
         """The parallel layout a checkpoint was saved at, as far as the files tell."""
-        return {"world_size": saved_world_size(self.metadata(ckpt)) or None}
+        return self.memo("layout", ckpt.path, lambda: {"world_size": saved_world_size(self.metadata(ckpt)) or None})
 
     def describe_layout(self, layout: Dict[str, object]) -> str:
         return f"world size {layout['world_size']}" if layout.get("world_size") else "unknown layout"
@@ -417,7 +438,7 @@ class DcpFormat(CheckpointFormat):
         # Storage entries are checked here, the files they point into by each rank (check_unit).
         problems += storage_problems(newest_ref.path, newest,
                                      [k for k in chunk_keys(newest) if k[0] in kept_set or k[0] in read_set],
-                                     check_files=False)
+                                     check_files=False, index=self.storage(newest_ref))
         # The newest's chunks are the output's: they too must cover each merged tensor exactly once.
         for fqn in merged:
             entry = entries[fqn]
@@ -445,22 +466,24 @@ class DcpFormat(CheckpointFormat):
         if problems:
             raise InputError(problems)
 
-        location = storage_index(newest)
-        sizes = chunk_sizes(newest)
+        location = self.storage(newest_ref)
         items = []
-        for fqn, offsets in chunk_keys(newest):
+        # In the newest's stored order (chunk_keys), what is per key worked out once per key.
+        for fqn, entry in entries.items():
             if fqn not in kept_set:
                 continue
-            if offsets is None:
-                num_bytes = location[(fqn, None)].length
-            else:
-                num_bytes = math.prod(sizes[(fqn, offsets)]) * entries[fqn].properties.dtype.itemsize
             action = actions[fqn]
-            sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
-            if action == Action.MERGE and any(fqn in found for found in pieces_by_source):
-                sources = tuple(found[fqn][offsets] if fqn in found else None for found in pieces_by_source)
             source_key = reads[fqn] if action == Action.MERGE and reads[fqn] != fqn else None
-            items.append(ChunkItem(fqn, offsets, action, num_bytes, sources, source_key))
+            if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
+                items.append(ChunkItem(fqn, None, action, location[(fqn, None)].length, (), source_key))
+                continue
+            relaid = action == Action.MERGE and any(fqn in found for found in pieces_by_source)
+            itemsize = entry.properties.dtype.itemsize
+            for chunk in entry.chunks:
+                offsets = tuple(chunk.offsets)
+                sources: Tuple[Optional[Tuple[Piece, ...]], ...] = () if not relaid else tuple(
+                    found[fqn][offsets] if fqn in found else None for found in pieces_by_source)
+                items.append(ChunkItem(fqn, offsets, action, math.prod(chunk.sizes) * itemsize, sources, source_key))
         num_sources = len(checkpoints)
         units = []
         for k, share in enumerate(balance(items, max(world_size, 1),
@@ -530,7 +553,7 @@ class DcpFormat(CheckpointFormat):
         # This source's own chunks are what it reads, whatever its layout.
         read_set = set(reads.values())
         problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in read_set],
-                                     check_files=False)
+                                     check_files=False, index=self.storage(ckpt))
         return pieces, problems, []
 
     def _reshaped_by_layout(self, ckpt: CheckpointRef, metadata, newest_ref: CheckpointRef, newest,
@@ -593,8 +616,8 @@ class DcpFormat(CheckpointFormat):
         totals = []
         for position, ckpt in enumerate(checkpoints):
             metadata = self.metadata(ckpt)
-            index = storage_index(metadata)
-            sizes = chunk_sizes(metadata)
+            index = self.storage(ckpt)
+            sizes = self.stored_sizes(ckpt)
             total = 0
             for unit in units:
                 small_read = set()  # small stored chunks are read whole once per unit (dcp_reads)
@@ -632,8 +655,8 @@ class DcpFormat(CheckpointFormat):
         accumulator, the chunk or piece being added and the one being read: flat in N."""
         newest = self.metadata(checkpoints[-1])
         metadatas = [self.metadata(ckpt) for ckpt in checkpoints]
-        indexes = [storage_index(md) for md in metadatas]
-        sizes_of = [chunk_sizes(md) for md in metadatas]
+        indexes = [self.storage(ckpt) for ckpt in checkpoints]
+        sizes_of = [self.stored_sizes(ckpt) for ckpt in checkpoints]
         files = SourceFiles()
         pieces = PieceReader(files)
         mapped = MappedChunks()

@@ -9,6 +9,7 @@ during planning is what detects later changes, before the commit). Outside it (t
 and merge steps, a watcher's next round) nothing is cached, so no listing goes stale.
 """
 import contextlib
+import gc
 import os
 import threading
 from typing import Callable, List, Tuple, TypeVar
@@ -57,3 +58,18 @@ def subdirectories(path: str) -> List[str]:
     """Sorted names of the directories in ``path`` (symbolic links to directories included, as
     ``os.path.isdir`` counts them)."""
     return [name for name, is_dir in scan_directory(path) if is_dir]
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No cyclic garbage collection inside the block (nested blocks: until the outermost ends).
+    Unpickling a DCP ``.metadata`` of 1M chunks creates millions of objects, none of them
+    garbage, and the collections they trigger walk all of them again and again: half of the
+    parse time, and more in the planning after it (benchmarks/scale.py --dcp-chunks)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -3,10 +3,12 @@ parallel layout), real ``torch.save`` blobs, ``.metadata`` as DCP writes it.
 ``torch.distributed.checkpoint.load`` reads them like its own (tests/test_dcp_layouts.py checks it).
 ``write_torch_dist`` adds what makes one a Megatron-core torch_dist checkpoint."""
 import io
+import itertools
 import json
+import math
 import os
 import pickle
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -86,3 +88,62 @@ def write_torch_dist(root: str, tensors: Dict[str, Tuple[torch.Tensor, List[Box]
     with open(os.path.join(root, "metadata.json"), "w") as f:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                    "common_backend": "torch", "common_backend_version": 1}, f)
+
+
+# A torch.save blob's zip framing around the tensor's bytes (about this much for one chunk).
+_BLOB_OVERHEAD_BYTES = 1152
+
+
+def fsdp_shapes(hidden: int = 8192, ffn: int = 28672) -> Iterator[Tuple[str, Tuple[int, ...]]]:
+    """(name, global shape) of the tensors of a Llama-like decoder stack, layer after layer
+    (attention, MLP, norms), as FSDP2's ``get_state_dict`` names them; without end."""
+    layer = [("attention.wq.weight", (hidden, hidden)), ("attention.wk.weight", (hidden // 8, hidden)),
+             ("attention.wv.weight", (hidden // 8, hidden)), ("attention.wo.weight", (hidden, hidden)),
+             ("feed_forward.w1.weight", (ffn, hidden)), ("feed_forward.w2.weight", (hidden, ffn)),
+             ("feed_forward.w3.weight", (ffn, hidden)), ("attention_norm.weight", (hidden,)),
+             ("ffn_norm.weight", (hidden,))]
+    for number in itertools.count():
+        for name, shape in layer:
+            yield f"layers.{number}.{name}", shape
+
+
+def fsdp_metadata(num_chunks: int, world_size: int, dtype: torch.dtype = torch.float32
+                  ) -> Tuple[Metadata, Dict[str, int]]:
+    """The ``.metadata`` of an FSDP2 checkpoint saved by ``world_size`` ranks with about
+    ``num_chunks`` chunks: each tensor's rows split evenly over the ranks (``split``), rank r's
+    chunks stored one after another in ``__{r}_0.distcp``. Also each file's size. No tensor data:
+    for planning at scale (benchmarks/scale.py), where only the metadata and file sizes are read."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    entries, storage, planner_data = {}, {}, {}
+    file_sizes = [0] * world_size
+    for fqn, shape in fsdp_shapes():
+        if len(storage) >= num_chunks:
+            break
+        boxes = [box for box in split(shape, 0, world_size) if box[1][0]]  # ranks past the rows hold none
+        entries[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(shape),
+                                             [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes])
+        planner_data[fqn] = (fqn,)
+        for rank, (offsets, sizes) in enumerate(boxes):
+            length = math.prod(sizes) * itemsize + _BLOB_OVERHEAD_BYTES
+            storage[MetadataIndex(fqn, torch.Size(offsets), rank)] = _StorageInfo(
+                f"__{rank}_0.distcp", file_sizes[rank], length)
+            file_sizes[rank] += length
+    return (Metadata(entries, planner_data=planner_data, storage_data=storage),
+            {f"__{rank}_0.distcp": size for rank, size in enumerate(file_sizes)})
+
+
+def make_fsdp_run(run_dir: str, num_checkpoints: int, num_chunks: int, world_size: int) -> Metadata:
+    """``run_dir/step-{k}`` for k = 1..``num_checkpoints``, each with the same ``fsdp_metadata``
+    (pickled as DCP pickles it) and its data files as sparse files of the right sizes (no bytes
+    written: planning stats them, never reads them). Returns the metadata."""
+    metadata, file_sizes = fsdp_metadata(num_chunks, world_size)
+    blob = pickle.dumps(metadata)
+    for k in range(1, num_checkpoints + 1):
+        root = os.path.join(run_dir, f"step-{k}")
+        os.makedirs(root, exist_ok=True)
+        for name, size in file_sizes.items():
+            with open(os.path.join(root, name), "wb") as f:
+                f.truncate(size)
+        with open(os.path.join(root, ".metadata"), "wb") as f:  # last, as DCP writes it
+            f.write(blob)
+    return metadata
