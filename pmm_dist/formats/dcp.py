@@ -618,10 +618,15 @@ class DcpFormat(CheckpointFormat):
             metadata = self.metadata(ckpt)
             index = self.storage(ckpt)
             sizes = self.stored_sizes(ckpt)
-            total = 0
+            # The common case first, in one pass: merged items this source stores as the output
+            # does (no pieces), read whole.
+            total = sum(index[item.read_storage_key].length for unit in units for item in unit.items
+                        if not item.sources and item.action == Action.MERGE)
             for unit in units:
                 small_read = set()  # small stored chunks are read whole once per unit (dcp_reads)
                 for item in unit.items:
+                    if item.action == Action.MERGE and not item.sources:
+                        continue  # counted above
                     if item.action != Action.MERGE and position != last:
                         continue
                     if item.action != Action.MERGE:
