@@ -48,6 +48,7 @@ MODULE_TIERS = {
     "test_selection": "unit",
     "test_staging": "unit",
     "test_atomic": "unit",
+    "test_execution": "unit",
     "test_tree": "unit",
     "test_zero3_partitions": "unit",
     "test_watch_forms": "unit",

@@ -294,3 +294,21 @@ def test_manifest_summary_of_where_the_weights_came_from():
     summary, notes = model_weights_summary([result("a", model_weights_from="fp32 masters"),
                                             result("b", model_weights_from="model copies", model_weights_note="why")])
     assert summary == "fp32 masters (1 files); model copies (1 files)" and notes == ["b: why"]
+
+
+def test_a_rounded_master_keeps_no_reference_to_the_fp32_master():
+    """DeepSpeed saves its fp32 partitions as tensors that require grad, and so the merged master
+    does: its rounding must not build an autograd graph holding the master (4 bytes per parameter
+    of the whole model stayed alive that way)."""
+    import gc
+    import weakref
+    from pmm_dist.formats.masters import rounded
+    master = torch.randn(64, dtype=torch.float32).requires_grad_()
+    like = torch.zeros(8, 8, dtype=torch.bfloat16)
+    out = rounded(master, like)
+    assert out.grad_fn is None and not out.requires_grad and out.dtype == torch.bfloat16 and out.shape == (8, 8)
+    assert torch.equal(out, master.detach().reshape(8, 8).bfloat16())
+    alive = weakref.ref(master)
+    del master
+    gc.collect()
+    assert alive() is None

@@ -20,9 +20,12 @@ from . import faults
 from .planning import MergePlan
 from .report import peak_rss_bytes, progress_bar
 
-# Two overlap one unit's writing with the next one's arithmetic, at the price of holding up to
-# two output files in memory.
+# Two overlap one unit's writing with the next one's arithmetic, but only while their outputs,
+# which a unit holds in memory until they are written, fit in the largest output file plus
+# MEMORY_HEADROOM: a rank's memory stays at one output file in flight plus that, whatever the
+# number of checkpoints (the sources are mapped, not read in).
 UNITS_IN_FLIGHT = 2
+MEMORY_HEADROOM = 512 << 20
 
 
 def choose_device(requested: Optional[str], local_rank: int) -> torch.device:
@@ -38,6 +41,12 @@ def check_share(fmt: CheckpointFormat, plan: MergePlan, share: Sequence[WorkUnit
     are bytes the engine copies and need no check."""
     faults.inject("validate", rank)
     return [p for unit in share if unit.action == Action.MERGE for p in fmt.check_unit(unit, plan.checkpoints)]
+
+
+def _held_bytes(unit: WorkUnit) -> int:
+    """What a unit holds in memory until its file is written: a merged unit its output; a copied
+    one streams its bytes."""
+    return unit.num_bytes if unit.action == Action.MERGE else 0
 
 
 @dataclass
@@ -71,12 +80,17 @@ class ShareMerger:
     def run(self) -> ShareOutcome:
         results: List[UnitResult] = []
         try:
+            held = [_held_bytes(unit) for unit in self.share]
+            budget = max(held, default=0) + MEMORY_HEADROOM
             with ThreadPoolExecutor(max_workers=UNITS_IN_FLIGHT, thread_name_prefix="pmm-unit") as pool:
                 pending: Deque[Future] = deque()
-                for unit in self.share:
-                    pending.append(pool.submit(self._merge_one, unit))
-                    if len(pending) >= UNITS_IN_FLIGHT:
+                in_flight: Deque[int] = deque()  # what each pending unit holds
+                for unit, holds in zip(self.share, held):
+                    while pending and (len(pending) >= UNITS_IN_FLIGHT or sum(in_flight) + holds > budget):
                         self._collect(pending, results)
+                        in_flight.popleft()
+                    pending.append(pool.submit(self._merge_one, unit))
+                    in_flight.append(holds)
                 while pending:
                     self._collect(pending, results)
         finally:

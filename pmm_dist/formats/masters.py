@@ -55,8 +55,11 @@ def from_model_copies(note: str = "") -> MasterWeights:
 
 def rounded(master: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A merged fp32 master as the model tensor ``like`` holds it (its dtype and shape): the
-    rounding the trainer itself does when it copies masters into the model."""
-    return master.to(torch.float32).reshape(like.shape).to(like.dtype).clone()
+    rounding the trainer itself does when it copies masters into the model. Detached, flagged as
+    ``like`` is: masters saved as parameters (requires_grad, as DeepSpeed saves them) would
+    otherwise make this an autograd graph that keeps the whole fp32 master alive."""
+    rounded_master = master.detach().to(torch.float32).reshape(like.shape).to(like.dtype).clone()
+    return rounded_master.requires_grad_(like.requires_grad) if rounded_master.is_floating_point() else rounded_master
 
 
 def rounds_to(master: torch.Tensor, model: torch.Tensor) -> bool:
