@@ -1,7 +1,8 @@
 """Steps 2 and 4, on every rank: check this rank's share of the units, then merge it.
 
-A rank works on ``UNITS_IN_FLIGHT`` units at once: while one unit's file is being serialised,
-hashed and fsynced (I/O, the GIL released), the next one is summed.
+A rank works on up to ``UNITS_IN_FLIGHT`` units at once, while their outputs fit in memory
+(``MEMORY_HEADROOM``): while one unit's file is being serialised, hashed and written (I/O, the
+GIL released), the next one is summed.
 """
 import os
 import threading

@@ -195,6 +195,30 @@ class DeepSpeedFormat(PickledFileFormat):
                 "mp": len({_mp_rank(name) for name, kind in inv.files.items() if kind == MODEL}),
                 "experts": kinds.count(EXPERT), "pipeline_layers": kinds.count(LAYER)}
 
+    def _masters_make_the_weights(self, checkpoints: Sequence[CheckpointRef]) -> bool:
+        """ZeRO-1/2 with every checkpoint's optimizer files there: the module's weights are cut
+        from the merged fp32 masters (master_weights), which are what the merge reads."""
+        return all(self._inventory(c).zero_stage in (1, 2) and ZERO_OPTIM in self._inventory(c).files.values()
+                   for c in checkpoints)
+
+    def model_weights_source(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> str:
+        return "fp32 masters" if self._masters_make_the_weights(checkpoints) else "model copies"
+
+    def bytes_read_by_source(self, units: Sequence[WorkUnit], checkpoints: Sequence[CheckpointRef]) -> List[int]:
+        """As the default, except that a ZeRO-1/2 model-states file made from the masters reads
+        each source's fp32 masters of its parameters (4 bytes each), not the module's copies."""
+        totals = super().bytes_read_by_source(units, checkpoints)
+        if not self._masters_make_the_weights(checkpoints):
+            return totals
+        shapes = self._inventory(checkpoints[-1]).param_shapes  # as _shapes gives them
+        if not isinstance(shapes, list):
+            return totals
+        masters_bytes = 4 * sum(math.prod(shape) for group in shapes for _, shape in group)
+        for unit in units:
+            if unit.action == Action.MERGE and classify(unit.relpath) == MODEL:
+                totals = [total - unit.num_bytes + masters_bytes for total in totals]
+        return totals
+
     def plan_units(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy,
                    world_size: int = 1) -> List[WorkUnit]:
         newest = checkpoints[-1]
