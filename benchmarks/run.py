@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--name", default=None, help="report name (default: quick or full)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default all: {','.join(PARTS)})")
+    parser.add_argument("--keep-runs", action="store_true", help="keep the generated runs of every format (cached "
+                                                                 "for the next run; several GB each)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved roofline + merge repeats per format "
                                                                    "(medians reported; default 3)")
     parser.add_argument("--formats", default=None, help="formats side by side (default: every entry of "
@@ -194,8 +196,8 @@ def main(argv=None) -> int:
         report["startup"] = _part("benchmarks.startup", "--repeats", "3" if args.quick else "7")
     if "scale" in parts:
         report["scale"] = _part("benchmarks.scale", "--work", args.work,
-                                *(["--files", "10000", "--real-files", "10000"] if args.quick
-                                  else ["--files", "100000", "--real-files", "100000"]))
+                                *(["--files", "10000", "--real-files", "10000", "--dcp-chunks", "100000"] if args.quick
+                                  else ["--files", "100000", "--real-files", "100000", "--dcp-chunks", "1000000"]))
     if "formats" in parts:
         report["formats"] = _formats(args, report.get("startup"))
     if not set(parts) & {"ranks", "naive", "mergekit", "cold", "n_sweep"}:
@@ -300,6 +302,8 @@ def _formats(args, startup) -> list:
                "merge_vs_roofline": roofline["seconds"] / result["seconds"],
                "process_vs_roofline_plus_import_torch": (roofline["seconds"] + import_torch) / result["wall_seconds"]}
         rows.append(row)
+        if not args.keep_runs:
+            shutil.rmtree(run_dir, ignore_errors=True)
         print(f"format {name}: {roofline['input_bytes'] / GB:.2f} GB, roofline {roofline['seconds']:.2f} s, merge "
               f"{result['seconds']:.2f} s ({row['merge_vs_roofline']:.2f} of roofline), whole process "
               f"{result['wall_seconds']:.2f} s ({row['process_vs_roofline_plus_import_torch']:.2f} of roofline + "
@@ -342,7 +346,7 @@ def _cold(run_dir, files, output_bytes, work, repeats: int) -> dict:
 
 def _n_sweep(args) -> list:
     """Cost and peak RSS as a function of N at a fixed checkpoint size (1 rank)."""
-    per_checkpoint = (0.02 if args.quick else 0.1) * GB
+    per_checkpoint = (0.02 if args.quick else 0.5) * GB  # the target: flat in N at 0.5 GB+ checkpoints
     rows = []
     for n in ([2, 4, 8] if args.quick else [2, 4, 8, 16]):
         run_dir = os.path.join(args.work, f"sweep_{n}x{per_checkpoint / GB:.2f}GB")
@@ -354,6 +358,7 @@ def _n_sweep(args) -> list:
         rows.append(result)
         print(f"N={n}: {result['seconds']:.2f} s, {result['gbps']:.2f} GB/s, peak RSS "
               f"{result['peak_rss_bytes_by_rank'][0] / 2**20:.0f} MiB", flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # up to 8 GB each: the disk holds one at a time
     return rows
 
 
@@ -505,6 +510,14 @@ def _scale_section(report: dict) -> list:
                      f"**{r['plan_merge_seconds']:.2f} s** (" +
                      ", ".join(f"{k} {v:.2f} s" for k, v in r["phases_seconds"].items()) +
                      f"); each checkpoint's metadata parsed {r['metadata_reads_per_checkpoint']}x.")
+    d = sc.get("dcp")
+    if d:
+        lines.append(f"- DCP planning (`plan_merge`, FSDP2-shaped `.metadata` as DCP pickles it, {d['metadata_bytes'] / 1e6:.0f} "
+                     f"MB each): {d['checkpoints']} checkpoints x {d['chunks_per_checkpoint']} chunks ({d['tensors']} "
+                     f"tensors over {d['saved_world_size']} files) at {d['ranks']} ranks: **{d['plan_merge_seconds']:.2f} s** ("
+                     + ", ".join(f"{k} {v:.2f} s" for k, v in d["phases_seconds"].items()) +
+                     f"); metadata parses per file: {d['metadata_parses']}; each rank receives "
+                     f"{d['bytes_per_rank']['min']}-{d['bytes_per_rank']['max']} B of plan.")
     return lines + [""]
 
 

@@ -203,7 +203,7 @@ def measure(num_files=100_000, world_size=4096, num_checkpoints=8, real=0, work=
                   f"    of which: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases_seconds"].items()), flush=True)
     if dcp:
         with tempfile.TemporaryDirectory(dir=work) as scratch:
-            result["dcp"] = dcp_chunks(dcp, world_size, num_checkpoints, scratch, profile=profile)
+            result["dcp"] = dcp_chunks(dcp, world_size, min(num_checkpoints, 2), scratch, profile=profile)
         if verbose:
             r = result["dcp"]
             b = r["bytes_per_rank"]
@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument("--real-files", type=int, default=0, help="also plan a real run of this many shard files")
     parser.add_argument("--dcp-chunks", type=int, default=0,
-                        help="also plan --checkpoints DCP checkpoints of this many chunks each (e.g. 1000000)")
+                        help="also plan 2 DCP checkpoints (fewer if --checkpoints says so) of this many chunks each "
+                             "(e.g. 1000000)")
     parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True,
                         help="the synthetic plan (--no-synthetic: only the real planning parts)")
     parser.add_argument("--work", default=None, help="where the real run is generated (kept: default a temp dir)")
