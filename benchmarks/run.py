@@ -522,61 +522,76 @@ def _scale_section(report: dict) -> list:
 
 
 def _plot(report: dict, path: str) -> None:
+    """One panel per part measured: ranks, N sweep, formats against their rooflines, kernel."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    if "pmm_dist" not in report or not report.get("n_sweep"):
-        return _plot_parts(report, path, plt)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    ranks = [r["ranks"] for r in report["pmm_dist"]]
-    left.plot(ranks, [r["gbps"] for r in report["pmm_dist"]], "o-", label="pmm_dist")
-    left.axhline(report["roofline_warm"]["gbps"], color="gray", linestyle="--", label="roofline (read + write)")
-    if "naive" in report:
-        left.axhline(report["naive"]["gbps"], color="red", linestyle=":", label="naive load/average/save")
-    left.set_xlabel("ranks")
-    left.set_ylabel("GB/s of input")
-    left.set_xticks(ranks)
-    left.set_title("throughput vs ranks")
-    left.legend()
-    sweep = report["n_sweep"]
-    right.plot([r["n"] for r in sweep], [r["gbps"] for r in sweep], "o-", label="GB/s")
-    right.set_xlabel("N checkpoints")
-    right.set_ylabel("GB/s of input")
-    twin = right.twinx()
-    twin.plot([r["n"] for r in sweep], [r["peak_rss_bytes_by_rank"][0] / 2**20 for r in sweep], "s--", color="green")
-    twin.set_ylabel("peak RSS (MiB)", color="green")
-    right.set_title("throughput and memory vs N (1 rank)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def _plot_parts(report: dict, path: str, plt) -> None:
-    """Without the main run: the kernel's GB/s per candidate and the formats against their rooflines."""
-    panels = [p for p in (("kernel", report.get("kernel")), ("formats", report.get("formats"))) if p[1]]
-    panels = [(n, v) for n, v in panels if "failed" not in (v if isinstance(v, dict) else {})]
+    formats = [r for r in report.get("formats") or [] if "skipped" not in r]
+    kernel = report.get("kernel") if "failed" not in (report.get("kernel") or {"failed": 1}) else None
+    panels = [drawer for drawer, present in ((_ranks_panel, report.get("pmm_dist")), (_sweep_panel, report.get("n_sweep")),
+                                             (_formats_panel, formats), (_kernel_panel, kernel)) if present]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for axis, (name, value) in zip(axes[0], panels):
-        if name == "kernel":
-            names = list(value["gbps_best"])
-            axis.barh(names, [value["gbps_best"][n] for n in names])
-            axis.axvline(2.5, color="gray", linestyle="--", label="target (exact)")
-            axis.set_xlabel(f"GB/s of {value['dtype']} input per core")
-            axis.set_title("kernel")
-            axis.legend()
-        else:
-            rows = [r for r in value if "skipped" not in r]
-            axis.bar([r["format"] for r in rows], [r["merge_vs_roofline"] for r in rows])
-            axis.axhline(0.9, color="gray", linestyle="--", label="target")
-            axis.set_ylabel("merge: fraction of roofline")
-            axis.set_title("formats, 1 rank")
-            axis.legend()
+    for axis, drawer in zip(axes[0], panels):
+        drawer(axis, report)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _ranks_panel(axis, report):
+    ranks = [r["ranks"] for r in report["pmm_dist"]]
+    axis.plot(ranks, [r["gbps"] for r in report["pmm_dist"]], "o-", label="pmm_dist")
+    axis.axhline(report["roofline_warm"]["gbps"], color="gray", linestyle="--", label="roofline (read + write)")
+    if "naive" in report:
+        axis.axhline(report["naive"]["gbps"], color="red", linestyle=":", label="naive load/average/save")
+    axis.set_xlabel(f"ranks ({report['machine']['cores']} cores)")
+    axis.set_ylabel("GB/s of input")
+    axis.set_xticks(ranks)
+    axis.set_ylim(bottom=0)
+    axis.set_title("Megatron legacy: throughput vs ranks")
+    axis.legend()
+
+
+def _sweep_panel(axis, report):
+    sweep = report["n_sweep"]
+    axis.plot([r["n"] for r in sweep], [r["gbps"] for r in sweep], "o-", label="GB/s")
+    axis.set_xlabel("N checkpoints")
+    axis.set_ylabel("GB/s of input")
+    axis.set_ylim(bottom=0)
+    twin = axis.twinx()
+    twin.plot([r["n"] for r in sweep], [r["peak_rss_bytes_by_rank"][0] / 2**20 for r in sweep], "s--", color="green")
+    twin.set_ylabel("peak RSS (MiB)", color="green")
+    twin.set_ylim(bottom=0)
+    axis.set_title("throughput and memory vs N (1 rank)")
+
+
+def _formats_panel(axis, report):
+    rows = [r for r in report["formats"] if "skipped" not in r]
+    names = [r["format"] for r in rows]
+    x = range(len(rows))
+    axis.bar([i - 0.2 for i in x], [r["merge_vs_roofline"] for r in rows], width=0.4, label="merge / roofline")
+    axis.bar([i + 0.2 for i in x], [r["process_vs_roofline_plus_import_torch"] for r in rows], width=0.4,
+             label="process / (roofline + import torch)")
+    axis.axhline(0.9, color="gray", linestyle="--", label="targets 0.9, 0.8")
+    axis.axhline(0.8, color="gray", linestyle=":")
+    axis.set_xticks(list(x), names, rotation=20)
+    axis.set_ylabel("fraction of the roofline")
+    axis.set_title("every format, 1 rank, warm cache")
+    axis.legend(fontsize=7)
+
+
+def _kernel_panel(axis, report):
+    value = report["kernel"]
+    names = list(value["gbps_best"])
+    axis.barh(names, [value["gbps_best"][n] for n in names])
+    axis.axvline(2.5, color="gray", linestyle="--", label="target (exact)")
+    axis.set_xlabel(f"GB/s of {value['dtype']} input per core")
+    axis.set_title("kernel")
+    axis.legend()
 
 
 if __name__ == "__main__":

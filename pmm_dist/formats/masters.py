@@ -58,7 +58,7 @@ def rounded(master: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     rounding the trainer itself does when it copies masters into the model. Detached, flagged as
     ``like`` is: masters saved as parameters (requires_grad, as DeepSpeed saves them) would
     otherwise make this an autograd graph that keeps the whole fp32 master alive."""
-    rounded_master = master.detach().to(torch.float32).reshape(like.shape).to(like.dtype).clone()
+    rounded_master = master.detach().to(torch.float32).reshape(like.shape).to(like.dtype, copy=True)  # one pass
     return rounded_master.requires_grad_(like.requires_grad) if rounded_master.is_floating_point() else rounded_master
 
 
