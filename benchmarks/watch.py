@@ -72,7 +72,7 @@ def run_benchmark(work: str, num_checkpoints: int, hidden: int, layers: int) -> 
 
 
 def report(results: dict) -> str:
-    lines = [f"# pmm-dist watch: cost per update against a full re-merge",
+    lines = ["# pmm-dist watch: cost per update against a full re-merge",
              "",
              f"Synthetic Megatron-LM run, {results['checkpoints']} checkpoints of "
              f"{_mib(results['checkpoint_file_bytes'])} MiB each (bf16 weights only). One process, CPU, a shared "

@@ -16,7 +16,6 @@ import pickle
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 import pmm_dist
 

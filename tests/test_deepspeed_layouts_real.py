@@ -14,7 +14,6 @@ ZeRO-3 + ``--optimizer latest`` keeps the newest's Adam moments next to merged f
 in the newest's partitioning: a full resume (``load_checkpoint(OUT)``) works at that size.
 """
 import json
-import pathlib
 import shutil
 
 import pytest

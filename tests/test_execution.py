@@ -3,7 +3,6 @@ import threading
 import time
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from pmm_dist.engine import execution

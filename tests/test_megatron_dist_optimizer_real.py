@@ -16,7 +16,6 @@ Float16OptimizerWithFloat16Params (``optimizer.state.fp32_param.*``). pmm_dist m
   merge bit for bit: the same elementwise sums); one training step then runs.
 """
 import json
-import os
 import pathlib
 import pickle
 import warnings

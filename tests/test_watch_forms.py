@@ -16,7 +16,7 @@ import torch
 
 from pmm_dist.errors import InputError
 from pmm_dist.merge import compensated
-from pmm_dist.merge.incremental import CHECKPOINT, STATE, compose, expand_output
+from pmm_dist.merge.incremental import CHECKPOINT, compose, expand_output
 from pmm_dist.merge.methods import get_method
 from pmm_dist.watcher.state import StateReader, StateWriter
 from pmm_dist.watcher.window import due, window_for

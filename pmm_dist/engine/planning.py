@@ -15,7 +15,7 @@ from ..io.staging import STAGING, InputSnapshot, Staging, fingerprint, identity,
 from ..merge.methods import get_method
 from ..plan.assign import assign_units
 from ..plan.selection import TensorFilter, select_iterations
-from ..plan.types import CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
+from ..plan.types import CheckpointRef, NonfinitePolicy, OptimizerPolicy, OutputLayout, WorkUnit
 from .manifest import MANIFEST, Manifest
 from .options import MergeOptions
 

@@ -22,7 +22,7 @@ checkpoints of their own layout.
 """
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..errors import InputError
 

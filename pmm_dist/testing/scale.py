@@ -16,7 +16,7 @@ import random
 from typing import List, Tuple
 
 from ..plan.assign import assign_units
-from ..plan.types import Action, CheckpointRef, OutputKind, OutputLayout, UnitResult, WorkUnit
+from ..plan.types import CheckpointRef, OutputKind, OutputLayout, UnitResult, WorkUnit
 
 
 _LINKS_PER_FILE = 30_000  # ext4 allows 65000 hard links to one file

@@ -24,25 +24,14 @@ torchrun; the tensor-parallel size is the number of processes divided by ``--pp`
 import argparse
 import io
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-# megatron-core 0.16.1 on CPU: these CUDA calls are made on the save / rng paths.
-torch.cuda.synchronize = lambda *a, **k: None
-torch.cuda.current_device = lambda: "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.megatron_cpu import HIDDEN, MICRO_BATCH, NUM_LAYERS, SEQ, batch, build_gpt  # noqa: E402
 
-NUM_LAYERS = 2
-HIDDEN = 64
-HEADS = 4
-FFN_HIDDEN = 128
-VOCAB = 128
-SEQ = 16
-MICRO_BATCH = 4
 EXTRA_STATE_KEY = "decoder.final_layernorm._extra_state"
 
 
@@ -56,26 +45,7 @@ def init_parallel(pp=1):
 
 
 def build_model(seed, tp, pp=1):
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
-    config = TransformerConfig(
-        num_layers=NUM_LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN, num_attention_heads=HEADS,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, gated_linear_unit=True,
-        activation_func=F.silu, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
-        use_cpu_initialization=True, perform_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-        init_method_std=0.02)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                     max_sequence_length=SEQ, pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage(),
-                     share_embeddings_and_output_weights=False, position_embedding_type="rope")
-    return model  # bf16 linear layers, fp32 norms (megatron-core's local-spec LayerNorm)
+    return build_gpt(seed, tp, pp)
 
 
 def optimizer_sharded_state(optimizer, model_sharded):
@@ -95,13 +65,6 @@ def extra_state_object(payload: bytes, tp_rank, tp):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     return ShardedObject(EXTRA_STATE_KEY, io.BytesIO(payload), (1,), (0,), replica_id=tp_rank)
-
-
-def batch(generator):
-    tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=generator)
-    position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, SEQ).contiguous()
-    attention_mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
-    return tokens[:, :-1].contiguous(), position_ids, attention_mask, tokens[:, 1:].contiguous()
 
 
 def train_step(model, optimizer, batch_tensors, pp):

@@ -45,21 +45,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpt_dist  # noqa: E402  (also patches torch.cuda.synchronize / current_device)
+from tests.megatron_cpu import on_cpu  # noqa: E402
 
 SHARDINGS = ("dp_reshardable", "fully_reshardable", "nondist")
 
 
-def _on_cpu(factory):
-    def make(*args, **kwargs):
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return factory(*args, **kwargs)
-    return make
-
-
 def patch_for_cpu():
     for name in ("tensor", "zeros", "ones", "empty", "full"):
-        setattr(torch, name, _on_cpu(getattr(torch, name)))
+        setattr(torch, name, on_cpu(getattr(torch, name)))
     tensor_type = torch.Tensor.type
 
     def cuda_type_name(self, *args, **kwargs):

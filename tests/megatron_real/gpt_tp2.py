@@ -17,30 +17,15 @@ Launch with torchrun, 2 processes (one per tensor-parallel rank):
 """
 import argparse
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-# megatron-core on CPU: these CUDA calls are made on the save / rng paths.
-torch.cuda.synchronize = lambda *a, **k: None
-torch.cuda.current_device = lambda: "cpu"
+from tests.megatron_cpu import (FFN_HIDDEN, HEADS, HIDDEN, MICRO_BATCH, NUM_LAYERS, SEQ, VOCAB, batch, build_gpt,
+                                finish, rng_state)
 
-NUM_LAYERS = 2
-HIDDEN = 64
-HEADS = 4
-FFN_HIDDEN = 128
-VOCAB = 128
-SEQ = 16
-MICRO_BATCH = 4
 TP = 2
-
-
-def _dtype():
-    return torch.bfloat16
 
 
 def init_parallel():
@@ -54,44 +39,7 @@ def init_parallel():
 
 
 def build_model(seed):
-    from megatron.core import tensor_parallel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
-    config = TransformerConfig(
-        num_layers=NUM_LAYERS,
-        hidden_size=HIDDEN,
-        ffn_hidden_size=FFN_HIDDEN,
-        num_attention_heads=HEADS,
-        tensor_model_parallel_size=TP,
-        pipeline_model_parallel_size=1,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        bf16=True,
-        params_dtype=_dtype(),
-        pipeline_dtype=_dtype(),
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=0.02,
-    )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=True,
-        post_process=True,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-    )
-    return model
+    return build_gpt(seed, TP)
 
 
 def megatron_args(iteration):
@@ -118,7 +66,7 @@ def megatron_args(iteration):
         untie_embeddings_and_output_weights=True,
         bf16=True,
         fp16=False,
-        params_dtype=_dtype(),
+        params_dtype=torch.bfloat16,
         micro_batch_size=MICRO_BATCH,
         global_batch_size=MICRO_BATCH,
         lr=1e-2,
@@ -130,30 +78,6 @@ def megatron_args(iteration):
         save="RUN",
         load=None,
     )
-
-
-def rng_state():
-    from megatron.core import tensor_parallel
-
-    state = {
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-    }
-    try:
-        state["rng_tracker_states"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    except Exception:  # pragma: no cover - tracker without CPU state support
-        pass
-    return [state]
-
-
-def batch(generator):
-    tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=generator)
-    input_ids = tokens[:, :-1].contiguous()
-    labels = tokens[:, 1:].contiguous()
-    position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, SEQ).contiguous()
-    attention_mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)  # True = masked
-    return input_ids, position_ids, attention_mask, labels
 
 
 def cmd_train(opts):
@@ -193,7 +117,7 @@ def cmd_train(opts):
             dist.barrier()
             if dist.get_rank() == 0:
                 print(f"iteration {it}: loss {loss.item():.4f}, saved", flush=True)
-    _finish()
+    finish()
 
 
 def cmd_load(opts):
@@ -222,20 +146,7 @@ def cmd_load(opts):
         dist.barrier()
         if dist.get_rank() == 0:
             print(f"loaded {ckpt_dir} iteration {iteration} strictly; {changed} tensors changed", flush=True)
-    _finish()
-
-
-def _finish():
-    """All ranks are done (every file is written and closed): leave without the gloo teardown.
-
-    Processes that imported megatron.core and hold a gloo group were seen, rarely, to abort at
-    exit with "terminate called without an active exception" (SIGABRT) although all their work
-    was done; skipping the C++ teardown keeps this helper's exit status meaningful.
-    """
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()
 
 
 def main(argv=None):

@@ -33,31 +33,16 @@ fails with KeyError 'step' on any checkpoint, merged or not: the patch copies th
       training step: its loss, and whether it changed every weight and kept them finite.
 """
 import argparse
-import functools
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-torch.cuda.synchronize = lambda *a, **k: None
-torch.cuda.current_device = lambda: "cpu"
-
-
-def _on_cpu(factory):
-    @functools.wraps(factory)
-    def wrapped(*args, **kwargs):
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return factory(*args, **kwargs)
-    return wrapped
-
+from tests.megatron_cpu import build_gpt, finish, on_cpu, rng_state  # also patches torch.cuda's sync calls
 
 for _name in ("tensor", "zeros", "empty", "ones", "full", "zeros_like", "empty_like", "arange"):
-    setattr(torch, _name, _on_cpu(getattr(torch, _name)))
+    setattr(torch, _name, on_cpu(getattr(torch, _name)))
 _cpu_type = torch.Tensor.type
 
 
@@ -84,6 +69,8 @@ def _patch_distributed_optimizer_load():
 
 
 NUM_LAYERS, HIDDEN, HEADS, FFN_HIDDEN, VOCAB, SEQ, MICRO_BATCH = 2, 32, 4, 64, 64, 16, 2
+SHAPE = dict(num_layers=NUM_LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN, num_attention_heads=HEADS,
+             vocab_size=VOCAB, max_sequence_length=SEQ)
 LR = 1e-2
 TP = {"fp16": 2, "dist": 1}
 
@@ -98,26 +85,13 @@ def setup(kind):
 
 def build(kind, seed):
     """(Float16Module(GPTModel), DDP, optimizer, scheduler), initialised from ``seed``."""
-    from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
-    config = TransformerConfig(num_layers=NUM_LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN,
-                               num_attention_heads=HEADS, tensor_model_parallel_size=TP[kind], gated_linear_unit=True,
-                               activation_func=F.silu, bf16=True, params_dtype=torch.bfloat16,
-                               pipeline_dtype=torch.bfloat16, use_cpu_initialization=True, hidden_dropout=0.0,
-                               attention_dropout=0.0, init_method_std=0.02)
-    gpt = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                   max_sequence_length=SEQ, share_embeddings_and_output_weights=False, position_embedding_type="rope")
+    gpt = build_gpt(seed, TP[kind], **SHAPE)
+    config = gpt.config
     model = Float16Module(config, gpt)
     distributed = kind == "dist"
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed,
@@ -177,8 +151,7 @@ def cmd_train(opts):
         state = {"args": megatron_args(opts.optimizer, iteration, dp_size), "checkpoint_version": 3.0,
                  "iteration": iteration, "model": model.state_dict_for_save_checkpoint(),
                  "optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
-                 "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-                                "torch_rng_state": torch.get_rng_state()}],
+                 "rng_state": rng_state(),
                  "num_floating_point_operations_so_far": float(iteration)}
         if opts.optimizer == "dist":
             optimizer.save_parameter_state(os.path.join(shard, "distrib_optim.pt"))  # collective over DP
@@ -188,7 +161,7 @@ def cmd_train(opts):
         if dist.get_rank() == 0:
             with open(os.path.join(opts.run, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write(str(iteration))
-    _finish()
+    finish()
 
 
 def _masters(ddp_optimizer, model, kind):
@@ -244,15 +217,7 @@ def cmd_load(opts):
         os.makedirs(dump_dir, exist_ok=True)
         torch.save(dump, os.path.join(dump_dir, f"rank{dist.get_rank()}.pt"))
         dist.barrier()
-    _finish()
-
-
-def _finish():
-    """Leave without the gloo teardown (see tests/megatron_real/gpt_tp2.py)."""
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()
 
 
 def main(argv=None):
