@@ -52,7 +52,8 @@ def machine_description() -> dict:
     mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     disk = shutil.disk_usage(REPO)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "disk_total_bytes": disk.total,
-            "python": platform.python_version(), "torch": torch.__version__, "kernel": platform.release()}
+            "python": platform.python_version(), "torch": torch.__version__, "kernel": platform.release(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def make_run(run_dir: str, num_checkpoints: int, bytes_per_checkpoint: float) -> list:
@@ -397,6 +398,8 @@ def markdown_report(report: dict) -> str:
     if report.get("load_average_at_end"):
         lines += [f"Load average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in report['load_average_at_end'])} "
                   f"on {m['cores']} cores.", ""]
+    lines += [f"GPU: {m['gpu']}." if m.get("gpu") else "GPU: none on this machine; the `--device cuda` path was not "
+              "measured (its logic is tested on the CPU).", ""]
     if "roofline_warm" in report:
         lines += _main_section(report)
     for section in (_formats_section, _kernel_section, _startup_section, _scale_section):
