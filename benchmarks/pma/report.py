@@ -376,13 +376,13 @@ def accuracy_sentence(c):
     off = {name: max(p[f"{name}_not_nearest"] for p in pts) for name in ("watch", "merge")}
     apart = max(p["elements_apart"] for p in pts)
     if apart == 0:
-        return "every published merge is equal, tensor by tensor, to its `merge` counterpart."
+        return ("every published merge is equal, tensor by tensor, to its `merge` counterpart, and "
+                + ("every element is the nearest value of the float64 SMA of its window." if off["watch"] == 0 else
+                   f"within {worst['watch']:.3f} ulp of the float64 SMA of its window."))
     return (f"against the float64 SMA of each window, the watcher's merges are within {worst['watch']:.3f} ulp "
             f"({100 * off['watch']:.2f}% of elements not the nearest value) and `merge`'s within "
             f"{worst['merge']:.3f} ulp ({100 * off['merge']:.2f}%); they differ from each other in at most "
-            f"{100 * apart:.2f}% of a merge's elements, by one ulp where the exact mean is a tie between two "
-            "stored values (`merge` multiplies by the weight 1/N rounded to float64 and lands just off the tie; "
-            "the watcher keeps the running sum and divides, so it rounds the tie to even) — both within the "
+            f"{100 * apart:.2f}% of a merge's elements — both within the "
             "one-ulp tolerance of the issue, not byte-identical.")
 
 

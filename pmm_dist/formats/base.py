@@ -55,7 +55,7 @@ class MergeContext:
     def accumulator(self, shape, what: str) -> Accumulator:
         """For sources read one whole chunk at a time: add ``(source, weights[i], name)`` in
         checkpoint order, then take ``result()`` (same numbers as ``merge_tensor``)."""
-        return Accumulator(shape, self.device, on_nonfinite=self.on_nonfinite, what=what)
+        return Accumulator(shape, self.device, on_nonfinite=self.on_nonfinite, what=what, weights=self.weights)
 
 
 class CheckpointFormat(ABC):

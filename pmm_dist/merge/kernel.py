@@ -219,6 +219,25 @@ class _FusedBlocks:
         self.store_kernel(self.result[begin:end], block)
 
 
+def equal_weights_divisor(weights: Sequence[float]) -> Optional[int]:
+    """n when every weight is 1/n (SMA; --weights all equal), else None.
+
+    Why: the mean is then computed as the sum of the sources divided by n once. The sum is exact
+    in float64 for stored-dtype values of similar size, so the mean is the exact one rounded, and
+    a mean that lies exactly halfway between two stored values (common: sums of fp32 values have
+    a few more bits than fp32, and dividing by an even n halves them) rounds to even as the float64
+    reference and the watcher's running sums do. Multiplying each source by the rounded 1/n lands
+    just off such ties instead: one ulp off in ~1% of fp32 elements, within tolerance but not the
+    nearest value."""
+    if not weights:
+        return None
+    weight = weights[0]
+    if not weight > 0 or any(w != weight for w in weights):
+        return None
+    n = round(1.0 / weight)
+    return n if n > 1 and 1.0 / n == weight else None
+
+
 def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], device: torch.device,
                  *, sources_are_mapped: bool = False, on_nonfinite: str = "ignore", what: str = "tensor",
                  source_names: Optional[Sequence[str]] = None, staged: Optional[bool] = None) -> torch.Tensor:
@@ -237,6 +256,9 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     whenever ``device`` is not the CPU; tests force it on the CPU to exercise that path).
     """
     assert len(sources) == len(weights) and sources
+    divisor = equal_weights_divisor(weights)
+    if divisor is not None:
+        weights = [1.0] * len(weights)
     stored = sources[-1].dtype
     # detached: the arithmetic writes into buffers (out=, compiled loops), which autograd refuses
     # for a source that requires grad (DeepSpeed saves parameters so)
@@ -265,6 +287,8 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
         if advice is not None:
             advice.before(begin)
         block = blocks.add_block(begin, end)
+        if divisor is not None:
+            block /= divisor  # in place, numpy or torch: one correctly rounded division
         if on_nonfinite != "ignore" and not blocks.all_finite(block):
             _report_nonfinite(flat_sources, begin, end, on_nonfinite, what, source_names)
             on_nonfinite = "ignore"  # one report per tensor
@@ -334,8 +358,12 @@ class Accumulator:
     ``add_(alpha=)``, which the compiled loops reproduce bit for bit).
     """
 
-    def __init__(self, shape, device: torch.device, *, on_nonfinite: str = "ignore", what: str = "tensor"):
+    def __init__(self, shape, device: torch.device, *, on_nonfinite: str = "ignore", what: str = "tensor",
+                 weights: Optional[Sequence[float]] = None):
         self.acc = torch.empty(shape, dtype=ACCUMULATOR_DTYPE, device=device)
+        # ``weights``: all the merge's weights, to sum and divide once where they are all 1/n, as
+        # weighted_sum does (then each weight given to ``add`` is that 1/n and stands for it).
+        self._divisor = equal_weights_divisor(weights) if weights else None
         self.device, self.on_nonfinite, self.what = device, on_nonfinite, what
         self.count = 0
         self.stored = None
@@ -356,6 +384,8 @@ class Accumulator:
     def add(self, source: torch.Tensor, weight: float, name: str, *, region: Optional[tuple] = None,
             first: Optional[bool] = None) -> None:
         src = (source if self.device.type == "cpu" else source.to(self.device)).detach()
+        if self._divisor is not None:
+            weight = 1.0
         if region is not None:  # a piece: into its box of the sum (a strided view)
             target = self.acc[region]
             if first:
@@ -399,6 +429,9 @@ class Accumulator:
         """The sum rounded to the sources' dtype; with ``dtype``, then to that one, as a trainer
         rounds its fp32 masters to its bf16 model copy (so the two agree bit for bit)."""
         assert self.count, "no source was added"
+        if self._divisor is not None:
+            self.acc /= self._divisor
+            self._divisor = None  # divided once, whatever calls follow
         store = self._fused.STORE_KERNELS.get(_dtype_name(self.stored)) if self._fused else None
         if store is None:
             result = self.acc.to(self.stored).cpu()
