@@ -133,6 +133,30 @@ def test_layout_metadata_and_manifest(run, merged, world_size):
         assert "dcp checkpoints (iterations 10, 20, 30)" in merged["proc"].stdout
 
 
+def test_only_the_coordinator_parses_metadata(run, tmp_path):
+    """Each source's .metadata is parsed once per job, by the coordinator: the other ranks check
+    and merge their share from what the plan gives them (issue 12). With --optimizer latest
+    (copied training state, bytes entries) and --exclude (merged items turned into copies), the
+    two ranks' output holds what one process's does."""
+    counted, reference = tmp_path / "ws2", tmp_path / "ws1"
+    options = ["--method", "ema", "--alpha", ALPHA, "--optimizer", "latest", "--exclude", "model.fc1.*"]
+    run_python([HELPER.parent / "count_metadata_reads.py", tmp_path / "reads", "--format", "dcp", run, "--out",
+                counted, "--device", "cpu", *options], nproc=2, check="a counted merge at world size 2")
+    reports = [json.loads((tmp_path / f"reads.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["exit"] for r in reports] == [0, 0]
+    sources = {str(run / f"step-{s}") for s in STEPS}
+    assert reports[0]["parses"] == {path: 1 for path in sources}
+    assert reports[1]["parses"] == {}
+    pmm_dist.merge(sources=[str(run)], out=str(reference), method="ema", alpha=ALPHA, optimizer="latest",
+                   exclude=["model.fc1.*"], device="cpu", quiet=True)
+    for prefix in ("model.", "optimizer."):
+        expected, found = _load_tensors(reference, prefix), _load_tensors(counted, prefix)
+        assert expected.keys() == found.keys() and all(torch.equal(found[k], expected[k]) for k in expected)
+    merged, newest = _load_tensors(counted), _load_tensors(run / f"step-{STEPS[-1]}")
+    excluded = [k for k in newest if k.startswith("model.fc1.")]
+    assert excluded and all(torch.equal(merged[k], newest[k]) for k in excluded)
+
+
 def test_optimizer_latest_copies_training_state(run, tmp_path):
     out = tmp_path / "out"
     pmm_dist.merge(sources=[str(run / "step-20"), str(run / "step-30")], out=str(out), optimizer="latest",

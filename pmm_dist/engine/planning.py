@@ -65,11 +65,18 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
     Each directory is listed and each metadata file parsed once (io/planning_reads.py). Without
     the cyclic GC: planning makes millions of small objects at a million chunks (parsed metadata,
     items) and frees none of them, and collections walking them all cost more than the planning."""
+    return plan_merge_with_format(options, world_size)[:3]
+
+
+def plan_merge_with_format(options: MergeOptions, world_size: int
+                           ) -> Tuple[MergePlan, InputSnapshot, dict, CheckpointFormat]:
+    """``plan_merge``, and the format instance that planned: the coordinator goes on with it (to
+    check, merge and finalize), so what planning parsed (a DCP ``.metadata``) is not parsed again."""
     with planning_reads(), gc_paused():
         return _plan_merge(options, world_size)
 
 
-def _plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, InputSnapshot, dict]:
+def _plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, InputSnapshot, dict, CheckpointFormat]:
     for src in options.sources:
         if not os.path.exists(src):
             raise UsageError(f"{src}: no such file or directory")
@@ -110,7 +117,7 @@ def _plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Inpu
                      shares=tuple(tuple(s) for s in assign_units(units, world_size, len(checkpoints))))
     plan = replace(plan, already_complete=options.resume and _committed_already(plan))
     check_output(options, fmt, checkpoints, plan.already_complete)
-    return plan, snapshot, identity(description, snapshot)
+    return plan, snapshot, identity(description, snapshot), fmt
 
 
 def check_one_run(fmt: CheckpointFormat, checkpoints: Sequence[CheckpointRef], allow_mixed_runs: bool) -> None:

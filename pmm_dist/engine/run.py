@@ -26,7 +26,7 @@ from .commit import commit
 from .execution import ShareMerger, ShareOutcome, check_share, choose_device
 from .manifest import MANIFEST, Manifest, model_weights_summary
 from .options import MergeOptions
-from .planning import MergePlan, plan_merge
+from .planning import MergePlan, plan_merge_with_format
 from .report import format_plan
 
 
@@ -88,6 +88,7 @@ class MergeRun:
         self.timings: Dict[str, float] = {}
         self.snapshot = None  # the coordinator's record of every input file, to detect changes
         self.identity = None  # what the fingerprint hashes, to name differences on --resume
+        self.planning_format = None  # the coordinator's format instance, which planned (and parsed metadata)
 
     def _timed(self, name: str, tick: float) -> None:
         self.timings[name] = time.perf_counter() - tick
@@ -99,7 +100,7 @@ class MergeRun:
             fused_kernels()  # starts loading the compiled loops in the background, beside planning
         plan, share = collective.scatter_step("plan", self._plan_and_shares)
         self._timed("plan", self.started)
-        fmt = resolve_format(plan.format_name, options.sources)
+        fmt = self.planning_format or resolve_format(plan.format_name, options.sources)
         tick = time.perf_counter()
         problems = [p for rank_problems in collective.step("check", lambda: check_share(fmt, plan, share, collective.rank))
                     for p in rank_problems]
@@ -131,7 +132,8 @@ class MergeRun:
 
     # -- the coordinator's parts -------------------------------------------------------------------
     def _plan_and_shares(self):
-        plan, self.snapshot, self.identity = plan_merge(self.options, self.collective.world_size)
+        plan, self.snapshot, self.identity, self.planning_format = plan_merge_with_format(self.options,
+                                                                                           self.collective.world_size)
         faults.inject("plan", self.collective.rank)
         return plan.rank_payloads()
 

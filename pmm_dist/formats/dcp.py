@@ -14,7 +14,9 @@ says (``dcp_state``); a model tensor with model-space fp32 master weights in the
 state (torch_dist) is merged from the masters (``ChunkItem.source_key``). The
 coordinator then writes the output ``.metadata``: the newest checkpoint's key metadata (same
 chunking) with new storage locations. ``.metadata`` is the checkpoint's commit marker, so it is
-written last.
+written last. The plan tells each rank where every source stores what it reads (``ChunkItem.stored``,
+``copied``: file, offset, length) and the chunks' sizes and dtypes: no rank but the coordinator
+parses a ``.metadata`` (at a million chunks, seconds and a gigabyte of objects per source).
 
 Sources saved at another parallel layout (another world size, TP, PP) chunk a tensor
 differently. Planning then intersects the chunk boxes (``plan.regions``): for each output chunk
@@ -52,8 +54,8 @@ from ..io.write_behind import WriteBehind
 from ..errors import InputError, MergeError
 from ..plan.assign import balance, work_cost
 from ..plan.regions import Box, coverage_problems, map_chunks, read_span
-from ..plan.types import (Action, CheckpointRef, ChunkItem, OptimizerPolicy, OutputKind, OutputLayout, Piece,
-                          UnitResult, WorkUnit)
+from ..plan.types import (Action, CheckpointRef, ChunkedKey, ChunkItem, OptimizerPolicy, OutputKind, OutputLayout,
+                          Piece, StoredChunk, UnitResult, WorkUnit)
 from .base import CheckpointFormat, MergeContext
 from .common import EntrySpec, LazyModule, compare_entries, listdir, number_in_name, sorted_unique
 from .dcp_reads import (SMALL_BLOB_BYTES, MappedChunks, PieceReader, SourceFiles, load_chunk, piece_is_whole,
@@ -68,6 +70,7 @@ DCP_METADATA = ".metadata"
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 ChunkKey = Tuple[str, Optional[Tuple[int, ...]]]  # (fqn, chunk offsets), offsets None for bytes
+LENGTH = StoredChunk._fields.index("length")  # of a location as the plan holds it (a plain tuple)
 
 
 # -- reading .metadata safely ------------------------------------------------------------------
@@ -148,13 +151,6 @@ def top_level_key(metadata, fqn: str) -> str:
     return state_path(metadata, fqn)[0]
 
 
-def chunk_sizes(metadata) -> Dict[ChunkKey, Tuple[int, ...]]:
-    """(fqn, offsets) -> the chunk's sizes (torch.Size, a tuple), for every tensor chunk."""
-    return {(fqn, chunk.offsets): chunk.sizes
-            for fqn, entry in metadata.state_dict_metadata.items()
-            if isinstance(entry, dcp_metadata.TensorStorageMetadata) for chunk in entry.chunks}
-
-
 def entry_specs(metadata, fqns: Optional[Iterable[str]] = None) -> Dict[str, EntrySpec]:
     """``.metadata`` entries as the common comparer sees them (all, or those named)."""
     entries = metadata.state_dict_metadata
@@ -199,7 +195,7 @@ def plan_pieces(path: str, fqn: str, entry, newest_entry) -> Tuple[Optional[Dict
     if problems:
         return None, [f"{path}: key '{fqn}' (global shape {list(entry.size)}): {p.describe(boxes)}" for p in problems]
     mapping = map_chunks(outputs, boxes)
-    return {out[0]: tuple(Piece(boxes[j][0], *overlap) for j, overlap in found)
+    return {out[0]: tuple(Piece(boxes[j][0], *overlap, boxes[j][1]) for j, overlap in found)
             for out, found in zip(outputs, mapping)}, []
 
 
@@ -215,6 +211,10 @@ def _escapes(relative_path: str) -> bool:
     return os.path.isabs(relative_path) or os.path.normpath(relative_path).split(os.sep)[0] == ".."
 
 
+def _named(key: ChunkKey) -> str:
+    return key[0] if key[1] is None else f"{key[0]} (chunk at {list(key[1])})"
+
+
 def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_files: bool = True,
                      index: Optional[Dict[ChunkKey, object]] = None) -> List[str]:
     """Every key must have a storage entry pointing inside the checkpoint, into an existing file,
@@ -222,52 +222,59 @@ def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_fi
     the metadata's ``storage_index``, where the caller has it."""
     problems = []
     index = storage_index(metadata) if index is None else index
-    sizes: Dict[str, Optional[int]] = {}
     where = os.path.join(ckpt_dir, DCP_METADATA)
-
-    def named(key):
-        return key[0] if key[1] is None else f"{key[0]} (chunk at {list(key[1])})"
+    stored = []
     for key in keys:
         info = index.get(key)
         if info is None:
-            problems.append(f"{where}: key '{named(key)}' has no storage entry")
+            problems.append(f"{where}: key '{_named(key)}' has no storage entry")
             continue
         rel = info.relative_path
         if not isinstance(rel, str) or _escapes(rel):
-            problems.append(f"{where}: key '{named(key)}' is stored at {rel!r}, outside the checkpoint directory")
+            problems.append(f"{where}: key '{_named(key)}' is stored at {rel!r}, outside the checkpoint directory")
             continue
         if getattr(info, "transform_descriptors", None):
-            problems.append(f"{where}: key '{named(key)}' is stored with stream transforms "
+            problems.append(f"{where}: key '{_named(key)}' is stored with stream transforms "
                             f"{list(info.transform_descriptors)} (e.g. compression), which pmm_dist does not support")
             continue
-        if not check_files:
-            continue
+        stored.append((key, info))
+    return problems + (file_problems(ckpt_dir, stored) if check_files else [])
+
+
+def file_problems(ckpt_dir: str, stored: Iterable[Tuple[ChunkKey, object]]) -> List[str]:
+    """Every stored item (key, where it lies: a _StorageInfo or the plan's StoredChunk) must lie
+    inside an existing file of the checkpoint."""
+    problems = []
+    sizes: Dict[str, Optional[int]] = {}
+    for key, info in stored:
+        rel = info.relative_path
         if rel not in sizes:
             path = os.path.join(ckpt_dir, rel)
             sizes[rel] = os.path.getsize(path) if os.path.isfile(path) else None
             if sizes[rel] is None:
-                problems.append(f"{path}: missing file (holds key '{named(key)}' and possibly more)")
+                problems.append(f"{path}: missing file (holds key '{_named(key)}' and possibly more)")
         if sizes[rel] is not None and (info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[rel]):
-            problems.append(f"{os.path.join(ckpt_dir, rel)}: key '{named(key)}' is stored at bytes "
+            problems.append(f"{os.path.join(ckpt_dir, rel)}: key '{_named(key)}' is stored at bytes "
                             f"[{info.offset}, {info.offset + info.length}), beyond the file's {sizes[rel]} bytes "
                             "(truncated file?)")
     return problems
 
 
-def _keys_read(unit: WorkUnit, position: int, last: int) -> Iterable[ChunkKey]:
-    """The stored items source ``position`` of ``last + 1`` is read for by ``unit``: a copied
-    item's from the newest (also a merged one's, which --exclude may turn into a copy), a merged
-    item's (or its pieces') from every source."""
-    for item in unit.items:
-        if position == last and (item.action != Action.MERGE or item.source_key is not None):
-            yield item.storage_key
-        if item.action != Action.MERGE:
-            continue
-        found = item.pieces(position)
-        if found is None:
-            yield item.read_storage_key
-        else:
-            yield from ((item.read_key, piece.stored) for piece in found)
+def _location(info) -> Tuple[str, int, int]:
+    """A _StorageInfo as the plan holds it (a StoredChunk's plain tuple)."""
+    return (info.relative_path, info.offset, info.length)
+
+
+class _SharedLocations:
+    """The plan's locations of pieces: one tuple per stored chunk, however many pieces (of one
+    or several output chunks) read it, so that pickle writes it once in a rank's share."""
+
+    def __init__(self):
+        self.made: Dict[tuple, tuple] = {}
+
+    def of(self, info) -> Tuple[str, int, int]:
+        where = _location(info)
+        return self.made.setdefault(where, where)
 
 
 def trailing_number(path: str) -> Optional[int]:
@@ -323,10 +330,6 @@ class DcpFormat(CheckpointFormat):
         """The checkpoint's ``storage_index``, made once per job like its metadata (1M chunks: a second)."""
         return self.memo("storage index", ckpt.path, lambda: storage_index(self.metadata(ckpt)))
 
-    def stored_sizes(self, ckpt: CheckpointRef) -> Dict[ChunkKey, Tuple[int, ...]]:
-        """The checkpoint's ``chunk_sizes``, made once per job like its metadata."""
-        return self.memo("chunk sizes", ckpt.path, lambda: chunk_sizes(self.metadata(ckpt)))
-
     def is_training_state(self, metadata, fqn: str) -> bool:
         return top_level_key(metadata, fqn) in self.training_state_keys
 
@@ -376,10 +379,6 @@ class DcpFormat(CheckpointFormat):
                     by_parameter.setdefault(".".join(saved[1:]), key)
                     by_parameter[".".join(saved)] = key
         return by_parameter.get(".".join(path[2:-1]))
-
-    def selected(self, metadata, fqn: str, context: MergeContext) -> bool:
-        """Whether --include/--exclude let the key be merged: by its parameter's name, if it has one."""
-        return context.selects(self.parameter_of(metadata, fqn) or fqn)
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         metadata = self.metadata(checkpoints[-1])
@@ -466,24 +465,50 @@ class DcpFormat(CheckpointFormat):
         if problems:
             raise InputError(problems)
 
-        location = self.storage(newest_ref)
+        # Where each source stores what the merge reads from it, for the ranks (ChunkItem.stored).
+        indexes = [self.storage(ckpt) for ckpt in checkpoints]
+        newest_index, older_indexes, shared = indexes[-1], indexes[:-1], _SharedLocations().of
         items = []
         # In the newest's stored order (chunk_keys), what is per key worked out once per key.
         for fqn, entry in entries.items():
             if fqn not in kept_set:
                 continue
             action = actions[fqn]
-            source_key = reads[fqn] if action == Action.MERGE and reads[fqn] != fqn else None
-            if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
-                items.append(ChunkItem(fqn, None, action, location[(fqn, None)].length, (), source_key))
+            if not isinstance(entry, dcp_metadata.TensorStorageMetadata):  # bytes: copied (dcp_state)
+                copied = _location(newest_index[(fqn, None)])
+                items.append(ChunkItem(fqn, None, action, copied[LENGTH], copied=copied))
                 continue
+            read = reads.get(fqn, fqn)
+            source_key = read if action == Action.MERGE and read != fqn else None
+            spec = None if action != Action.MERGE else ChunkedKey(
+                entry.properties.dtype, entries[read].properties.dtype, self.parameter_of(newest, fqn) or fqn)
             relaid = action == Action.MERGE and any(fqn in found for found in pieces_by_source)
             itemsize = entry.properties.dtype.itemsize
             for chunk in entry.chunks:
                 offsets = tuple(chunk.offsets)
-                sources: Tuple[Optional[Tuple[Piece, ...]], ...] = () if not relaid else tuple(
-                    found[fqn][offsets] if fqn in found else None for found in pieces_by_source)
-                items.append(ChunkItem(fqn, offsets, action, math.prod(chunk.sizes) * itemsize, sources, source_key))
+                copied = _location(newest_index[(fqn, offsets)])
+                sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
+                if action != Action.MERGE:
+                    stored = ()
+                elif not relaid:
+                    # Every source stores this very chunk (the common case, made quick); one that
+                    # stores it where the newest does (the same layout saved alike) shares the
+                    # newest's tuple, which pickle then writes once.
+                    key = (read, offsets)
+                    newest_read = copied if source_key is None else _location(newest_index[key])
+                    whole = []
+                    for index in older_indexes:
+                        where = _location(index[key])
+                        whole.append((newest_read if where == newest_read else where,))
+                    whole.append((newest_read,))
+                    stored = tuple(whole)
+                else:
+                    sources = tuple(found[fqn][offsets] if fqn in found else None for found in pieces_by_source)
+                    stored = tuple((shared(index[(read, offsets)]),) if pieces is None else
+                                   tuple(shared(index[(read, p.stored)]) for p in pieces)
+                                   for index, pieces in zip(indexes, sources))
+                items.append(ChunkItem(fqn, offsets, action, math.prod(chunk.sizes) * itemsize, sources, source_key,
+                                       tuple(chunk.sizes), copied, stored, spec))
         num_sources = len(checkpoints)
         units = []
         for k, share in enumerate(balance(items, max(world_size, 1),
@@ -491,7 +516,7 @@ class DcpFormat(CheckpointFormat):
                                           lambda it: (it.key, it.offsets or ()))):
             if share:
                 # Stored order of the newest source: reads of each source file run forwards.
-                share.sort(key=lambda it: (location[it.storage_key].relative_path, location[it.storage_key].offset))
+                share.sort(key=lambda it: it.copied[:2])  # (relative_path, offset)
                 units.append(WorkUnit(f"__{k}_0.distcp", sum(it.num_bytes for it in share), items=tuple(share)))
         return units
 
@@ -597,57 +622,48 @@ class DcpFormat(CheckpointFormat):
     def check_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef]) -> List[str]:
         """Rank-local, before anything is written: every byte range this unit reads (all its items
         from the newest source, its merged chunks, or the pieces covering them, from the others)
-        lies inside an existing file."""
+        lies inside an existing file. From the plan alone (the coordinator checked the storage
+        entries themselves while planning)."""
         problems = []
         last = len(checkpoints) - 1
         for position, ckpt in enumerate(checkpoints):
-            try:
-                metadata = self.metadata(ckpt)
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            problems += storage_problems(ckpt.path, metadata, list(dict.fromkeys(_keys_read(unit, position, last))))
+            stored = dict(read for item in unit.items for read in item.reads(position, position == last))
+            problems += file_problems(ckpt.path, stored.items())
         return problems
 
     def bytes_read_by_source(self, units: Sequence[WorkUnit], checkpoints: Sequence[CheckpointRef]) -> List[int]:
-        """What the merge will read from each source, from the plan and metadata alone: whole
-        stored items, or the byte ranges of the pieces (the blobs' small zip headers aside)."""
+        """What the merge will read from each source, from the plan alone: whole stored items, or
+        the byte ranges of the pieces (the blobs' small zip headers aside)."""
         last = len(checkpoints) - 1
         totals = []
-        for position, ckpt in enumerate(checkpoints):
-            metadata = self.metadata(ckpt)
-            index = self.storage(ckpt)
-            sizes = self.stored_sizes(ckpt)
+        for position in range(len(checkpoints)):
             # The common case first, in one pass: merged items this source stores as the output
             # does (no pieces), read whole.
-            total = sum(index[item.read_storage_key].length for unit in units for item in unit.items
+            total = sum(item.stored[position][0][LENGTH] for unit in units for item in unit.items
                         if not item.sources and item.action == Action.MERGE)
             for unit in units:
                 small_read = set()  # small stored chunks are read whole once per unit (dcp_reads)
                 for item in unit.items:
                     if item.action == Action.MERGE and not item.sources:
                         continue  # counted above
-                    if item.action != Action.MERGE and position != last:
-                        continue
                     if item.action != Action.MERGE:
-                        total += index[item.storage_key].length
+                        total += item.copied[LENGTH] if position == last else 0
                         continue
-                    pieces = item.pieces(position)
+                    pieces, stored = item.pieces(position), item.stored[position]
                     if pieces is None:
-                        total += index[item.read_storage_key].length
+                        total += stored[0][LENGTH]
                         continue
-                    itemsize = metadata.state_dict_metadata[item.read_key].properties.dtype.itemsize
-                    for piece in pieces:
+                    itemsize = item.spec.read_dtype.itemsize
+                    for piece, (_, _, length) in zip(pieces, stored):
                         key = (item.read_key, piece.stored)
-                        stored, info = sizes[key], index[key]
-                        if piece_is_whole(piece, stored):
-                            total += info.length
-                        elif info.length <= SMALL_BLOB_BYTES:
-                            total += 0 if key in small_read else info.length
+                        if piece_is_whole(piece, piece.stored_sizes):
+                            total += length
+                        elif length <= SMALL_BLOB_BYTES:
+                            total += 0 if key in small_read else length
                             small_read.add(key)
                         else:
                             relative = [o - b for o, b in zip(piece.offsets, piece.stored)]
-                            total += read_span(stored, relative, piece.sizes).num_bytes_read(itemsize)
+                            total += read_span(piece.stored_sizes, relative, piece.sizes).num_bytes_read(itemsize)
             totals.append(total)
         return totals
 
@@ -657,29 +673,26 @@ class DcpFormat(CheckpointFormat):
         reader thread fetches the next blob (or piece) while one is added. A source saved at
         another layout contributes the pieces of its stored chunks that cover the item, each
         read on its own (only its bytes) and added into its region. In memory at once: the
-        accumulator, the chunk or piece being added and the one being read: flat in N."""
-        newest = self.metadata(checkpoints[-1])
-        metadatas = [self.metadata(ckpt) for ckpt in checkpoints]
-        indexes = [self.storage(ckpt) for ckpt in checkpoints]
-        sizes_of = [self.stored_sizes(ckpt) for ckpt in checkpoints]
+        accumulator, the chunk or piece being added and the one being read: flat in N. Where
+        each source stores what is read, and the chunks' sizes and dtypes, come with the unit's
+        items: no source's ``.metadata`` is read here."""
         files = SourceFiles()
         pieces = PieceReader(files)
         mapped = MappedChunks()
         written: List[tuple] = []
         counters = {"merged": 0}
         last = len(checkpoints) - 1
-        # --include/--exclude turn a merged item into a copied one.
-        actions = [Action.MERGE if item.action == Action.MERGE and self.selected(newest, item.key, context)
+        # --include/--exclude turn a merged item into a copied one (judged by its parameter's name).
+        actions = [Action.MERGE if item.action == Action.MERGE and context.selects(item.spec.selected_as)
                    else Action.COPY for item in unit.items]
         # Merged items every source stores whole, viewed in the mapped files: summed in one pass.
         # (Model weights from masters keep the accumulator: it rounds to the model's dtype once.)
         views: Dict[int, List[torch.Tensor]] = {}
         for position, (item, action) in enumerate(zip(unit.items, actions)):
             if action == Action.MERGE and not item.sources and item.source_key is None:
-                found = [mapped.view(ckpt.path, indexes[i][item.storage_key],
-                                     metadatas[i].state_dict_metadata[item.key].properties.dtype,
-                                     sizes_of[i][item.storage_key]) for i, ckpt in enumerate(checkpoints)]
-                if all(v is not None for v in found) and len({v.dtype for v in found}) == 1:
+                found = [mapped.view(ckpt.path, item.location(i), item.spec.read_dtype, item.sizes)
+                         for i, ckpt in enumerate(checkpoints)]
+                if all(v is not None for v in found):
                     views[position] = found
         # Every other read, in order: all sources of a merged item (each whole, or piece by
         # piece), the newest of a copied one. (position, source, piece index or None)
@@ -698,18 +711,16 @@ class DcpFormat(CheckpointFormat):
             position, i, k = task
             item = unit.items[position]
             if actions[position] == Action.COPY:
-                return files.read(checkpoints[i].path, indexes[i][item.storage_key])
+                return files.read(checkpoints[i].path, item.location())
             if k is None:
-                return files.read(checkpoints[i].path, indexes[i][item.read_storage_key])
+                return files.read(checkpoints[i].path, item.location(i))
             piece = item.pieces(i)[k]
-            key = (item.read_key, piece.stored)
-            return pieces.read(checkpoints[i].path, indexes[i][key], item.read_key,
-                               metadatas[i].state_dict_metadata[item.read_key].properties.dtype, sizes_of[i][key],
-                               piece)
+            return pieces.read(checkpoints[i].path, item.location(i, k), item.read_key, item.spec.read_dtype,
+                               piece.stored_sizes, piece)
 
         def merge_mapped(behind, writer, position):
             item, sources = unit.items[position], views.pop(position)
-            stored = [indexes[i][item.storage_key] for i in range(len(checkpoints))]
+            stored = [item.location(i) for i in range(len(checkpoints))]
             context.on_progress(sum(info.length for info in stored))
             names = [os.path.join(ckpt.path, info.relative_path) for ckpt, info in zip(checkpoints, stored)]
             merged = context.merge_tensor(sources, item.describe(), names)
@@ -747,16 +758,14 @@ class DcpFormat(CheckpointFormat):
                         emit(behind, writer, fqn, offsets, fetched)
                         continue
                     # The output chunk's sizes; a source read whole stores a chunk of the same box.
-                    sizes = sizes_of[-1][item.storage_key]
+                    sizes = item.sizes
+                    path = os.path.join(checkpoints[i].path, item.location(i, k or 0).relative_path)
                     if k is None:
-                        path = os.path.join(checkpoints[i].path, indexes[i][item.read_storage_key].relative_path)
                         context.on_progress(len(fetched))
-                        chunk = load_chunk(fetched, path, read_key, offsets,
-                                           newest.state_dict_metadata[read_key].properties.dtype, sizes)
+                        chunk = load_chunk(fetched, path, read_key, offsets, item.spec.read_dtype, sizes)
                         region = None
                     else:
                         piece = item.pieces(i)[k]
-                        path = os.path.join(checkpoints[i].path, indexes[i][(read_key, piece.stored)].relative_path)
                         context.on_progress(fetched.numel() * fetched.element_size())
                         chunk, region = fetched, piece_region(piece, offsets)
                     del fetched
@@ -770,7 +779,7 @@ class DcpFormat(CheckpointFormat):
                     del chunk
                     if i == last and (k is None or k == len(item.pieces(i)) - 1):  # the newest's last read
                         # Model weights from masters: rounded to the model's dtype.
-                        emit(behind, writer, fqn, offsets, accumulator.result(newest.state_dict_metadata[fqn].properties.dtype))
+                        emit(behind, writer, fqn, offsets, accumulator.result(item.spec.dtype))
                         # Tensors, not chunks: each is counted by the unit holding its first chunk.
                         counters["merged"] += not any(offsets)
                         accumulator = None

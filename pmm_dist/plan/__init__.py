@@ -2,7 +2,7 @@
 from .assign import assign_units, balance, work_cost
 from .selection import TensorFilter, select_iterations
 from .types import (Action, CheckpointRef, ChunkItem, NonfinitePolicy, OptimizerPolicy, OutputKind, OutputLayout, Piece,
-                    WorkUnit)
+                    StoredChunk, WorkUnit)
 
 __all__ = ["Action", "CheckpointRef", "ChunkItem", "NonfinitePolicy", "OptimizerPolicy", "OutputKind", "OutputLayout",
-           "Piece", "TensorFilter", "WorkUnit", "assign_units", "balance", "select_iterations", "work_cost"]
+           "Piece", "StoredChunk", "TensorFilter", "WorkUnit", "assign_units", "balance", "select_iterations", "work_cost"]

@@ -7,7 +7,7 @@ checked, printed, fingerprinted and balanced without reading any tensor data.
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 
 class Choice(str, enum.Enum):
@@ -106,6 +106,28 @@ class Piece(NamedTuple):
     stored: Tuple[int, ...]    # offsets of the source's stored chunk: its storage key, with the item's key
     offsets: Tuple[int, ...]   # global offsets of the overlap
     sizes: Tuple[int, ...]     # sizes of the overlap
+    stored_sizes: Tuple[int, ...]  # sizes of the stored chunk (its box, with ``stored``)
+
+
+class StoredChunk(NamedTuple):
+    """Where one stored item's bytes lie in its checkpoint (as the checkpoint's index says), so
+    that a rank reads it without that index. The plan holds it as the plain tuple (pickled
+    without a Python call or an allocation per tuple, which a million of them would cost the
+    coordinator); ``ChunkItem.location`` gives it back with its names."""
+    relative_path: str         # the file, relative to the checkpoint directory
+    offset: int
+    length: int
+
+
+Location = Tuple[str, int, int]  # a StoredChunk as the plan holds it
+
+
+class ChunkedKey(NamedTuple):
+    """What merging any chunk of one merged key takes besides its chunks: one object per key,
+    shared by the key's items (so a rank's share carries it once per key)."""
+    dtype: object              # the output key's torch dtype
+    read_dtype: object         # the dtype of the key read from the sources (the masters' for weights from masters)
+    selected_as: str           # the name --include / --exclude judge it by (an optimizer state's parameter)
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,12 @@ class ChunkItem:
     ``source_key``: for a merged chunk computed from another key of the sources (model weights
     from the fp32 master weights of the optimizer state, same global shape), that key; its
     chunks are what ``sources`` describes. None: the item's own key.
+    What a rank reads, so that no rank but the coordinator reads the sources' indexes (a
+    ``.metadata`` of a million chunks is seconds and a gigabyte of objects to parse):
+    ``sizes`` the output chunk's (None for a bytes entry); ``copied`` where the newest stores
+    the output key's item (what a copy takes); ``stored``, for a merged item, per source
+    oldest first, where its stored chunk lies, or (where ``sources`` lists pieces) one
+    location per piece; ``spec`` the key's dtypes and selection name.
     """
     key: str
     offsets: Optional[Tuple[int, ...]]
@@ -128,6 +156,10 @@ class ChunkItem:
     num_bytes: int
     sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
     source_key: Optional[str] = None
+    sizes: Optional[Tuple[int, ...]] = None
+    copied: Optional[Location] = None
+    stored: Tuple[Tuple[Location, ...], ...] = ()
+    spec: Optional[ChunkedKey] = None
 
     @property
     def storage_key(self) -> Tuple[str, Optional[Tuple[int, ...]]]:
@@ -147,6 +179,26 @@ class ChunkItem:
     def pieces(self, source: int) -> Optional[Tuple[Piece, ...]]:
         """Source ``source``'s pieces, or None when it stores this very chunk (read it whole)."""
         return self.sources[source] if self.sources else None
+
+    def location(self, source: Optional[int] = None, piece: int = 0) -> StoredChunk:
+        """Where source ``source`` stores what a merge reads (its ``piece``-th piece where it has
+        pieces); ``source`` None: the newest's item of the output key, what a copy takes."""
+        return StoredChunk(*(self.copied if source is None else self.stored[source][piece]))
+
+    def reads(self, source: int, newest: bool) -> Iterator[Tuple[Tuple[str, Optional[Tuple[int, ...]]], StoredChunk]]:
+        """(storage key, location) of every stored item a merge of this item may read from source
+        ``source`` (``newest``: the newest source): the newest's own item of a copied one (also
+        of a merged one computed from another key, which --exclude may turn into a copy), and a
+        merged item's stored chunk, or the stored chunks of its pieces, from every source."""
+        if newest and (self.action != Action.MERGE or self.source_key is not None):
+            yield self.storage_key, self.location()
+        if self.action != Action.MERGE:
+            return
+        found = self.pieces(source)
+        if found is None:
+            yield self.read_storage_key, self.location(source)
+        else:
+            yield from (((self.read_key, p.stored), self.location(source, k)) for k, p in enumerate(found))
 
     def describe(self) -> str:
         """For messages: ``key 'name'``, with the chunk's offsets for a tensor chunk."""
