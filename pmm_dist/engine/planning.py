@@ -64,8 +64,10 @@ def plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Input
     and the merge's identity (what its fingerprint hashes, kept to say what differs on --resume).
     Each directory is listed and each metadata file parsed once (io/planning_reads.py). Without
     the cyclic GC: planning makes millions of small objects at a million chunks (parsed metadata,
-    items) and frees none of them, and collections walking them all cost more than the planning."""
-    return plan_merge_with_format(options, world_size)[:3]
+    items) and frees none of them, and collections walking them all cost more than the planning.
+    The format's parsed metadata is freed before collections resume."""
+    with planning_reads(), gc_paused():
+        return _plan_merge(options, world_size)[:3]
 
 
 def plan_merge_with_format(options: MergeOptions, world_size: int
