@@ -13,6 +13,8 @@ else raises InjectedFault. Unset in normal use: a no-op.
 """
 import os
 import signal
+import threading
+import time
 from collections import Counter
 
 ENV = "PMM_DIST_FAULT"
@@ -37,6 +39,15 @@ def inject(point: str, rank: int) -> None:
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if action == "sigint":  # as a Ctrl-C would: Python raises KeyboardInterrupt here
+                in_main = threading.current_thread() is threading.main_thread()
+                if in_main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                    # started in the background (a shell's `&`): SIGINT is ignored, as it should be
+                    # for a real Ctrl-C; the fault stands for one typed at a terminal
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.kill(os.getpid(), signal.SIGINT)
+                # Another thread may take the signal, and the main thread raises at its next
+                # check: wait for it here, so that it arrives at this point of the merge.
+                for _ in range(500 if in_main else 0):
+                    time.sleep(0.01)
                 return
             raise InjectedFault(f"injected fault at {point} on rank {rank}")
