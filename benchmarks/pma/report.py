@@ -490,8 +490,8 @@ def markdown(results, a, pngs):
              f"finished run publishes the SMA of the last {cfg['curve_n']} checkpoints (all of them while there are "
              f"fewer) at every one of its {c['published']} checkpoints, each update reading the new checkpoint, the "
              f"one leaving the window and the running state. The baseline merges the same windows with one "
-             f"`pmm-dist merge --iterations ...` each, one after another, with nothing else running (both timed as "
-             f"whole processes, import included).\n")
+             f"`pmm-dist merge --iterations ...` each, one after another, once the experiment's training workers are done "
+             f"(both timed as whole processes, import included; see the load average above).\n")
     L.append("| | merges | wall time (s) | per merge (s) | bytes read (MB) |")
     L.append("| --- | ---: | ---: | ---: | ---: |")
     for name, sec, nbytes in [("one `watch --backfill --once`", c["watch_seconds"], c["watch_bytes_read"]),

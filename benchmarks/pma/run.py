@@ -21,7 +21,7 @@ Phases (fixed seed everywhere; every merge goes through the pmm_dist CLI):
    each merged checkpoint, loaded with strict load_state_dict.
 4. the SMA curve along the whole run, at every checkpoint, from ONE ``pmm_dist watch --backfill
    --once --keep 0`` (incremental updates), timed beside the same windows merged one
-   ``pmm_dist merge`` at a time (with nothing else running), and checked equal to them.
+   ``pmm_dist merge`` at a time (after the training workers are done), and checked equal to them.
 5. results JSON, markdown report and PNG plots in benchmarks/results/.
 """
 import argparse
