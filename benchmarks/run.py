@@ -209,15 +209,22 @@ def main(argv=None) -> int:
     files = input_files(run_dir)
     input_bytes = sum(os.path.getsize(p) for p in files)
     output_bytes = sum(os.path.getsize(p) for p in files if f"iter_{iterations[-1]:07d}" in p)
-    roofline = warm_roofline(files, output_bytes, args.work)
-    t_read, t_write = roofline["read_seconds"], roofline["write_seconds"]
-    report["roofline_warm"] = roofline
-    print(f"roofline (warm): read {input_bytes / GB:.2f} GB in {t_read:.2f} s, write {output_bytes / GB:.2f} GB "
-          f"in {t_write:.2f} s -> {roofline['gbps']:.2f} GB/s of input", flush=True)
     budget_base = 2 * 4 * largest_tensor_numel(run_dir) + 0.5 * 2**30
+    # Each rank count in interleaved repeats with a roofline before each (medians), as the formats:
+    # one roofline beside one merge moves several-fold with this disk's write speed.
+    rooflines, by_ranks = [], {}
+    for _ in range(args.repeats):
+        for r in (ranks if "ranks" in parts else ranks[:1]):
+            rooflines.append(warm_roofline(files, output_bytes, args.work))
+            by_ranks.setdefault(r, []).append(run_pmm(run_dir, os.path.join(args.work, f"out_pmm_{r}"), r))
+    roofline = _median_by(rooflines, "seconds")
+    t_read, t_write = roofline["read_seconds"], roofline["write_seconds"]
+    report["roofline_warm"] = dict(roofline, repeats_seconds=[x["seconds"] for x in rooflines])
+    print(f"roofline (warm, median of {len(rooflines)}): read {input_bytes / GB:.2f} GB in {t_read:.2f} s, write "
+          f"{output_bytes / GB:.2f} GB in {t_write:.2f} s -> {roofline['gbps']:.2f} GB/s of input", flush=True)
     report["pmm_dist"] = []
-    for r in (ranks if "ranks" in parts else ranks[:1]):
-        result = run_pmm(run_dir, os.path.join(args.work, f"out_pmm_{r}"), r)
+    for r, results in by_ranks.items():
+        result = dict(_median_by(results, "seconds"), repeats_seconds=[x["seconds"] for x in results])
         result["gbps"] = input_bytes / result["seconds"] / GB
         result["fraction_of_roofline"] = roofline["seconds"] / result["seconds"]
         result["rss_budget_bytes"] = result["largest_output_file"] + budget_base
@@ -413,7 +420,8 @@ def _main_section(report: dict) -> list:
              f"output {roof['output_bytes'] / GB:.2f} GB. Page cache warm unless noted.", "",
              "| what | seconds | GB/s of input | vs roofline | peak RSS per rank (GiB) | RSS budget (GiB) | metadata B/tensor |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
-             f"| roofline (read {roof['read_seconds']:.2f} s + write {roof['write_seconds']:.2f} s) | "
+             f"| roofline (median of {len(roof.get('repeats_seconds', [0]))}: read {roof['read_seconds']:.2f} s + write "
+             f"{roof['write_seconds']:.2f} s) | "
              f"{roof['seconds']:.2f} | {roof['gbps']:.2f} | 1.00 | | | |"]
     for r in report["pmm_dist"]:
         lines.append(f"| pmm_dist, {r['ranks']} rank(s) (wall {r['wall_seconds']:.1f} s) | {r['seconds']:.2f} | "
