@@ -669,8 +669,10 @@ class DcpFormat(CheckpointFormat):
 
     def merge_unit(self, unit: WorkUnit, checkpoints: Sequence[CheckpointRef], destination: str,
                    context: MergeContext) -> UnitResult:
-        """Items in stored order, each merged source by source into a float64 accumulator; a
-        reader thread fetches the next blob (or piece) while one is added. A source saved at
+        """Items in stored order. A chunk every source stores whole is viewed in the mapped files
+        and its N sources summed in one pass (``merge_tensor``); the others are merged source by
+        source into a float64 accumulator, a reader thread fetching the next blob (or piece)
+        while one is added. Each result is written behind the merge. A source saved at
         another layout contributes the pieces of its stored chunks that cover the item, each
         read on its own (only its bytes) and added into its region. In memory at once: the
         accumulator, the chunk or piece being added and the one being read: flat in N. Where

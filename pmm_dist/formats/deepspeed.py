@@ -198,8 +198,8 @@ class DeepSpeedFormat(PickledFileFormat):
     def _masters_make_the_weights(self, checkpoints: Sequence[CheckpointRef]) -> bool:
         """ZeRO-1/2 with every checkpoint's optimizer files there: the module's weights are cut
         from the merged fp32 masters (master_weights), which are what the merge reads."""
-        return all(self._inventory(c).zero_stage in (1, 2) and ZERO_OPTIM in self._inventory(c).files.values()
-                   for c in checkpoints)
+        inventories = [self._inventory(c) for c in checkpoints]
+        return all(inv.zero_stage in (1, 2) and ZERO_OPTIM in inv.files.values() for inv in inventories)
 
     def model_weights_source(self, checkpoints: Sequence[CheckpointRef], optimizer_policy: OptimizerPolicy) -> str:
         return "fp32 masters" if self._masters_make_the_weights(checkpoints) else "model copies"
