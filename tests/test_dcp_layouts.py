@@ -6,6 +6,7 @@ sources as ``dcp.load`` reads them, and the merge must read each stored chunk on
 parts an output chunk needs. Bad layouts (a gap, an overlap, another global shape or dtype)
 are refused at plan time, from ``.metadata`` alone, before anything is written.
 """
+import dataclasses
 import io
 import json
 import math
@@ -235,6 +236,39 @@ def test_overlap_is_refused_naming_key_source_and_region(tmp_path):
     _edit_metadata(ckpts[0], grow_first_chunk)
     _refused(tmp_path / "run", tmp_path / "out", f"{ckpts[0]}: key 'model.qkv.weight'",
              "elements [0:4, 0:24, 5:7] are stored twice")
+
+
+def _storage_entry(md, fqn, row):
+    return next(k for k in md.storage_data if k.fqn == fqn and k.offset[0] == row)
+
+
+@pytest.mark.parametrize("which", [0, 2])  # an older source, the newest
+def test_bad_storage_entries_are_refused_naming_file_and_key(tmp_path, which):
+    """Each storage problem is named with the checkpoint's .metadata and the key (the checks
+    decide in bulk first; a checkpoint with a problem is walked key by key to name them)."""
+    ckpts = _write_run(tmp_path / "run", (0, 1, 0))
+    where = f"{ckpts[which]}/.metadata: key 'model.embed.weight (chunk at [22, 0])'"
+
+    def no_entry(md):
+        del md.storage_data[_storage_entry(md, "model.embed.weight", 22)]
+    _edit_metadata(ckpts[which], no_entry)
+    _refused(tmp_path / "run", tmp_path / "out", where, "has no storage entry")
+
+    def outside(md):
+        index = _storage_entry(md, "model.embed.weight", 22)
+        md.storage_data[index] = dataclasses.replace(md.storage_data[index], relative_path="../elsewhere.distcp")
+    ckpts = _write_run(tmp_path / "run2", (0, 1, 0))
+    _edit_metadata(ckpts[which], outside)
+    _refused(tmp_path / "run2", tmp_path / "out", where.replace("/run/", "/run2/"),
+             "is stored at '../elsewhere.distcp', outside the checkpoint directory")
+
+    def compressed(md):
+        index = _storage_entry(md, "model.embed.weight", 22)
+        md.storage_data[index] = dataclasses.replace(md.storage_data[index], transform_descriptors=["zstd"])
+    ckpts = _write_run(tmp_path / "run3", (0, 1, 0))
+    _edit_metadata(ckpts[which], compressed)
+    _refused(tmp_path / "run3", tmp_path / "out", where.replace("/run/", "/run3/"),
+             "is stored with stream transforms ['zstd']")
 
 
 def test_newest_with_overlapping_chunks_is_refused(tmp_path):

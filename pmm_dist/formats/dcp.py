@@ -38,7 +38,9 @@ metadata dataclasses, ``torch.Size``, torch dtypes/layouts and paths; anything e
 import dataclasses
 import functools
 import hashlib
+import io
 import math
+import operator
 import os
 import pathlib
 import pickle
@@ -55,7 +57,7 @@ from ..errors import InputError, MergeError
 from ..plan.assign import balance, work_cost
 from ..plan.regions import Box, coverage_problems, map_chunks, read_span
 from ..plan.types import (Action, CheckpointRef, ChunkedKey, ChunkItem, OptimizerPolicy, OutputKind, OutputLayout,
-                          Piece, StoredChunk, UnitResult, WorkUnit)
+                          Location, Piece, StoredChunk, UnitResult, WorkUnit)
 from .base import CheckpointFormat, MergeContext
 from .common import EntrySpec, LazyModule, compare_entries, listdir, number_in_name, sorted_unique
 from .dcp_reads import (SMALL_BLOB_BYTES, MappedChunks, PieceReader, SourceFiles, load_chunk, piece_is_whole,
@@ -71,6 +73,7 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 ChunkKey = Tuple[str, Optional[Tuple[int, ...]]]  # (fqn, chunk offsets), offsets None for bytes
 LENGTH = StoredChunk._fields.index("length")  # of a location as the plan holds it (a plain tuple)
+_COPIED = operator.attrgetter("copied")
 
 
 # -- reading .metadata safely ------------------------------------------------------------------
@@ -110,8 +113,11 @@ def load_metadata(ckpt_dir: str) -> "dcp_metadata.Metadata":
     """The DCP ``Metadata`` of ``ckpt_dir``; InputError naming the file if absent or unusable."""
     path = os.path.join(ckpt_dir, DCP_METADATA)
     try:
-        with open(path, "rb") as f, gc_paused():
-            metadata = _MetadataUnpickler(f).load()
+        with open(path, "rb") as f:
+            data = f.read()  # whole, then parsed from memory: the unpickler's reads from a file cost more
+        with gc_paused():
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        del data
     except FileNotFoundError:
         raise InputError(f"{path}: file not found (an incomplete DCP checkpoint? .metadata is written last)") from None
     except _RefusedGlobal as exc:
@@ -132,7 +138,7 @@ def chunk_keys(metadata) -> List[ChunkKey]:
     keys: List[ChunkKey] = []
     for fqn, entry in metadata.state_dict_metadata.items():
         if isinstance(entry, dcp_metadata.TensorStorageMetadata):
-            keys += [(fqn, tuple(chunk.offsets)) for chunk in entry.chunks]
+            keys += [(fqn, chunk.offsets) for chunk in entry.chunks]  # a torch.Size keys as its tuple
         else:
             keys.append((fqn, None))
     return keys
@@ -143,6 +149,13 @@ def storage_index(metadata) -> Dict[ChunkKey, object]:
     stored (a torch.Size, which hashes and compares as the tuple it holds): looked up with tuples,
     and no tuple made per chunk."""
     return {(index.fqn, index.offset): info for index, info in metadata.storage_data.items()}
+
+
+def storage_locations(metadata) -> Dict[ChunkKey, Location]:
+    """(fqn, offsets) -> where it is stored as the plan holds it, (relative_path, offset, length):
+    ``storage_index`` with each entry already the plain tuple a ChunkItem carries."""
+    return {(index.fqn, index.offset): (info.relative_path, info.offset, info.length)
+            for index, info in metadata.storage_data.items()}
 
 
 def top_level_key(metadata, fqn: str) -> str:
@@ -216,13 +229,24 @@ def _named(key: ChunkKey) -> str:
 
 
 def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_files: bool = True,
-                     index: Optional[Dict[ChunkKey, object]] = None) -> List[str]:
+                     locations: Optional[Dict[ChunkKey, Location]] = None) -> List[str]:
     """Every key must have a storage entry pointing inside the checkpoint, into an existing file,
-    within its size, without stream transforms (compression) pmm_dist cannot undo. ``index``:
-    the metadata's ``storage_index``, where the caller has it."""
+    within its size, without stream transforms (compression) pmm_dist cannot undo. ``locations``:
+    the metadata's ``storage_locations``, where the caller has them."""
+    locations = storage_locations(metadata) if locations is None else locations
+    keys = list(keys)
+    found = list(map(locations.get, keys))
+    # A million keys: decided in C-speed passes (a checkpoint has a few files, so the paths are
+    # judged once each); only a checkpoint with a problem is walked key by key to name them.
+    clean = None not in found and not any(not isinstance(rel, str) or _escapes(rel)
+                                          for rel in set(map(operator.itemgetter(0), found))) and \
+        not _any_transforms(metadata.storage_data.values())
+    if clean:
+        return file_problems(ckpt_dir, ((key, StoredChunk(*where)) for key, where in zip(keys, found))) \
+            if check_files else []
     problems = []
-    index = storage_index(metadata) if index is None else index
     where = os.path.join(ckpt_dir, DCP_METADATA)
+    index = storage_index(metadata)
     stored = []
     for key in keys:
         info = index.get(key)
@@ -233,12 +257,24 @@ def storage_problems(ckpt_dir: str, metadata, keys: Iterable[ChunkKey], check_fi
         if not isinstance(rel, str) or _escapes(rel):
             problems.append(f"{where}: key '{_named(key)}' is stored at {rel!r}, outside the checkpoint directory")
             continue
-        if getattr(info, "transform_descriptors", None):
+        if _transforms(info):
             problems.append(f"{where}: key '{_named(key)}' is stored with stream transforms "
                             f"{list(info.transform_descriptors)} (e.g. compression), which pmm_dist does not support")
             continue
         stored.append((key, info))
     return problems + (file_problems(ckpt_dir, stored) if check_files else [])
+
+
+def _any_transforms(infos) -> bool:
+    try:  # the class declares the field (a default for entries saved without it): one C-speed pass
+        return any(map(operator.attrgetter("transform_descriptors"), infos))
+    except AttributeError:  # torch before stream transforms
+        return any(map(_transforms, infos))
+
+
+def _transforms(info) -> object:
+    """A storage entry's stream transforms (torch >= 2.7 records them; older entries have none)."""
+    return getattr(info, "transform_descriptors", None)
 
 
 def file_problems(ckpt_dir: str, stored: Iterable[Tuple[ChunkKey, object]]) -> List[str]:
@@ -260,11 +296,6 @@ def file_problems(ckpt_dir: str, stored: Iterable[Tuple[ChunkKey, object]]) -> L
     return problems
 
 
-def _location(info) -> Tuple[str, int, int]:
-    """A _StorageInfo as the plan holds it (a StoredChunk's plain tuple)."""
-    return (info.relative_path, info.offset, info.length)
-
-
 class _SharedLocations:
     """The plan's locations of pieces: one tuple per stored chunk, however many pieces (of one
     or several output chunks) read it, so that pickle writes it once in a rank's share."""
@@ -272,8 +303,7 @@ class _SharedLocations:
     def __init__(self):
         self.made: Dict[tuple, tuple] = {}
 
-    def of(self, info) -> Tuple[str, int, int]:
-        where = _location(info)
+    def of(self, where: Location) -> Location:
         return self.made.setdefault(where, where)
 
 
@@ -326,9 +356,9 @@ class DcpFormat(CheckpointFormat):
     def metadata(self, ckpt: CheckpointRef):
         return self.memo("metadata", ckpt.path, lambda: load_metadata(ckpt.path))
 
-    def storage(self, ckpt: CheckpointRef) -> Dict[ChunkKey, object]:
-        """The checkpoint's ``storage_index``, made once per job like its metadata (1M chunks: a second)."""
-        return self.memo("storage index", ckpt.path, lambda: storage_index(self.metadata(ckpt)))
+    def locations(self, ckpt: CheckpointRef) -> Dict[ChunkKey, Location]:
+        """The checkpoint's ``storage_locations``, made once per job like its metadata (1M chunks: a second)."""
+        return self.memo("storage locations", ckpt.path, lambda: storage_locations(self.metadata(ckpt)))
 
     def is_training_state(self, metadata, fqn: str) -> bool:
         return top_level_key(metadata, fqn) in self.training_state_keys
@@ -437,7 +467,7 @@ class DcpFormat(CheckpointFormat):
         # Storage entries are checked here, the files they point into by each rank (check_unit).
         problems += storage_problems(newest_ref.path, newest,
                                      [k for k in chunk_keys(newest) if k[0] in kept_set or k[0] in read_set],
-                                     check_files=False, index=self.storage(newest_ref))
+                                     check_files=False, locations=self.locations(newest_ref))
         # The newest's chunks are the output's: they too must cover each merged tensor exactly once.
         for fqn in merged:
             entry = entries[fqn]
@@ -466,16 +496,17 @@ class DcpFormat(CheckpointFormat):
             raise InputError(problems)
 
         # Where each source stores what the merge reads from it, for the ranks (ChunkItem.stored).
-        indexes = [self.storage(ckpt) for ckpt in checkpoints]
-        newest_index, older_indexes, shared = indexes[-1], indexes[:-1], _SharedLocations().of
+        locations = [self.locations(ckpt) for ckpt in checkpoints]
+        newest_locations, older_locations, shared = locations[-1], locations[:-1], _SharedLocations().of
         items = []
-        # In the newest's stored order (chunk_keys), what is per key worked out once per key.
+        # In the newest's stored order (chunk_keys), what is per key worked out once per key; per
+        # chunk (a million of them) only lookups and tuples.
         for fqn, entry in entries.items():
             if fqn not in kept_set:
                 continue
             action = actions[fqn]
             if not isinstance(entry, dcp_metadata.TensorStorageMetadata):  # bytes: copied (dcp_state)
-                copied = _location(newest_index[(fqn, None)])
+                copied = newest_locations[(fqn, None)]
                 items.append(ChunkItem(fqn, None, action, copied[LENGTH], copied=copied))
                 continue
             read = reads.get(fqn, fqn)
@@ -485,8 +516,8 @@ class DcpFormat(CheckpointFormat):
             relaid = action == Action.MERGE and any(fqn in found for found in pieces_by_source)
             itemsize = entry.properties.dtype.itemsize
             for chunk in entry.chunks:
-                offsets = tuple(chunk.offsets)
-                copied = _location(newest_index[(fqn, offsets)])
+                offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+                copied = newest_locations[(fqn, offsets)]
                 sources: Tuple[Optional[Tuple[Piece, ...]], ...] = ()
                 if action != Action.MERGE:
                     stored = ()
@@ -495,28 +526,28 @@ class DcpFormat(CheckpointFormat):
                     # stores it where the newest does (the same layout saved alike) shares the
                     # newest's tuple, which pickle then writes once.
                     key = (read, offsets)
-                    newest_read = copied if source_key is None else _location(newest_index[key])
+                    newest_read = copied if source_key is None else newest_locations[key]
                     whole = []
-                    for index in older_indexes:
-                        where = _location(index[key])
+                    for found in older_locations:
+                        where = found[key]
                         whole.append((newest_read if where == newest_read else where,))
                     whole.append((newest_read,))
                     stored = tuple(whole)
                 else:
                     sources = tuple(found[fqn][offsets] if fqn in found else None for found in pieces_by_source)
-                    stored = tuple((shared(index[(read, offsets)]),) if pieces is None else
-                                   tuple(shared(index[(read, p.stored)]) for p in pieces)
-                                   for index, pieces in zip(indexes, sources))
-                items.append(ChunkItem(fqn, offsets, action, math.prod(chunk.sizes) * itemsize, sources, source_key,
-                                       tuple(chunk.sizes), copied, stored, spec))
+                    stored = tuple((shared(found[(read, offsets)]),) if pieces is None else
+                                   tuple(shared(found[(read, p.stored)]) for p in pieces)
+                                   for found, pieces in zip(locations, sources))
+                items.append(ChunkItem(fqn, offsets, action, math.prod(sizes) * itemsize, sources, source_key,
+                                       sizes, copied, stored, spec))
         num_sources = len(checkpoints)
         units = []
+        # Ties between equal costs go to the stored order (the items' order), deterministic.
         for k, share in enumerate(balance(items, max(world_size, 1),
-                                          lambda it: work_cost(it.num_bytes, it.action, num_sources),
-                                          lambda it: (it.key, it.offsets or ()))):
+                                          [work_cost(it.num_bytes, it.action, num_sources) for it in items])):
             if share:
                 # Stored order of the newest source: reads of each source file run forwards.
-                share.sort(key=lambda it: it.copied[:2])  # (relative_path, offset)
+                share.sort(key=_COPIED)  # (relative_path, offset, length)
                 units.append(WorkUnit(f"__{k}_0.distcp", sum(it.num_bytes for it in share), items=tuple(share)))
         return units
 
@@ -578,7 +609,7 @@ class DcpFormat(CheckpointFormat):
         # This source's own chunks are what it reads, whatever its layout.
         read_set = set(reads.values())
         problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in read_set],
-                                     check_files=False, index=self.storage(ckpt))
+                                     check_files=False, locations=self.locations(ckpt))
         return pieces, problems, []
 
     def _reshaped_by_layout(self, ckpt: CheckpointRef, metadata, newest_ref: CheckpointRef, newest,
@@ -636,16 +667,19 @@ class DcpFormat(CheckpointFormat):
         the byte ranges of the pieces (the blobs' small zip headers aside)."""
         last = len(checkpoints) - 1
         totals = []
+        # The common case apart, in one pass: merged items every source stores as the output
+        # does (no pieces), read whole from each.
+        whole_reads, others = [], []
+        for unit in units:
+            for item in unit.items:
+                if item.action == Action.MERGE and not item.sources:
+                    whole_reads.append(item.stored)
+            others.append([item for item in unit.items if item.action != Action.MERGE or item.sources])
         for position in range(len(checkpoints)):
-            # The common case first, in one pass: merged items this source stores as the output
-            # does (no pieces), read whole.
-            total = sum(item.stored[position][0][LENGTH] for unit in units for item in unit.items
-                        if not item.sources and item.action == Action.MERGE)
-            for unit in units:
+            total = sum(stored[position][0][LENGTH] for stored in whole_reads)
+            for unit_items in others:
                 small_read = set()  # small stored chunks are read whole once per unit (dcp_reads)
-                for item in unit.items:
-                    if item.action == Action.MERGE and not item.sources:
-                        continue  # counted above
+                for item in unit_items:
                     if item.action != Action.MERGE:
                         total += item.copied[LENGTH] if position == last else 0
                         continue

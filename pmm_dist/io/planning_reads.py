@@ -65,11 +65,19 @@ def gc_paused():
     """No cyclic garbage collection inside the block (nested blocks: until the outermost ends).
     Unpickling a DCP ``.metadata`` of 1M chunks creates millions of objects, none of them
     garbage, and the collections they trigger walk all of them again and again: half of the
-    parse time, and more in the planning after it (benchmarks/scale.py --dcp-chunks)."""
+    parse time, and more in the planning after it (benchmarks/scale.py --dcp-chunks).
+    What the block made and still holds is frozen when it ends (``gc.freeze``): the first
+    collection after it would otherwise walk the whole plan and parsed metadata once more,
+    seconds at a million chunks, to find nothing. A later block (the watcher plans again and
+    again) first returns those objects to the collector and collects what of them is garbage."""
     was_enabled = gc.isenabled()
+    if was_enabled and gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            gc.freeze()
             gc.enable()

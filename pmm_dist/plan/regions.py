@@ -140,11 +140,15 @@ def tiles_along_one_dim(shape: Sequence[int], chunks: Sequence[Box]) -> bool:
     dim = cut[0] if cut else 0
     if len(cut) > 1:
         return False
-    whole = [n for d, n in enumerate(shape) if d != dim]
+    # Per chunk only slices and comparisons (a million chunks: this runs once per chunk).
+    rank, after = len(shape), dim + 1
+    whole_before, whole_after = tuple(shape[:dim]), tuple(shape[after:])
+    zeros_before, zeros_after = (0,) * dim, (0,) * (rank - after)
     spans = []
     for offsets, sizes in chunks:
-        if len(offsets) != len(shape) or len(sizes) != len(shape) or \
-                [n for d, n in enumerate(sizes) if d != dim] != whole or any(o for d, o in enumerate(offsets) if d != dim):
+        if len(offsets) != rank or len(sizes) != rank or tuple(sizes[after:]) != whole_after or \
+                tuple(offsets[after:]) != zeros_after or (dim and (tuple(sizes[:dim]) != whole_before or
+                                                           tuple(offsets[:dim]) != zeros_before)):
             return False
         spans.append((offsets[dim], sizes[dim]))
     spans.sort()
