@@ -140,8 +140,8 @@ def test_only_the_coordinator_parses_metadata(run, tmp_path):
     two ranks' output holds what one process's does."""
     counted, reference = tmp_path / "ws2", tmp_path / "ws1"
     options = ["--method", "ema", "--alpha", ALPHA, "--optimizer", "latest", "--exclude", "model.fc1.*"]
-    run_python([HELPER.parent / "count_metadata_reads.py", tmp_path / "reads", "--format", "dcp", run, "--out",
-                counted, "--device", "cpu", *options], nproc=2, check="a counted merge at world size 2")
+    run_python([HELPER.parent / "count_metadata_reads.py", tmp_path / "reads", "merge", "--format", "dcp", run,
+                "--out", counted, "--device", "cpu", *options], nproc=2, check="a counted merge at world size 2")
     reports = [json.loads((tmp_path / f"reads.rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["exit"] for r in reports] == [0, 0]
     sources = {str(run / f"step-{s}") for s in STEPS}
@@ -155,6 +155,25 @@ def test_only_the_coordinator_parses_metadata(run, tmp_path):
     merged, newest = _load_tensors(counted), _load_tensors(run / f"step-{STEPS[-1]}")
     excluded = [k for k in newest if k.startswith("model.fc1.")]
     assert excluded and all(torch.equal(merged[k], newest[k]) for k in excluded)
+
+
+def test_watch_parses_each_metadata_once_per_update(run, tmp_path):
+    """The watcher's coordinator plans, checks and finalizes each update with one format
+    instance: every .metadata the update reads is parsed once there, never on the other rank;
+    and what it publishes is `pmm-dist merge` of the same window."""
+    out = tmp_path / "watched"
+    run_python([HELPER.parent / "count_metadata_reads.py", tmp_path / "reads", "watch", run, "--out", out,
+                "--method", "ema", "--alpha", ALPHA, "--once", "--quiet", "--device", "cpu"], nproc=2,
+               check="a counted watch update at world size 2")
+    reports = [json.loads((tmp_path / f"reads.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["exit"] for r in reports] == [0, 0]
+    assert reports[0]["parses"] == {str(run / f"step-{s}"): 1 for s in STEPS}
+    assert reports[1]["parses"] == {}
+    published = out / f"step-{STEPS[-1]}"
+    reference = tmp_path / "merged"
+    pmm_dist.merge(sources=[str(run)], out=str(reference), method="ema", alpha=ALPHA, device="cpu", quiet=True)
+    expected, found = _load_tensors(reference, "model."), _load_tensors(published, "model.")
+    assert expected.keys() == found.keys() and all(torch.equal(found[k], expected[k]) for k in expected)
 
 
 def test_optimizer_latest_copies_training_state(run, tmp_path):

@@ -30,6 +30,7 @@ from ..engine.run import MergeRun
 from ..errors import InputError
 from ..formats import format_class
 from ..io.atomic import write_json_atomically, write_text_atomically
+from ..io.planning_reads import gc_paused, planning_reads
 from ..io.staging import STAGING, Staging, fingerprint, snapshot_inputs
 from ..merge.incremental import CHECKPOINT, STATE, LinearUpdate, compose
 from ..merge.methods import get_method
@@ -90,6 +91,13 @@ class UpdatePlanner:
         return window_for(target, self.known, last=self.options.window_length, interval=self.options.merge.interval)
 
     def plan(self, target: int, world_size: int):
+        """The plan of the update publishing ``target``, the snapshot of its inputs and the format
+        instance that planned (with what it parsed). As ``plan_merge``: each directory listed and
+        each metadata file parsed once, without the cyclic GC."""
+        with planning_reads(), gc_paused():
+            return self._plan(target, world_size)
+
+    def _plan(self, target: int, world_size: int):
         merge = self.options.merge
         fmt = format_class(self.format_name)()
         window = self.window(target)
@@ -139,7 +147,7 @@ class UpdatePlanner:
             target=target, dirname=dirname, window=window_refs, rule=rule,
             previous_state=self.ledger.state_dir(previous["iteration"]) if previous and rule.uses_state else None,
             state_dir=state_dir, state_info=state_info, incremental=bool(rule and rule.uses_state))
-        return replace(plan, already_complete=_committed_already(plan)), snapshot
+        return replace(plan, already_complete=_committed_already(plan)), snapshot, fmt
 
     # -- the way: a kept state, or from scratch ---------------------------------------------------
     def _choose(self, target: int, window: List[int]) -> Tuple[Optional[LinearUpdate], Optional[dict]]:
@@ -229,7 +237,9 @@ class WatchUpdate(MergeRun):
         self.planner, self.target = planner, target
 
     def _plan_and_shares(self):
-        plan, self.snapshot = self.planner.plan(self.target, self.collective.world_size)
+        # The coordinator goes on with the format that planned: what it parsed (a DCP .metadata)
+        # is not parsed again to finalize.
+        plan, self.snapshot, self.planning_format = self.planner.plan(self.target, self.collective.world_size)
         return [(plan if rank == 0 else plan.for_rank(), share) for rank, share in enumerate(plan.shares)]
 
     def _prepare(self, staging: Staging, plan: WatchPlan) -> None:

@@ -1,6 +1,7 @@
-"""``pmm-dist merge`` on every rank of a torchrun world, counting each rank's ``.metadata`` parses.
+"""``pmm-dist merge`` (or ``watch``) on every rank of a torchrun world, counting each rank's
+``.metadata`` parses.
 
-    torchrun --standalone --nproc-per-node=2 tests/dcp_real/count_metadata_reads.py REPORT MERGE-ARGS...
+    torchrun --standalone --nproc-per-node=2 tests/dcp_real/count_metadata_reads.py REPORT merge|watch ARGS...
 
 Every rank counts the calls of ``pmm_dist.formats.dcp.load_metadata`` (the one reader of a
 ``.metadata``; Megatron torch_dist reads through it too) by checkpoint directory, and writes
@@ -15,7 +16,7 @@ import pmm_dist.formats.dcp as dcp
 from pmm_dist.cli import main
 
 
-def run(report: str, merge_args) -> int:
+def run(report: str, command_args) -> int:
     parses = Counter()
     load = dcp.load_metadata
 
@@ -23,7 +24,7 @@ def run(report: str, merge_args) -> int:
         parses[os.path.abspath(ckpt_dir)] += 1
         return load(ckpt_dir)
     dcp.load_metadata = counted  # looked up at call time by the format's memoised reader
-    code = main(["merge", *merge_args])
+    code = main(list(command_args))
     with open(f"{report}.rank{os.environ.get('RANK', '0')}.json", "w") as f:
         json.dump({"exit": code, "parses": parses}, f)
     return code
