@@ -130,7 +130,7 @@ class ChunkedKey(NamedTuple):
     selected_as: str           # the name --include / --exclude judge it by (an optimizer state's parameter)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ChunkItem:
     """One stored item of a chunked checkpoint (a tensor chunk or a bytes entry) in an output file.
 
@@ -160,6 +160,19 @@ class ChunkItem:
     copied: Optional[Location] = None
     stored: Tuple[Tuple[Location, ...], ...] = ()
     spec: Optional[ChunkedKey] = None
+
+    def __init__(self, key: str, offsets: Optional[Tuple[int, ...]], action: Action, num_bytes: int,
+                 sources: Tuple[Optional[Tuple[Piece, ...]], ...] = (), source_key: Optional[str] = None,
+                 sizes: Optional[Tuple[int, ...]] = None, copied: Optional[Location] = None,
+                 stored: Tuple[Tuple[Location, ...], ...] = (), spec: Optional[ChunkedKey] = None):
+        # The coordinator builds a million of these at a million chunks: the generated frozen
+        # __init__ (one object.__setattr__ per field) takes three times as long as filling the
+        # instance dict. The fields, their order and defaults are the ones declared above
+        # (tests/test_planner.py holds the two to each other).
+        fields = self.__dict__
+        fields["key"], fields["offsets"], fields["action"], fields["num_bytes"] = key, offsets, action, num_bytes
+        fields["sources"], fields["source_key"], fields["sizes"] = sources, source_key, sizes
+        fields["copied"], fields["stored"], fields["spec"] = copied, stored, spec
 
     @property
     def storage_key(self) -> Tuple[str, Optional[Tuple[int, ...]]]:
