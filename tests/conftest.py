@@ -50,6 +50,7 @@ MODULE_TIERS = {
     "test_atomic": "unit",
     "test_execution": "unit",
     "test_tree": "unit",
+    "test_torch_save_stream": "unit",
     "test_zero3_partitions": "unit",
     "test_watch_forms": "unit",
     "test_regions": "unit",
