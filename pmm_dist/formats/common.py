@@ -10,8 +10,9 @@ import torch
 
 from ..errors import InputError
 from ..io.planning_reads import scan_directory
+from ..io.torch_save_stream import Placeholder
 from ..io.tree import dotted
-from ..merge.kernel import is_mergeable
+from ..merge.kernel import is_mergeable, merged_requires_grad
 from ..plan.types import CheckpointRef
 from .base import MergeContext
 
@@ -183,9 +184,11 @@ def leaf_specs(leaves: Dict[tuple, object], where: Optional[Dict[tuple, str]] = 
 
 
 class LeafMerger:
-    """A ``map_leaves`` callback: each float leaf of the newest source becomes the weighted sum
-    of the same leaf in every source (``flat_sources``: each source's leaves keyed by path);
-    other leaves are the newest's. Counts tensors merged and bytes read."""
+    """A ``map_leaves`` callback that turns the newest source's file into the output's skeleton
+    (see io/torch_save_stream): each float leaf becomes a placeholder whose ``compute()`` is
+    the weighted sum of the same leaf in every source (``flat_sources``: each source's leaves
+    keyed by path), merged when the writer reaches it; other leaves are the newest's. Counts
+    tensors merged and bytes read."""
 
     def __init__(self, flat_sources: Sequence[Dict[tuple, object]], paths: Sequence[str], context: MergeContext):
         self.flat_sources, self.paths, self.context = flat_sources, paths, context
@@ -202,6 +205,10 @@ class LeafMerger:
         if not is_mergeable(leaf) or path not in self.flat_sources[-1] or not self.context.selects(dotted(path)):
             return leaf
         stack = [flat[path] for flat in self.flat_sources]
+        return Placeholder(stack[-1].shape, stack[-1].dtype, merged_requires_grad(stack),
+                           compute=lambda: self._merge(path, stack))
+
+    def _merge(self, path: tuple, stack: Sequence[torch.Tensor]) -> torch.Tensor:
         merged = self.context.merge_tensor(stack, f"key '{dotted(path)}'", self.paths)
         num_read = sum(t.numel() * t.element_size() for t in stack)
         self.num_bytes_read += num_read

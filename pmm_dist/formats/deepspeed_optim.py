@@ -26,6 +26,7 @@ vector, and writes the parameters cut from it, rounded to the module's dtype. Th
 units merge the same partitions elementwise, rank by rank, with the same arithmetic: both sides
 hold the same masters.
 """
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,6 +35,7 @@ import torch
 
 from ..errors import InputError
 from ..io.safe_load import safe_load
+from ..io.torch_save_stream import Placeholder
 from ..io.tree import dotted
 from ..plan.types import MODEL_WEIGHTS_NOTE, OptimizerPolicy
 from .base import MergeContext
@@ -181,9 +183,10 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
             skipped.append(why)
         else:
             groups[group] = offsets
-    # Parameter by parameter, every source's masters viewed in its mapped optimizer files: memory
-    # is one parameter in fp32 beside the output, whatever N and the size of a group (a group's
-    # float64 sum, 8 bytes per parameter of the whole model at ZeRO-1/2 with one rank, was not).
+    # Parameter by parameter, every source's masters viewed in its mapped optimizer files, each
+    # merged as the output file is written: memory is one parameter in fp32 and its rounding,
+    # whatever N and the size of a group (a group's float64 sum, 8 bytes per parameter of the
+    # whole model at ZeRO-1/2 with one rank, was not; nor is the whole module any more).
     partitions, names, num_read = [], [], 0
     for ckpt_path, masters, _ in read:
         states = [safe_load(path) for path in masters.paths]
@@ -194,14 +197,15 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
         num_bytes = sum(part.numel() * part.element_size() for parts in flat.values() for part in parts)
         num_read += num_bytes
         context.on_progress(num_bytes)
-    weights: Dict[tuple, torch.Tensor] = {}
+    weights: Dict[tuple, object] = {}
     for group, offsets in groups.items():
         for name, start, numel in offsets:
             path = ("module", name)
             if context.selects(dotted(path)):
-                sources = [_flat_range(flat[group], start, numel) for flat in partitions]
-                merged = context.merge_tensor(sources, f"the fp32 master of module.{name}", names)
-                weights[path] = rounded(merged, module[name])
+                # merged, rounded and written when the output file reaches it (pickled.merge_unit)
+                weights[path] = Placeholder.like(module[name], functools.partial(
+                    _rounded_master, [flat[group] for flat in partitions], start, numel, module[name],
+                    f"the fp32 master of module.{name}", names, context))
     for alias, primary in (output.get("shared_params") or {}).items():  # tied weights stay tied
         if ("module", primary) in weights and alias in module:
             weights[("module", alias)] = weights[("module", primary)]
@@ -211,6 +215,13 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
     if skipped:
         result.details[MODEL_WEIGHTS_NOTE] = "model copies for " + "; ".join(skipped)
     return result
+
+
+def _rounded_master(partitions_by_source: Sequence[Sequence[torch.Tensor]], start: int, numel: int,
+                    like: torch.Tensor, what: str, names: Sequence[str], context: MergeContext) -> torch.Tensor:
+    """One parameter's merged fp32 master, rounded as the module holds it (``like``)."""
+    sources = [_flat_range(partitions, start, numel) for partitions in partitions_by_source]
+    return rounded(context.merge_tensor(sources, what, names), like)
 
 
 def _flat_range(partitions: Sequence[torch.Tensor], start: int, numel: int) -> torch.Tensor:

@@ -12,11 +12,14 @@ floating-point state: merged under ``merge`` only) and the rest (step counters, 
 loss scale: the newest's). ``step`` (and NAdam's ``mu_product``) are counters even where a torch
 optimizer keeps them as float tensors.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..io.torch_save_stream import Placeholder
+from ..merge.kernel import merged_requires_grad
 from ..plan.types import MODEL_WEIGHTS_FROM, MODEL_WEIGHTS_NOTE, WEIGHTS_FROM_MASTERS, WEIGHTS_FROM_MODEL, OptimizerPolicy
 
 MASTER, MOMENT = "master", "moment"
@@ -35,13 +38,15 @@ def merges(kind: Optional[str], policy: OptimizerPolicy) -> bool:
 @dataclass
 class MasterWeights:
     """What a unit's masters give its model file: model leaf path -> the merged master rounded
-    to the model tensor's dtype, and the unit's details (where its weights came from)."""
-    weights: Dict[tuple, torch.Tensor] = field(default_factory=dict)
+    to the model tensor's dtype, and the unit's details (where its weights came from). A leaf is
+    a tensor, or a Placeholder merged when the output file is written (io/torch_save_stream)."""
+    weights: Dict[tuple, object] = field(default_factory=dict)
     details: Dict[str, object] = field(default_factory=dict)
-    num_bytes_read: int = 0       # what reading the masters cost beyond the unit's own leaves
+    # what reading the masters cost beyond the unit's own leaves (complete once the file is written)
+    num_bytes_read: int = 0
 
 
-def from_masters(weights: Dict[tuple, torch.Tensor], num_bytes_read: int = 0) -> MasterWeights:
+def from_masters(weights: Dict[tuple, object], num_bytes_read: int = 0) -> MasterWeights:
     return MasterWeights(weights, {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MASTERS}, num_bytes_read)
 
 
@@ -133,9 +138,9 @@ def in_file_master_weights(masters: Sequence[Tuple[tuple, int]], model: Sequence
     (None where its leaves come from other files: another layout), ``names`` naming them, the
     newest last. The mapping is found in the newest by value (``match_masters``) and must hold
     in every source. Returns the rounded merged masters for the model leaves (and the merged
-    masters for their own leaves), honouring the tensor filter by model name: an unselected
-    tensor keeps the newest's weight and master. Where no mapping holds, the model copies, with
-    a note that says why.
+    masters for their own leaves), as placeholders that one merge of the master fills both,
+    honouring the tensor filter by model name: an unselected tensor keeps the newest's weight
+    and master. Where no mapping holds, the model copies, with a note that says why.
     """
     if any(state is None for state in states):
         return from_model_copies("some source was saved at another layout: its masters are not renumbered")
@@ -153,17 +158,30 @@ def in_file_master_weights(masters: Sequence[Tuple[tuple, int]], model: Sequence
             problem = f"{name} has another optimizer structure than the newest"
         if problem:
             return from_model_copies(problem)
-    weights: Dict[tuple, torch.Tensor] = {}
-    num_read = 0
+    weights: Dict[tuple, object] = {}
+    result = from_masters(weights)
     for master_path, model_path in mapping.items():
-        model_tensor = leaf_at(newest, model_path)
         if not context.selects(".".join(map(str, model_path))):
             weights[master_path] = leaf_at(newest, master_path)
             continue
         stack = [leaf_at(state, master_path) for state in states]
-        merged = context.merge_tensor(stack, f"master of '{'.'.join(map(str, model_path))}'", names)
-        num_read += sum(t.numel() * t.element_size() for t in stack)
-        context.on_progress(sum(t.numel() * t.element_size() for t in stack))
-        weights[master_path] = merged
-        weights[model_path] = rounded(merged, model_tensor)
-    return from_masters(weights, num_read)
+        model_tensor = leaf_at(newest, model_path)
+        master = Placeholder(stack[-1].shape, stack[-1].dtype, merged_requires_grad(stack))
+        model = Placeholder.like(model_tensor)
+        # One merge gives both leaves, whichever the file reaches first (the other waits for its turn).
+        master.compute = model.compute = functools.partial(
+            _merge_master, stack, f"master of '{'.'.join(map(str, model_path))}'", names, context, result,
+            {master: None, model: model_tensor})
+        weights[master_path], weights[model_path] = master, model
+    return result
+
+
+def _merge_master(stack: Sequence[torch.Tensor], what: str, names: Sequence[str], context, result: MasterWeights,
+                  leaves: Dict[Placeholder, Optional[torch.Tensor]]) -> Dict[Placeholder, torch.Tensor]:
+    """The merged master, for its own placeholder (``leaves``' None) and rounded for the model's
+    (``leaves``' model tensor)."""
+    merged = context.merge_tensor(stack, what, names)
+    num_read = sum(t.numel() * t.element_size() for t in stack)
+    result.num_bytes_read += num_read
+    context.on_progress(num_read)
+    return {leaf: merged if like is None else rounded(merged, like) for leaf, like in leaves.items()}

@@ -22,10 +22,12 @@ ChainedOptimizer of several):
   (the end must be ``numel_unpadded``); where no such walk exists the model copies are merged
   and the reason is recorded.
 """
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..io.torch_save_stream import Placeholder
 from ..io.tree import dotted
 from .masters import (MASTER, MOMENT, MasterWeights, MatchError, from_masters, from_model_copies,
                       in_file_master_weights, leaf_at, rounds_to, rounded)
@@ -208,15 +210,29 @@ def distrib_weights(newest_model: dict, model_keys: Sequence[str], distribs: Seq
         for path, (buffer_path, start, numel) in layout.items():
             if not rounds_to(leaf_at(distrib, buffer_path)[start:start + numel], leaf_at(model, path)):
                 return from_model_copies(f"in {name} the master of '{dotted(path)}' does not round to its model tensor")
-    merged_buffers: Dict[tuple, torch.Tensor] = {}
-    weights, num_read = {}, 0
+    weights: Dict[tuple, object] = {}
+    result = from_masters(weights)
+    by_buffer: Dict[tuple, Dict[Placeholder, tuple]] = {}
     for path, (buffer_path, start, numel) in layout.items():
-        if not context.selects(dotted(path)):
-            continue
-        if buffer_path not in merged_buffers:
-            stack = [leaf_at(distrib, buffer_path) for distrib in distribs]
-            merged_buffers[buffer_path] = context.merge_tensor(stack, f"key '{dotted(buffer_path)}'", names)
-            num_read += sum(t.numel() * t.element_size() for t in stack)
-            context.on_progress(sum(t.numel() * t.element_size() for t in stack))
-        weights[path] = rounded(merged_buffers[buffer_path][start:start + numel], leaf_at(newest_model, path))
-    return from_masters(weights, num_read)
+        if context.selects(dotted(path)):
+            model_tensor = leaf_at(newest_model, path)
+            weights[path] = Placeholder.like(model_tensor)
+            by_buffer.setdefault(buffer_path, {})[weights[path]] = (start, numel, model_tensor)
+    # A buffer is merged when the output file reaches the first of its parameters, and gives them
+    # all (those after it wait for their turn in the file): one merged buffer in memory at a time.
+    for buffer_path, leaves in by_buffer.items():
+        compute = functools.partial(_merged_buffer, [leaf_at(distrib, buffer_path) for distrib in distribs],
+                                    f"key '{dotted(buffer_path)}'", names, context, result, leaves)
+        for placeholder in leaves:
+            placeholder.compute = compute
+    return result
+
+
+def _merged_buffer(stack: Sequence[torch.Tensor], what: str, names: Sequence[str], context, result: MasterWeights,
+                   leaves: Dict[Placeholder, tuple]) -> Dict[Placeholder, torch.Tensor]:
+    """The rounded parameters (``leaves``: placeholder -> start, numel, model tensor) of one merged buffer."""
+    merged = context.merge_tensor(stack, what, names)
+    num_read = sum(t.numel() * t.element_size() for t in stack)
+    result.num_bytes_read += num_read
+    context.on_progress(num_read)
+    return {placeholder: rounded(merged[start:start + numel], like) for placeholder, (start, numel, like) in leaves.items()}

@@ -7,6 +7,11 @@ makes a file unusable beyond its leaves (``file_problem``), what ``--optimizer d
 where each of the output file's leaves is in that source (``source_leaves``). Checking,
 merging, writing and the tensor inventory are the same for both.
 
+The output file is written as a stream (io/torch_save_stream): its pickle first, from the
+newest's file with a placeholder for each leaf to merge, then each leaf merged in the order
+the file holds them and written as soon as it is: memory is the leaf in flight, not the file,
+and its write overlaps the next merge's reads.
+
 Optimizer state (see masters.py): ``training_subtrees`` says where a file keeps it and
 ``training_leaf_kind`` which of its leaves are fp32 masters or moments; those are merged (and
 checked against the newest's) as the policy says. ``training_problems`` checks what the leaves do
@@ -19,11 +24,10 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 from ..errors import InputError
 from ..io.atomic import write_atomically
 from ..io.safe_load import safe_load
+from ..io.torch_save_stream import save_streamed
 from ..io.tree import dotted, flatten, get_path, map_leaves, replace_subtree
 from ..merge.kernel import is_mergeable
 from ..plan.types import CheckpointRef, OptimizerPolicy, UnitResult, WorkUnit
@@ -154,11 +158,13 @@ class PickledFileFormat(CheckpointFormat):
         merge.overrides = masters.weights
         subtrees = self.merged_subtrees(output, unit.relpath) + \
             (self.training_subtrees(output, unit.relpath) if policy.keeps_training_state else [])
+        # The skeleton: the newest's file with a placeholder for every leaf merged; the leaves
+        # are merged as the writer reaches them, and each is written (and freed) at once.
         for subtree in subtrees:
             output = replace_subtree(output, subtree, lambda value, at=subtree: map_leaves(value, merge, at))
         if policy == OptimizerPolicy.DROP:
             output = self.without_training_state(output, unit.relpath)
-        num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: torch.save(output, f))
+        num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: save_streamed(f, output))
         return UnitResult(unit.relpath, num_bytes, merge.num_bytes_read + masters.num_bytes_read, sha,
                           merge.num_tensors + len(masters.weights), details=masters.details)
 

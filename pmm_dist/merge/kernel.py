@@ -298,10 +298,14 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     return _as_stored(result.view(sources[-1].shape), sources)
 
 
+def merged_requires_grad(sources: Sequence[torch.Tensor]) -> bool:
+    """Whether the merge of ``sources`` is flagged ``requires_grad``: when a source was, as the
+    sources are saved (the flag is part of what torch.save writes)."""
+    return any(s.requires_grad for s in sources)
+
+
 def _as_stored(result: torch.Tensor, sources) -> torch.Tensor:
-    """The merged tensor flagged ``requires_grad`` when a source was, as the sources are saved
-    (the flag is part of what torch.save writes)."""
-    return result.requires_grad_(any(s.requires_grad for s in sources))
+    return result.requires_grad_(merged_requires_grad(sources))
 
 
 class _PageAdvice:
