@@ -66,10 +66,10 @@ def _torch_save_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def _streamed_bytes(finished, order) -> bytes:
+def _streamed_bytes(finished, order, write_behind=False) -> bytes:
     skeleton, placeholders = _skeleton(finished)
     buffer = io.BytesIO()
-    with TorchSaveStream(buffer, skeleton) as stream:
+    with TorchSaveStream(buffer, skeleton, write_behind=write_behind) as stream:
         for path in order:
             stream.put(placeholders[path], _at(finished, path))
     return buffer.getvalue()
@@ -92,12 +92,13 @@ def _assert_same(loaded, expected):
         assert loaded == expected
 
 
+@pytest.mark.parametrize("write_behind", [False, True])
 @pytest.mark.parametrize("order", ["file", "reversed", "shuffled"])
-def test_the_file_is_torch_saves_byte_for_byte_whatever_the_order_of_handing_over(order):
+def test_the_file_is_torch_saves_byte_for_byte_whatever_the_order_of_handing_over(order, write_behind):
     finished = _finished()
     paths = {"file": _PLACEHOLDERS, "reversed": _PLACEHOLDERS[::-1],
              "shuffled": [_PLACEHOLDERS[i] for i in (3, 0, 7, 5, 1, 6, 2, 4)]}[order]
-    assert _streamed_bytes(finished, paths) == _torch_save_bytes(finished)
+    assert _streamed_bytes(finished, paths, write_behind) == _torch_save_bytes(finished)
 
 
 @pytest.mark.parametrize("mmap", [False, True])
@@ -183,7 +184,7 @@ def test_computed_placeholders_are_written_in_file_order_and_companions_not_in_t
     plain = Placeholder(torch.Size([2]), torch.int64, compute=lambda: calls.append("plain") or torch.tensor([4, 5]))
     buffer = io.BytesIO()
     skeleton = {"model": {"w": model_placeholder}, "n": plain, "optimizer": {"master": master_placeholder}}
-    save_streamed(buffer, skeleton)
+    save_streamed(buffer, skeleton)  # written behind
     assert calls == ["master", "plain"]  # the master once, for the model weight that needs it first
     assert buffer.getvalue() == _torch_save_bytes({"model": {"w": model}, "n": torch.tensor([4, 5]),
                                                    "optimizer": {"master": master}})
@@ -245,10 +246,11 @@ def test_a_placeholder_is_not_pickled_by_torch_save():
         torch.save({"w": Placeholder((2,), torch.float32)}, io.BytesIO())
 
 
-def test_a_failing_write_is_raised_as_itself_and_leaves_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_a_failing_write_is_raised_as_itself_and_leaves_no_file(tmp_path, write_behind):
     path = str(tmp_path / "out.pt")
     tensor = torch.randn(1 << 16)
-    placeholder = Placeholder.like(tensor)
+    placeholders = [Placeholder.like(tensor) for _ in range(4)]
 
     class DiskFull:
         def __init__(self, f):
@@ -264,8 +266,22 @@ def test_a_failing_write_is_raised_as_itself_and_leaves_no_file(tmp_path, monkey
             self.f.flush()
 
     def produce(f):
-        with TorchSaveStream(DiskFull(f), {"w": placeholder, "v": torch.ones(1)}) as stream:
-            stream.put(placeholder, tensor)
+        with TorchSaveStream(DiskFull(f), {"w": placeholders, "v": torch.ones(1)}, write_behind=write_behind) as stream:
+            for placeholder in placeholders:  # behind: the error shows at a later put, or at the end
+                stream.put(placeholder, tensor)
     with pytest.raises(MergeError, match=r"cannot write \(No space left on device\)"):
         write_atomically(path, produce)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_computation_failing_midway_leaves_no_file_and_writes_nothing_more(tmp_path):
+    path = str(tmp_path / "out.pt")
+    tensor = torch.randn(1 << 16)
+
+    def fails():
+        raise RuntimeError("a NaN in source 2")
+    skeleton = [Placeholder.like(tensor, compute=lambda: tensor), Placeholder.like(tensor, compute=fails),
+                Placeholder.like(tensor, compute=lambda: tensor)]
+    with pytest.raises(RuntimeError, match="a NaN in source 2"):
+        write_atomically(path, lambda f: save_streamed(f, skeleton))
     assert os.listdir(tmp_path) == []
