@@ -86,7 +86,8 @@ def _assert_same(loaded, expected):
         for a, b in zip(loaded, expected):
             _assert_same(a, b)
     elif isinstance(expected, torch.Tensor):
-        assert (loaded.dtype, loaded.shape, loaded.requires_grad) == (expected.dtype, expected.shape, expected.requires_grad)
+        assert (loaded.dtype, loaded.shape, loaded.requires_grad) == \
+            (expected.dtype, expected.shape, expected.requires_grad)
         assert torch.equal(loaded, expected)
     else:
         assert loaded == expected

@@ -56,13 +56,14 @@ import torch
 from ..errors import InputError
 from ..io.atomic import write_atomically
 from ..io.safe_load import register_framework_globals, safe_load
+from ..io.torch_save_stream import save_streamed
 from ..io.tree import remove_subtree, replace_subtree
 from ..plan.types import (MODEL_WEIGHTS_FROM, WEIGHTS_FROM_MASTERS, Action, CheckpointRef, OptimizerPolicy, OutputKind,
                           OutputLayout, UnitResult, WorkUnit)
 from .base import MergeContext
-from .deepspeed_optim import (FP32_FLAT_GROUPS, OPTIMIZER_STATE, SINGLE_PARTITION, has_moments, moments_by_group,
-                              zero0_leaf_kind, zero0_master_weights, zero12_master_weights, zero12_remap_merge,
-                              zero12_remap_sources, zero12_structure_problem, zero_optim_leaf_kind)
+from .deepspeed_optim import (FP32_FLAT_GROUPS, OPTIMIZER_STATE, SINGLE_PARTITION, MergeTally, has_moments,
+                              moments_by_group, zero0_leaf_kind, zero0_master_weights, zero12_master_weights,
+                              zero12_remap_merge, zero12_remap_sources, zero12_structure_problem, zero_optim_leaf_kind)
 from .masters import MasterWeights, from_model_copies
 from .common import discover_run_or_checkpoints, iteration_of, layout_change_refusal, listdir
 from .pickled import PickledFileFormat, SourceLeaves
@@ -472,16 +473,18 @@ class DeepSpeedFormat(PickledFileFormat):
         if not self._remaps_partitions(unit.relpath, checkpoints):
             return super().merge_unit(unit, checkpoints, destination, context)
         if self._inventory(checkpoints[-1]).zero_stage != 3:
-            output, num_read, num_merged = zero12_remap_merge(*self._zero12_sources(unit.relpath, checkpoints,
-                                                                                   context.optimizer_policy), context)
+            # placeholders, each partition merged as the file is written (see pickled.merge_unit)
+            output, tally = zero12_remap_merge(*self._zero12_sources(unit.relpath, checkpoints,
+                                                                     context.optimizer_policy), context)
             details = {}
         else:
             output, num_read, num_merged = self._zero3_remap_merge(unit.relpath, checkpoints, context)
+            tally = MergeTally(num_read, num_merged)
             details = {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MASTERS}
         if context.optimizer_policy == OptimizerPolicy.DROP:
             output = self.without_training_state(output, unit.relpath)
-        num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: torch.save(output, f))
-        return UnitResult(unit.relpath, num_bytes, num_read, sha, num_merged, details=details)
+        num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: save_streamed(f, output))
+        return UnitResult(unit.relpath, num_bytes, tally.num_bytes_read, sha, tally.num_tensors, details=details)
 
     def _zero3_remap_merge(self, relpath: str, checkpoints: Sequence[CheckpointRef], context: MergeContext):
         """This rank's fp32 partitions (and, under --optimizer merge, each moment alike) rebuilt

@@ -344,24 +344,40 @@ def zero12_remap_sources(files: Sequence[Tuple[str, List[str]]], dp_rank: int, p
     return output, starts, keys, read, policy
 
 
-def _slice(get, lengths: Sequence[int], start: int, out: torch.Tensor) -> int:
-    """Fill ``out`` (its first elements) with ``[start, start + len)`` of the flat vector whose
-    consecutive pieces ``get(rank)[:lengths[rank]]`` are; returns the elements copied."""
-    offset, copied, want = 0, 0, min(out.numel(), sum(lengths) - start)
+def _covering(lengths: Sequence[int], start: int, numel: int):
+    """(rank, lo, hi, rank's offset) of each piece of the flat vector whose consecutive pieces
+    are ``lengths`` long that ``[start, start + numel)`` overlaps (cut at the vector's end)."""
+    offset, want = 0, min(numel, sum(lengths) - start)
     for rank, length in enumerate(lengths):
         lo, hi = max(start, offset), min(start + want, offset + length)
         if lo < hi:
-            out[lo - start:hi - start].copy_(get(rank).reshape(-1)[lo - offset:hi - offset])
-            copied += hi - lo
+            yield rank, lo, hi, offset
         offset += length
+
+
+def _slice(get, lengths: Sequence[int], start: int, out: torch.Tensor) -> int:
+    """Fill ``out`` (its first elements) with ``[start, start + len)`` of the flat vector whose
+    consecutive pieces ``get(rank)[:lengths[rank]]`` are; returns the elements copied."""
+    copied = 0
+    for rank, lo, hi, offset in _covering(lengths, start, out.numel()):
+        out[lo - start:hi - start].copy_(get(rank).reshape(-1)[lo - offset:hi - offset])
+        copied += hi - lo
     return copied
 
 
-def zero12_remap_merge(output: dict, starts: Sequence[int], keys, read, policy, context: MergeContext):
-    """(the output file, bytes read, tensors merged): this rank's fp32 partition of each group
-    (and under --optimizer merge each moment, zero where the newest pads it) cut from every
-    source's flat vectors, one source at a time; the rest is the newest's (its moments under
-    latest: partitioned like the output)."""
+@dataclass
+class MergeTally:
+    """What merging a unit's placeholders read and merged, complete once its file is written."""
+    num_bytes_read: int = 0
+    num_tensors: int = 0
+
+
+def zero12_remap_merge(output: dict, starts: Sequence[int], keys, read, policy,
+                       context: MergeContext) -> Tuple[dict, MergeTally]:
+    """(the output file's skeleton, its tally): this rank's fp32 partition of each group (and
+    under --optimizer merge each moment, zero where the newest pads it) cut from every source's
+    flat vectors, one source at a time, as placeholders merged when the file is written; the
+    rest is the newest's (its moments under latest: partitioned like the output)."""
     optim = output[OPTIMIZER_STATE]
     masters = optim[SINGLE_PARTITION]
     targets = [((SINGLE_PARTITION, group), masters[group], lambda state, g=group: state[OPTIMIZER_STATE][SINGLE_PARTITION][g])
@@ -369,18 +385,16 @@ def zero12_remap_merge(output: dict, starts: Sequence[int], keys, read, policy, 
     if policy == OptimizerPolicy.MERGE:
         targets += [(("moment", group, key), _moment(output, group, key), lambda state, g=group, k=key: _moment(state, g, k))
                     for group, group_keys in enumerate(keys) for key in group_keys]
-    merged, num_read = {}, 0
+    tally = MergeTally()
+    merged = {}
     for name, out_tensor, get in targets:
-        group = name[1]
-        accumulator = context.accumulator(out_tensor.shape, f"{OPTIMIZER_STATE} {name[0]} of param group {group}")
-        for (ckpt_path, masters_of, states), weight in zip(read, context.weights):
-            piece = torch.zeros(out_tensor.numel(), dtype=out_tensor.dtype)  # the newest's padding: zeros
-            copied = _slice(lambda rank: get(states[rank]), masters_of.lengths[group], starts[group],
-                            piece[:masters[group].numel()])
-            accumulator.add(piece.reshape(out_tensor.shape), weight, ckpt_path)
-            num_read += copied * out_tensor.element_size()
-            context.on_progress(copied * out_tensor.element_size())
-        merged[name] = accumulator.result()
+        numel, group = masters[name[1]].numel(), name[1]
+        # The accumulator's result: the newest's dtype, and requires_grad where a piece copied in
+        # was (copy_ makes the piece require grad: DeepSpeed saves its masters so).
+        requires_grad = any(get(states[rank]).requires_grad for _, masters_of, states in read
+                            for rank, *_ in _covering(masters_of.lengths[group], starts[group], numel))
+        merged[name] = Placeholder(out_tensor.shape, out_tensor.dtype, requires_grad, functools.partial(
+            _remapped_partition, name, out_tensor, numel, get, starts, read, context, tally))
     groups = [merged[(SINGLE_PARTITION, group)] for group in range(len(masters))]
     optim = dict(optim, **{SINGLE_PARTITION: type(masters)(groups)})
     if policy == OptimizerPolicy.MERGE:
@@ -392,4 +406,20 @@ def zero12_remap_merge(output: dict, starts: Sequence[int], keys, read, policy, 
         else:
             base = [dict(values, **{k: merged[("moment", group, k)] for k in keys[group]}) for group, values in enumerate(base)]
         optim[BASE_STATE] = base
-    return dict(output, **{OPTIMIZER_STATE: optim}), num_read, len(merged)
+    return dict(output, **{OPTIMIZER_STATE: optim}), tally
+
+
+def _remapped_partition(name: tuple, out_tensor: torch.Tensor, numel: int, get, starts: Sequence[int], read,
+                        context: MergeContext, tally: MergeTally) -> torch.Tensor:
+    """One output partition (``name``: of the masters or a moment, of a param group) summed
+    from the slice of every source's flat vector that it covers."""
+    group = name[1]
+    accumulator = context.accumulator(out_tensor.shape, f"{OPTIMIZER_STATE} {name[0]} of param group {group}")
+    for (ckpt_path, masters_of, states), weight in zip(read, context.weights):
+        piece = torch.zeros(out_tensor.numel(), dtype=out_tensor.dtype)  # the newest's padding: zeros
+        copied = _slice(lambda rank: get(states[rank]), masters_of.lengths[group], starts[group], piece[:numel])
+        accumulator.add(piece.reshape(out_tensor.shape), weight, ckpt_path)
+        tally.num_bytes_read += copied * out_tensor.element_size()
+        context.on_progress(copied * out_tensor.element_size())
+    tally.num_tensors += 1
+    return accumulator.result()

@@ -235,4 +235,5 @@ def _merged_buffer(stack: Sequence[torch.Tensor], what: str, names: Sequence[str
     num_read = sum(t.numel() * t.element_size() for t in stack)
     result.num_bytes_read += num_read
     context.on_progress(num_read)
-    return {placeholder: rounded(merged[start:start + numel], like) for placeholder, (start, numel, like) in leaves.items()}
+    return {placeholder: rounded(merged[start:start + numel], like)
+            for placeholder, (start, numel, like) in leaves.items()}
