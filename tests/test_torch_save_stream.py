@@ -141,6 +141,19 @@ def test_records_are_aligned_for_mmap_and_found_through_the_directory(tmp_path):
         assert archive.testzip() is None  # every record's CRC-32 holds
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.complex64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32])
+def test_every_dtype_pickles_as_torch_pickles_it(dtype):
+    tensor = torch.arange(6).reshape(2, 3).to(dtype)  # typed storages, and the untyped ones of newer dtypes
+    placeholder = Placeholder.like(tensor)
+    buffer = io.BytesIO()
+    with TorchSaveStream(buffer, {"x": placeholder, "kept": tensor[1]}) as stream:
+        stream.put(placeholder, tensor.clone())
+    assert buffer.getvalue() == _torch_save_bytes({"x": tensor.clone(), "kept": tensor[1]})
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert loaded["x"].dtype == dtype and torch.equal(loaded["x"].view(torch.uint8), tensor.view(torch.uint8))
+
+
 def test_a_placeholder_at_two_places_is_one_tensor():
     tied = torch.randn(4, 4)
     placeholder = Placeholder.like(tied)

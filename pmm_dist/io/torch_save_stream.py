@@ -81,10 +81,14 @@ class Placeholder:
 
     def __reduce_ex__(self, protocol):
         # The arguments torch gives a contiguous CPU tensor without hooks or metadata
-        # (Tensor._reduce_ex_internal): storage, offset, size, stride, requires_grad, hooks.
-        return (torch._utils._rebuild_tensor_v2,
-                (self._storage, 0, self.shape, contiguous_strides(self.shape), self.requires_grad,
-                 collections.OrderedDict()))
+        # (Tensor._reduce_ex_internal): storage, offset, size, stride, requires_grad, hooks; and
+        # for the dtypes without a typed storage class (float8, uint16, ...) the dtype, rebuilt
+        # by _rebuild_tensor_v3 from an untyped storage.
+        args = (self._storage, 0, self.shape, contiguous_strides(self.shape), self.requires_grad,
+                collections.OrderedDict())
+        if _untyped(self.dtype):
+            return (torch._utils._rebuild_tensor_v3, args + (self.dtype,))
+        return (torch._utils._rebuild_tensor_v2, args)
 
 
 class _PendingStorage:
@@ -108,9 +112,16 @@ def contiguous_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
+def _untyped(dtype: torch.dtype) -> bool:
+    """A dtype torch pickles with an untyped storage (no torch.XStorage class of its own)."""
+    return dtype in torch.storage._new_dtypes()
+
+
 @functools.lru_cache(maxsize=None)
 def _storage_class(dtype: torch.dtype):
     """torch.FloatStorage for float32, ...: the class torch names in a tensor's persistent id."""
+    if _untyped(dtype):
+        return torch.UntypedStorage
     return getattr(torch, torch.empty(0, dtype=dtype)._typed_storage()._pickle_storage_type())
 
 
@@ -185,7 +196,9 @@ class TorchSaveStream:
             if isinstance(obj, _PendingStorage):
                 placeholder = obj.placeholder
                 key = key_of(("placeholder", id(placeholder)), placeholder)
-                return ("storage", _storage_class(placeholder.dtype), key, "cpu", placeholder.numel)
+                # an untyped storage counts bytes, a typed one elements
+                numel = placeholder.numel * (placeholder.dtype.itemsize if _untyped(placeholder.dtype) else 1)
+                return ("storage", _storage_class(placeholder.dtype), key, "cpu", numel)
             if isinstance(obj, torch.storage.TypedStorage):
                 storage, dtype, numel = obj._untyped_storage, obj.dtype, obj._size()
                 storage_class = getattr(torch, obj._pickle_storage_type())
