@@ -14,20 +14,21 @@ protocol 2), ``.format_version``, ``.storage_alignment``, ``byteorder``, then ``
 every storage, in key order. A placeholder pickles exactly as torch pickles a contiguous CPU
 tensor (``_rebuild_tensor_v2`` over a persistent id ``('storage', <torch.XStorage>, key, 'cpu',
 numel)``), and keys are numbered in pickling order as torch numbers them (tensors of the
-skeleton that share a storage share its key), so the pickle and the records are those
-``torch.save`` writes for the finished object: only ``.data/serialization_id`` differs.
+skeleton that share a storage share its key), so the file is byte for byte the one
+``torch.save`` writes for the finished object (tested), whatever order tensors come in.
 
 Why key order although readers find records through the central directory: ``.format_version``
 1 promises it, and ``torch.load`` under ``torch.utils.serialization.config.load
-.calculate_storage_offsets`` (and with ``map_location='meta'``) computes each storage's offset
-from the previous one's instead of reading the directory. A tensor handed over before those
-with lower keys therefore waits in memory for its turn (``put`` accepts any order).
+.calculate_storage_offsets`` (and for the offsets it records with ``map_location='meta'``)
+computes each storage's offset from the previous one's instead of reading the directory: a
+file with its records out of order loads wrong values there, silently. A tensor handed over
+before those with lower keys therefore waits in memory for its turn (``put`` accepts any order).
 
 With ``write_behind``, records are written in a background thread (io/write_behind) while the
-caller computes the next tensor: writing one costs a CRC-32 and the caller's SHA-256 of its
-bytes (~1.5 s per GB on this machine, both without the GIL) besides the copy into the page
-cache, about what merging it costs. One tensor is written while another waits; ``put`` blocks
-beyond that, so memory stays a few tensors.
+caller computes the next tensor: writing one costs a CRC-32 (in torch's writer) and the
+caller's SHA-256 of its bytes, ~1.5 s per GiB here, both letting other threads run, besides the
+copy into the page cache: about what merging it costs. One tensor is written while another
+waits; ``put`` blocks beyond that, so memory stays a few tensors.
 
 A failure midway (a ``put`` that does not fit, a placeholder never handed over, a failing
 write) leaves a file without its zip directory, which no reader opens; the caller removes it
