@@ -299,3 +299,21 @@ def test_a_computation_failing_midway_leaves_no_file_and_writes_nothing_more(tmp
     with pytest.raises(RuntimeError, match="a NaN in source 2"):
         write_atomically(path, lambda f: save_streamed(f, skeleton))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_torch_without_the_streams_internals_gets_torch_saves_file_of_the_finished_object(monkeypatch):
+    """pmm_dist installs into existing environments (torch >= 2.6): where torch lacks what the
+    stream matches (its save config's storage alignment, in older releases), save_streamed computes
+    every placeholder and calls torch.save itself: the same file."""
+    import pmm_dist.io.torch_save_stream as stream_module
+    monkeypatch.setattr(stream_module, "streaming_supported", lambda: False)
+    finished = _finished()
+    skeleton, placeholders = _skeleton(finished)
+    for path, placeholder in placeholders.items():
+        placeholder.compute = lambda path=path: _at(finished, path)
+    buffer = io.BytesIO()
+    save_streamed(buffer, skeleton)
+    assert buffer.getvalue() == _torch_save_bytes(finished)
+    assert stream_module.streaming_supported.__name__ == "<lambda>"
+    monkeypatch.undo()
+    assert stream_module.streaming_supported() == hasattr(torch.utils.serialization.config.save, "storage_alignment")

@@ -35,6 +35,7 @@ write) leaves a file without its zip directory, which no reader opens; the calle
 (``io.atomic.write_atomically``).
 """
 import collections
+import copy
 import functools
 import io
 import math
@@ -369,9 +370,49 @@ def _exact_storage(tensor: torch.Tensor) -> torch.UntypedStorage:
     return storage[begin:begin + num_bytes]
 
 
+def streaming_supported() -> bool:
+    """Whether this torch has the writer internals the stream matches (the save config's
+    storage alignment, which PyTorchFileWriter then takes, and the list of dtypes without a
+    typed storage): recent torch has them, the oldest pmm_dist installs beside (2.6) may not."""
+    from torch.utils.serialization import config
+    return hasattr(config.save, "storage_alignment") and hasattr(torch.storage, "_new_dtypes")
+
+
 def save_streamed(fileobj, skeleton, *, write_behind: bool = True) -> None:
     """``torch.save`` of ``skeleton`` with each placeholder computed (``compute``) as the file
     reaches it, written behind the next one's computation: the same file as torch.save of the
-    finished object."""
+    finished object. On a torch without the internals the stream needs, the finished object
+    is built whole and saved by torch.save (the file in memory, as before streaming)."""
+    if not streaming_supported():
+        torch.save(finished(skeleton), fileobj)
+        return
     with TorchSaveStream(fileobj, skeleton, write_behind=write_behind) as stream:
         stream.fill()
+
+
+def finished(skeleton):
+    """``skeleton`` with each placeholder replaced by its computed tensor (placeholders computed
+    together counted once), through dicts, lists and tuples: where placeholders are put. One
+    left elsewhere still refuses to pickle (``_PendingStorage``): never a file without it."""
+    done: Dict[Placeholder, torch.Tensor] = {}
+
+    def tensor_of(placeholder: Placeholder) -> torch.Tensor:
+        if placeholder not in done:
+            if placeholder.compute is None:
+                raise ValueError(f"{placeholder!r} has no compute() and was not handed over")
+            computed = placeholder.compute()
+            done.update({placeholder: computed} if isinstance(computed, torch.Tensor) else computed)
+        return done[placeholder]
+
+    def walk(value):
+        if isinstance(value, Placeholder):
+            return tensor_of(value)
+        if isinstance(value, dict):
+            rebuilt = copy.copy(value)  # the same mapping type (OrderedDict, ...), order kept
+            for key, item in value.items():
+                rebuilt[key] = walk(item)
+            return rebuilt
+        if type(value) in (list, tuple):
+            return type(value)(walk(item) for item in value)
+        return value
+    return walk(skeleton)
