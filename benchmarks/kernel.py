@@ -4,8 +4,9 @@
     python -m benchmarks.kernel --sources 16 --elements 8M --dtype float32 --rounds 7
     python -m benchmarks.kernel --mapped              # sources torch.load(mmap=True) from files
 
-One thread (``torch.set_num_threads(1)``: "per core"), but for the K-threads candidate. Every candidate runs on the same tensors,
-the candidates interleaved round after round, so a busy machine slows them alike: compare the
+One thread (``torch.set_num_threads(1)``: "per core"), but for the K-threads candidate. Every
+candidate runs on the same tensors, the candidates interleaved round after round, so a busy
+machine slows them alike: compare the
 ratios to ``before``, not the absolute figures. Exact candidates must be bit-identical to
 ``before`` (checked every round); all are checked against the float64 reference to one ulp.
 
