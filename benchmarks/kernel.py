@@ -4,9 +4,8 @@
     python -m benchmarks.kernel --sources 16 --elements 8M --dtype float32 --rounds 7
     python -m benchmarks.kernel --mapped              # sources torch.load(mmap=True) from files
 
-One thread (``torch.set_num_threads(1)``: "per core"), but for the K-threads candidate. Every
-candidate runs on the same tensors, the candidates interleaved round after round, so a busy
-machine slows them alike: compare the
+One thread (``torch.set_num_threads(1)``: "per core"). Every candidate runs on the same tensors,
+the candidates interleaved round after round, so a busy machine slows them alike: compare the
 ratios to ``before``, not the absolute figures. Exact candidates must be bit-identical to
 ``before`` (checked every round); all are checked against the float64 reference to one ulp.
 
@@ -15,8 +14,6 @@ Candidates:
   as the baseline;
 - torch: today's pure-torch fallback (32K blocks, bf16 -> fp32 -> fp64 same-dtype copies);
 - fused: today's default, numba loops widening and adding in one pass (pmm_dist.merge.fused);
-- fused, K threads: the same summing each tensor in K threads (the machine's cores; a
-  lone process's default, see kernel.merge_threads): the process's GB/s, not per core;
 - fp32 EFT: a candidate measured, not adopted: float32 double-float accumulation (weights split
   in two float32s, products by FMA TwoProd, sums by TwoSum; ~48 bits) in numba, within one ulp
   but not bit-identical to the float64 kernels;
@@ -68,19 +65,6 @@ def _with_backend(backend):
                                        on_nonfinite="error")
         finally:
             kernel._fused_module = saved
-    return run
-
-
-def _fused_threads(num_threads):
-    """The default kernel summing each tensor in ``num_threads`` threads (a lone process's
-    default: its cores): total GB/s of the process, not per core."""
-    def run(sources, weights, mapped=False):
-        saved = kernel.merge_threads
-        kernel.merge_threads = lambda: num_threads
-        try:
-            return _with_backend("fused")(sources, weights, mapped)
-        finally:
-            kernel.merge_threads = saved
     return run
 
 
@@ -191,9 +175,6 @@ def candidates() -> dict:
     found = {"before": (before, True), "torch": (_with_backend("torch"), True)}
     if kernel.fused_kernels(wait=True) is not None:
         found["fused"] = (_with_backend("fused"), True)
-        cores = len(os.sched_getaffinity(0))
-        if cores > 1:
-            found[f"fused, {cores} threads"] = (_fused_threads(cores), True)
         found["fp32 EFT (candidate)"] = (fp32_eft, "one ulp")
     found["fp32 only (inexact)"] = (fp32_only, False)
     found["read only"] = (read_only, False)
@@ -242,8 +223,7 @@ def measure(num_sources=8, numel=1 << 22, dtype=torch.bfloat16, rounds=5, mapped
         checked_eft = False
         for _ in range(rounds):
             for name, (fn, exact) in found.items():
-                args = (sources, weights, True) if mapped and name.split(",")[0] in ("torch", "fused") \
-                    else (sources, weights)
+                args = (sources, weights, True) if mapped and name in ("torch", "fused") else (sources, weights)
                 started = time.perf_counter()
                 out = fn(*args)
                 speeds[name].append(input_bytes / (time.perf_counter() - started) / GB)

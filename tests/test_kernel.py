@@ -215,7 +215,6 @@ def test_page_advice_releases_every_page_once_and_reads_ahead(backend, tmp_path,
     """Every whole page of every mapped source is released (DONTNEED) exactly once, in order and
     only after it was added; every page is asked for (WILLNEED) before the sum reaches it, at
     least half the read-ahead distance ahead, in steps without gaps."""
-    monkeypatch.setattr(kernel, "merge_threads", lambda: 1)  # block by block (rounds of threads: below)
     sources, mapped = _mapped_sources(tmp_path, 3, 50_000)
     monkeypatch.setattr(kernel, "READ_AHEAD_BYTES", 12_000 * mapped[0].element_size())  # 12 groups of 1000
     calls = []
@@ -274,76 +273,3 @@ def test_equal_weights_give_the_nearest_value_of_the_exact_mean(backend, dtype):
         for source, weight in zip(sources, weights):
             accumulator.add(source, weight, "source")
         assert torch.equal(_bits(accumulator.result()), _bits(merged))
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("weights", ["ema", "sma"])
-def test_threads_give_the_same_bits(backend, monkeypatch, threads, weights):
-    """The compiled loops sum a tensor of many blocks in several threads (runs of TASK_BLOCKS
-    blocks, each in its own accumulator): the same bits as one thread, ragged ends and the SMA
-    division included, and the first non-finite block is the one reported."""
-    monkeypatch.setattr(kernel, "TASK_BLOCKS", 2)
-    sources = _drifting(4, 41_234, torch.bfloat16, seed=5)
-    weights = _ema(4) if weights == "ema" else [0.25] * 4
-    monkeypatch.setattr(kernel, "merge_threads", lambda: 1)
-    expected = kernel.weighted_sum(sources, weights, torch.device("cpu"))
-    monkeypatch.setattr(kernel, "merge_threads", lambda: threads)
-    calls = []
-    if backend == "numba":
-        original = kernel._FusedBlocks.merge_run
-        monkeypatch.setattr(kernel._FusedBlocks, "merge_run", lambda self, *args: calls.append(args) or
-                            original(self, *args))
-    assert torch.equal(_bits(kernel.weighted_sum(sources, weights, torch.device("cpu"))), _bits(expected))
-    assert bool(calls) == (backend == "numba" and threads > 1)
-    assert {args[2] for args in calls} <= set(range(threads))  # one accumulator slot per thread
-    bad = [s.clone() for s in sources]
-    bad[2][33_333] = float("nan")
-    bad[1][36_000] = float("inf")  # later in the tensor: not the one named
-    with pytest.raises(InputError, match="key 'w' of c.pt"):
-        kernel.weighted_sum(bad, weights, torch.device("cpu"), on_nonfinite="error", what="key 'w'",
-                            source_names=["a.pt", "b.pt", "c.pt", "d.pt"])
-
-
-def test_threads_keep_the_page_advice_ahead_of_every_round(backend, tmp_path, monkeypatch):
-    """With threads, each round of runs is asked for (WILLNEED) before it is summed, and pages are
-    released only once summed: the advice test's guarantees, round by round."""
-    monkeypatch.setattr(kernel, "TASK_BLOCKS", 5)  # rounds of 10 blocks: beyond the read-ahead distance
-    monkeypatch.setattr(kernel, "merge_threads", lambda: 2)
-    sources, mapped = _mapped_sources(tmp_path, 3, 50_000)
-    expected = kernel.weighted_sum(sources, _ema(3), torch.device("cpu"))
-    monkeypatch.setattr(kernel, "READ_AHEAD_BYTES", 4_000 * mapped[0].element_size())  # less than a round
-    calls = []
-    monkeypatch.setattr(kernel, "_madvise", lambda start, length, advice: calls.append((start, length, advice)))
-    summed = []
-    if backend == "numba":
-        original = kernel._FusedBlocks.merge_run
-        monkeypatch.setattr(kernel._FusedBlocks, "merge_run", lambda self, begin, end, *rest: summed.append(
-            (len(calls), begin, end)) or original(self, begin, end, *rest))
-    merged = kernel.weighted_sum(mapped, _ema(3), torch.device("cpu"), sources_are_mapped=True)
-    assert torch.equal(_bits(merged), _bits(expected))
-    assert bool(summed) == (backend == "numba")
-    for source in mapped:
-        item, start = source.element_size(), source.data_ptr()
-        last = start + source.numel() * item
-
-        def of_source(advice, made):
-            return [(s, s + n) for s, n, a in calls[:made] if a == advice and start - kernel._PAGE < s < last]
-        for made, begin, end in summed:  # when a run started: its elements were asked for, none released
-            assert max(e for _, e in of_source(kernel._MADV_WILLNEED, made)) >= min(start + end * item, last)
-            released = [e for _, e in of_source(kernel._MADV_DONTNEED, made)]
-            assert all(e <= start + begin * item for e in released)
-
-
-def test_merge_threads_share_the_node_among_its_ranks(monkeypatch):
-    """torch's thread count (OMP_NUM_THREADS where set), else the cores divided among the ranks
-    a launcher says share the node."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    for name in ("OMP_NUM_THREADS",) + kernel._LOCAL_SIZE_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    assert kernel.merge_threads() == 16
-    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")  # mpiexec: 4 ranks on this node
-    assert kernel.merge_threads() == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")           # more ranks than cores: one thread each
-    assert kernel.merge_threads() == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "16")            # set by the user: torch's count stands
-    assert kernel.merge_threads() == 16

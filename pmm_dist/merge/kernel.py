@@ -53,10 +53,6 @@ READ_AHEAD_BYTES = 16 << 20
 # merge of small tensors only never loads it.
 FUSED_MIN_ELEMENTS = 1 << 16
 ACCUMULATOR_DTYPE = torch.float64
-# The compiled loops run without the GIL, so a tensor of many blocks is summed by several
-# threads at once: each takes a run of this many blocks (2 MiB of bf16) into an accumulator of
-# its own. The blocks are independent, so the result is the same bits whatever the threads.
-TASK_BLOCKS = 4 * ADVICE_BLOCKS
 
 
 _NONFINITE_HINT = ("; merge a window without that checkpoint (--iterations, --last), or pass --on-nonfinite warn "
@@ -199,8 +195,8 @@ class _FusedBlocks:
         self.weights = [float(w) for w in weights]
         view_as, self.store_kernel = module.STORE_KERNELS[_dtype_name(result.dtype)]
         self.result = _numpy_view(result, view_as)
-        self.block_size = block_size
-        self.accs = [torch.empty(block_size, dtype=ACCUMULATOR_DTYPE).numpy()]  # one per thread
+        self.acc_tensor = torch.empty(block_size, dtype=ACCUMULATOR_DTYPE)
+        self.acc = self.acc_tensor.numpy()
 
     @staticmethod
     def supports(module, sources, result) -> bool:
@@ -208,8 +204,8 @@ class _FusedBlocks:
         return all(n in module.SOURCE_KERNELS for n in names) and \
             _dtype_name(result.dtype) in module.STORE_KERNELS
 
-    def add_block(self, begin, end, slot=0):
-        block = self.accs[slot][: end - begin]
+    def add_block(self, begin, end):
+        block = self.acc[: end - begin]
         (first, scale, _), *others = self.sources
         scale(block, first[begin:end], self.weights[0])
         for (source, _, add), weight in zip(others, self.weights[1:]):
@@ -221,52 +217,6 @@ class _FusedBlocks:
 
     def store(self, block, begin, end):
         self.store_kernel(self.result[begin:end], block)
-
-    def merge_run(self, begin, end, slot, divisor, check_finite) -> Optional[int]:
-        """Blocks ``begin``..``end`` summed, divided and stored in accumulator ``slot`` (run by
-        one thread of several); the first block with a non-finite sum, where checked, else None."""
-        while len(self.accs) <= slot:
-            self.accs.append(torch.empty(self.block_size, dtype=ACCUMULATOR_DTYPE).numpy())
-        first_nonfinite = None
-        for block_begin in range(begin, end, BLOCK_ELEMENTS):
-            block_end = min(block_begin + BLOCK_ELEMENTS, end)
-            block = self.add_block(block_begin, block_end, slot)
-            if divisor is not None:
-                block /= divisor
-            if check_finite and first_nonfinite is None and not self.all_finite(block):
-                first_nonfinite = block_begin
-            self.store(block, block_begin, block_end)
-        return first_nonfinite
-
-
-# How many ranks share this node, as the launchers say (torchrun and deepspeed, Open MPI, MPICH
-# (hydra), PMIx).
-_LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMIX_LOCAL_SIZE")
-
-
-def merge_threads() -> int:
-    """Threads that sum one tensor on the CPU: torch's intra-op setting (``torch.get_num_threads``,
-    ``OMP_NUM_THREADS`` where set: torchrun sets 1 per rank when it starts several), and where
-    nothing set it, the cores shared out among the ranks of the node (mpiexec sets nothing), so
-    that a rank uses its part of the node and no more."""
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        local = next((int(os.environ[name]) for name in _LOCAL_SIZE_VARIABLES
-                      if os.environ.get(name, "").isdigit()), 1)
-        threads //= max(1, local)
-    return max(1, threads)
-
-
-_pools = {}
-_pools_lock = threading.Lock()
-
-
-def _thread_pool(num_threads: int):
-    from concurrent.futures import ThreadPoolExecutor
-    with _pools_lock:
-        if num_threads not in _pools:
-            _pools[num_threads] = ThreadPoolExecutor(num_threads, thread_name_prefix="pmm-dist-sum")
-        return _pools[num_threads]
 
 
 def equal_weights_divisor(weights: Sequence[float]) -> Optional[int]:
@@ -322,9 +272,7 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     may_fuse = device.type == "cpu" and not staged and numel >= FUSED_MIN_ELEMENTS
     blocks = None
     advice = _PageAdvice(flat_sources, BLOCK_ELEMENTS * ADVICE_BLOCKS) if sources_are_mapped else None
-    threads = merge_threads() if may_fuse else 1
-    begin = 0
-    while begin < numel:
+    for begin in range(0, numel, BLOCK_ELEMENTS):
         end = min(begin + BLOCK_ELEMENTS, numel)
         # The compiled loops load in the background: a large tensor switches to them between two
         # blocks once they are ready (both give the same bits, block by block).
@@ -336,26 +284,6 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
                 to_device = _Stager(device, stored, block_size) if staged else (lambda piece: piece)
                 blocks = _TorchBlocks(flat_sources, weights, result, block_size, device, to_device)
                 may_fuse = may_fuse and fused_kernels_pending()
-        if threads > 1 and isinstance(blocks, _FusedBlocks) and begin % (BLOCK_ELEMENTS * ADVICE_BLOCKS) == 0 \
-                and numel - begin > TASK_BLOCKS * BLOCK_ELEMENTS:
-            # A round of runs, one per thread; the page advice sees the round as one step: asked
-            # ahead of the round's end, releasing only what earlier rounds summed.
-            stop = min(numel, begin + threads * TASK_BLOCKS * BLOCK_ELEMENTS)
-            if advice is not None:
-                advice.before(begin, reach=stop)
-            runs = [(run, min(run + TASK_BLOCKS * BLOCK_ELEMENTS, stop))
-                    for run in range(begin, stop, TASK_BLOCKS * BLOCK_ELEMENTS)]
-            check = on_nonfinite != "ignore"
-            futures = [_thread_pool(threads).submit(blocks.merge_run, run, run_end, slot, divisor, check)
-                       for slot, (run, run_end) in enumerate(runs)]
-            found = [future.result() for future in futures]  # waits for all, raising in order
-            bad = next((block_begin for block_begin in found if block_begin is not None), None)
-            if bad is not None:  # the first non-finite block in the tensor's order, as one thread finds it
-                _report_nonfinite(flat_sources, bad, min(bad + BLOCK_ELEMENTS, numel), on_nonfinite, what,
-                                  source_names)
-                on_nonfinite = "ignore"
-            begin = stop
-            continue
         if advice is not None:
             advice.before(begin)
         block = blocks.add_block(begin, end)
@@ -365,7 +293,6 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
             _report_nonfinite(flat_sources, begin, end, on_nonfinite, what, source_names)
             on_nonfinite = "ignore"  # one report per tensor
         blocks.store(block, begin, end)
-        begin = end
     if advice is not None:
         advice.done()
     return _as_stored(result.view(sources[-1].shape), sources)
@@ -394,13 +321,12 @@ class _PageAdvice:
         self.advised = 0   # elements asked for (WILLNEED), in every source
         self.released = 0  # elements whose pages are released, in every source
 
-    def before(self, begin: int, reach: Optional[int] = None) -> None:
-        """Before summing from ``begin`` (up to ``reach``, where threads sum a round of blocks at once)."""
+    def before(self, begin: int) -> None:
         if begin % self.group:
             return
         # Asked for in steps of half the distance: one madvise per source per 8 MiB, at least
         # 8 MiB ahead of the sum.
-        target = min(self.numel, (begin if reach is None else reach) + self.ahead)
+        target = min(self.numel, begin + self.ahead)
         if target >= min(self.numel, self.advised + self.ahead // 2) and target > self.advised:
             for source in self.sources:
                 advise_pages(source[self.advised:target], _MADV_WILLNEED)
