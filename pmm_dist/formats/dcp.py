@@ -273,7 +273,7 @@ def _any_transforms(infos) -> bool:
 
 
 def _transforms(info) -> object:
-    """A storage entry's stream transforms (torch >= 2.7 records them; older entries have none)."""
+    """A storage entry's stream transforms (recent torch records them; older entries have none)."""
     return getattr(info, "transform_descriptors", None)
 
 
@@ -671,10 +671,13 @@ class DcpFormat(CheckpointFormat):
         # does (no pieces), read whole from each.
         whole_reads, others = [], []
         for unit in units:
+            rest = []
             for item in unit.items:
                 if item.action == Action.MERGE and not item.sources:
                     whole_reads.append(item.stored)
-            others.append([item for item in unit.items if item.action != Action.MERGE or item.sources])
+                else:
+                    rest.append(item)
+            others.append(rest)
         for position in range(len(checkpoints)):
             total = sum(stored[position][0][LENGTH] for stored in whole_reads)
             for unit_items in others:
