@@ -263,7 +263,7 @@ def test_equal_weights_give_the_nearest_value_of_the_exact_mean(backend, dtype):
     two stored values is the nearest one, ties to even (multiplying by the rounded 1/n was one
     ulp off at ~1% of fp32 elements); the one-source-at-a-time Accumulator agrees bit for bit."""
     generator = torch.Generator().manual_seed(7)
-    for n in (3, 6, 10):
+    for n in (3, 6, 10, 2, 4, 16):  # powers of two: the weights as they are (exact), no division
         sources = [(1 + 0.01 * torch.randn(20_000, generator=generator)).to(dtype) for _ in range(n)]
         weights = [1.0 / n] * n
         exact = (sum(s.double() for s in sources) / n).to(dtype)
