@@ -12,7 +12,8 @@ import torch
 from pmm_dist.errors import MergeError
 from pmm_dist.io.atomic import write_atomically
 from pmm_dist.io.torch_blob import locate_tensor
-from pmm_dist.io.torch_save_stream import Placeholder, TorchSaveStream, contiguous_strides, save_streamed
+from pmm_dist.io.torch_save_stream import Placeholder, TorchSaveStream, save_streamed
+from pmm_dist.plan.regions import contiguous_strides
 
 
 def _finished():

@@ -45,6 +45,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 
+from ..plan.regions import contiguous_strides
 from .write_behind import WriteBehind
 
 # What a placeholder's ``compute`` returns: its tensor, or the tensors of several placeholders
@@ -103,15 +104,6 @@ class _PendingStorage:
 
     def __reduce__(self):
         raise TypeError("a Placeholder is pickled by TorchSaveStream only (torch.save would write no tensor)")
-
-
-def contiguous_strides(shape) -> tuple:
-    """The strides torch gives a contiguous tensor of ``shape`` (sizes 0 count as 1)."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _untyped(dtype: torch.dtype) -> bool:

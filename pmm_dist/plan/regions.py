@@ -195,6 +195,7 @@ def map_chunks(outputs: Sequence[Box], stored: Sequence[Box]) -> List[List[Tuple
 
 
 def contiguous_strides(sizes: Sequence[int]) -> Tuple[int, ...]:
+    """The strides torch gives a contiguous tensor of ``sizes`` (sizes 0 count as 1)."""
     strides, step = [], 1
     for size in reversed(sizes):
         strides.append(step)
