@@ -31,4 +31,10 @@ def run(report: str, command_args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1], sys.argv[2:]))
+    code = run(sys.argv[1], sys.argv[2:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # As pmm_dist's own entry point (pmm_dist.cli.entry) exits, and for its reason: a normal
+    # interpreter teardown with gloo's threads alive aborts now and then ("terminate called
+    # without an active exception").
+    os._exit(code)
