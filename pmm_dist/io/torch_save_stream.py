@@ -254,11 +254,7 @@ class TorchSaveStream:
         for placeholder in self.placeholders:
             if placeholder in self._received:
                 continue
-            if placeholder.compute is None:
-                raise ValueError(f"{placeholder!r} has no compute() and was not handed over")
-            computed = placeholder.compute()
-            values = {placeholder: computed} if isinstance(computed, torch.Tensor) else dict(computed)
-            del computed
+            values = _computed(placeholder)
             for other, tensor in values.items():
                 if other in self._keys:
                     self.put(other, tensor)
@@ -370,6 +366,14 @@ def streaming_supported() -> bool:
     return hasattr(config.save, "storage_alignment") and hasattr(torch.storage, "_new_dtypes")
 
 
+def _computed(placeholder: Placeholder) -> Dict[Placeholder, torch.Tensor]:
+    """What ``placeholder.compute()`` gives, as placeholder -> tensor (one, or several computed together)."""
+    if placeholder.compute is None:
+        raise ValueError(f"{placeholder!r} has no compute() and was not handed over")
+    computed = placeholder.compute()
+    return {placeholder: computed} if isinstance(computed, torch.Tensor) else dict(computed)
+
+
 def save_streamed(fileobj, skeleton, *, write_behind: bool = True) -> None:
     """``torch.save`` of ``skeleton`` with each placeholder computed (``compute``) as the file
     reaches it, written behind the next one's computation: the same file as torch.save of the
@@ -390,10 +394,7 @@ def finished(skeleton):
 
     def tensor_of(placeholder: Placeholder) -> torch.Tensor:
         if placeholder not in done:
-            if placeholder.compute is None:
-                raise ValueError(f"{placeholder!r} has no compute() and was not handed over")
-            computed = placeholder.compute()
-            done.update({placeholder: computed} if isinstance(computed, torch.Tensor) else computed)
+            done.update(_computed(placeholder))
         return done[placeholder]
 
     def walk(value):
