@@ -2,6 +2,7 @@
 
 The process runners and the fixtures are in conftest.py.
 """
+import math
 import os
 from typing import List, Sequence
 
@@ -46,6 +47,27 @@ def assert_merged_within_one_ulp(actual: torch.Tensor, sources: Sequence[torch.T
     bound = torch.maximum(ulp(reference, actual.dtype), ulp(actual.to(torch.float64), actual.dtype))
     worst = (err / bound).max().item() if err.numel() else 0.0
     assert worst <= 1.0, f"{what}: {worst:.3f} ulp from the float64 reference (dtype {actual.dtype})"
+
+
+def zero3_padding(param_shapes, world_size: int, rank: int) -> List[int]:
+    """The places of a DeepSpeed ZeRO-3 rank's stream (its fp32 flat groups together) that are
+    padding, worked out independently of pmm_dist: each parameter (param_shapes order) takes
+    ceil(numel / world_size) places on every rank, its own elements first. DeepSpeed leaves
+    the padding uninitialized; a merge writes zeros there."""
+    places, offset = [], 0
+    for numel in (math.prod(shape) for group in param_shapes for shape in group.values()):
+        size = -(-numel // world_size)
+        held = max(0, min(size, numel - rank * size))
+        places += range(offset + held, offset + size)
+        offset += size
+    return places
+
+
+def without_padding(groups: Sequence[torch.Tensor], places: Sequence[int]) -> List[torch.Tensor]:
+    """Copies of a rank's flat groups with the stream's ``places`` set to zero."""
+    stream = torch.cat([g.detach().reshape(-1) for g in groups]).clone()
+    stream[list(places)] = 0
+    return list(stream.split([g.numel() for g in groups]))
 
 
 def sma(n): return [1.0 / n] * n

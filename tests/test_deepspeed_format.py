@@ -17,7 +17,7 @@ from pmm_dist.formats.deepspeed import (EXPERT, EXPERT_OPTIM, LAYER, MODEL, ZERO
 from pmm_dist.testing.synthetic import generate_run
 
 from .conftest import run_cli
-from .helpers import trusted_load
+from .helpers import trusted_load, zero3_padding
 
 
 def _save(path, obj):
@@ -32,11 +32,12 @@ def true_params(step):
 
 def zero3_partition(step, dp, dp_rank):
     """Rank ``dp_rank``'s stream at partition count ``dp``: each parameter's ceil(numel/dp) slice,
-    padded (with 999: padding must never reach a weight)."""
+    padded with NaN (DeepSpeed leaves the padding uninitialized: it must never reach a weight,
+    nor make a merge refuse the checkpoint)."""
     parts = []
     for value in true_params(step).values():
         flat, size = value.reshape(-1), -(-value.numel() // dp)
-        part = torch.full((size,), 999.0)
+        part = torch.full((size,), float("nan"))
         piece = flat[dp_rank * size:(dp_rank + 1) * size]
         part[:piece.numel()] = piece
         parts.append(part)
@@ -60,6 +61,8 @@ def make_checkpoint(run, step, *, stage=2, dp=2, bf16=False, num_experts=None, e
     prefix = "bf16_" if bf16 else ""
     for dp_rank in range(dp if stage else 0):
         flat = zero3_partition(step, dp, dp_rank) if geometry else torch.full((8,), float(step + dp_rank))
+        if stage == 3 and not geometry and dp == 2:  # the places ZeRO-3 pads, uninitialized (see zero3_partition)
+            flat[zero3_padding(states["param_shapes"], dp, dp_rank)] = float("nan")
         optim = {"zero_stage": stage, "partition_count": dp if stage == 3 else [dp]}
         optim["fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"] = [flat]
         optim["optimizer_state_dict" if stage == 3 else "base_optimizer_state"] = {"state": {0: {"exp_avg": flat * 0}}}
@@ -70,7 +73,7 @@ def make_checkpoint(run, step, *, stage=2, dp=2, bf16=False, num_experts=None, e
             if geometry:  # a frozen parameter: partitioned in the model states, like DeepSpeed's
                 rank_states["frozen_param_shapes"] = {"f": torch.Size([5])}
                 size = -(-5 // dp)
-                fragment = torch.full((size,), 999.0)
+                fragment = torch.full((size,), float("nan"))
                 piece = (torch.arange(5.0) * step)[dp_rank * size:(dp_rank + 1) * size]
                 fragment[:piece.numel()] = piece
                 rank_states["frozen_param_fragments"] = {"f": fragment}
@@ -185,7 +188,8 @@ def test_zero3_merge_of_flat_partitions_and_moments(tmp_path):
         optim = trusted_load(os.path.join(out, "global_step30", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
         optim = optim["optimizer_state_dict"]
         expected = (1 * 11 + 2 * 21 + 3 * 31) / 6  # wma of step + dp_rank
-        assert torch.allclose(optim["fp32_flat_groups"][0], torch.full((8,), expected))
+        # rank 1's stream: w's elements 6..11, then b's element 2 and one place of padding (zero)
+        assert torch.allclose(optim["fp32_flat_groups"][0], torch.tensor([expected] * 7 + [0.0]))
         assert ("optimizer_state_dict" in optim) == (policy == "latest")
         assert optim["zero_stage"] == 3 and optim["partition_count"] == 2
 
@@ -228,8 +232,10 @@ def _make_mixed(run, layouts, **kwargs):
     return run
 
 
-@pytest.mark.parametrize("dps,bf16", [((2, 2, 1), False), ((1, 1, 2), True), ((3, 1, 2), False), ((2, 3, 4), False)])
+@pytest.mark.parametrize("dps,bf16", [((2, 2, 1), False), ((1, 1, 2), True), ((3, 1, 2), False), ((2, 3, 4), False),
+                                      ((2, 2, 2), False), ((4, 4, 4), True)])
 def test_zero3_partitions_are_remapped_onto_the_newest_dp_size(tmp_path, dps, bf16):
+    """Also at one DP size (merged elementwise): the NaN padding is neither merged nor refused."""
     run = _make_mixed(str(tmp_path / "run"), [(3, dp) for dp in dps], geometry=True, bf16=bf16)
     prefix = "bf16_" if bf16 else ""
     for policy in ("drop", "latest"):
@@ -249,10 +255,11 @@ def test_zero3_partitions_are_remapped_onto_the_newest_dp_size(tmp_path, dps, bf
             size = -(-value.numel() // newest)
             full = torch.cat([s["fp32_flat_groups"][0][offset:offset + size] for s in streams])
             assert torch.allclose(full[:value.numel()].double(), value.reshape(-1), rtol=0, atol=1e-5), name
-            assert torch.all(full[value.numel():] == 0)  # padding: zeros, never the sources' 999
+            assert torch.all(full[value.numel():] == 0)  # padding: zeros, never the sources' NaN
             offset += size
         fragments = [trusted_load(os.path.join(tag, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
                      ["frozen_param_fragments"]["f"] for r in range(newest)]
+        assert torch.all(torch.cat(fragments)[5:] == 0)
         frozen = torch.cat(fragments)[:5].double()
         assert torch.allclose(frozen, sum(w * torch.arange(5.0).double() * 10 * (i + 1) for i, w in enumerate(weights)))
 

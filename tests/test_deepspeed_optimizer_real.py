@@ -28,7 +28,7 @@ from pmm_dist.errors import MergeError
 
 from .conftest import run_python
 from .deepspeed_real.engines import RUNS
-from .helpers import assert_merged_within_one_ulp, ema, sma, trusted_load, wma
+from .helpers import assert_merged_within_one_ulp, ema, sma, trusted_load, wma, zero3_padding
 from .test_deepspeed_real import HELPER, _zero_to_fp32
 
 STEPS = [2, 4, 6, 8]
@@ -170,6 +170,49 @@ def test_merged_optimizer_files_keep_the_newest_s_other_state(work):
     model, newest_model = (trusted_load(d / "mp_rank_00_model_states.pt") for d in (out, run_dir / NEWEST_TAG))
     assert model["lr_scheduler"] == newest_model["lr_scheduler"] and model["global_steps"] == 8
     assert model["step_seen"] == 8 and list(model) == list(newest_model)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_zero3_padding_of_any_bits_merges_as_zeros(work, tmp_path, fresh_copy, dtype):
+    """DeepSpeed allocates ZeRO-3 partitions with torch.empty and copies only the parameter's
+    elements in: the padding holds whatever memory held, NaN included (a clean-clone run of this
+    suite once saw all four fp32 checkpoints refused for it). A run whose padding is NaN, Inf and
+    huge values, in the flat groups and the moments, merges to the same bytes as the run itself,
+    whose output padding is zeros."""
+    case = f"zero3_{dtype}_merge"
+    run, policy, options, _ = CASES[case]
+    copy = fresh_copy(work["runs"] / run)
+    prefix = "bf16_" if dtype == "bf16" else ""
+    shapes = trusted_load(copy / NEWEST_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]
+    garbage = torch.tensor([float("nan"), float("inf"), -3e38, float("-inf")])
+    padded = 0
+    for step in STEPS:
+        for rank in range(2):
+            path = copy / f"global_step{step}" / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            state = trusted_load(path)
+            optim = state["optimizer_state_dict"]
+            places = torch.tensor(zero3_padding(shapes, 2, rank), dtype=torch.long)
+            stream = torch.cat(optim["fp32_flat_groups"])
+            moments = optim["optimizer_state_dict"]["state"]
+            assert len(optim["fp32_flat_groups"]) == 1 and list(moments) == [0]
+            for tensor in (optim["fp32_flat_groups"][0], moments[0]["exp_avg"], moments[0]["exp_avg_sq"]):
+                assert tensor.numel() == stream.numel()
+                with torch.no_grad():  # the flat groups are saved as parameters
+                    tensor[places] = garbage.repeat(len(places))[:len(places)].to(tensor.dtype)
+            padded += len(places)
+            torch.save(state, path)
+    assert padded, "the test model has no padding"
+    out = tmp_path / "out"
+    pmm_dist.merge(sources=[str(copy)], out=str(out), optimizer=policy, device="cpu", quiet=True, **options)
+    expected = work["out"] / case / NEWEST_TAG
+    names = sorted(p.name for p in expected.iterdir())
+    assert names == sorted(p.name for p in (out / NEWEST_TAG).iterdir())
+    for name in names:
+        assert (out / NEWEST_TAG / name).read_bytes() == (expected / name).read_bytes(), name
+    for rank in range(2):
+        optim = trusted_load(expected / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+        places = zero3_padding(shapes, 2, rank)
+        assert torch.all(torch.cat(optim["fp32_flat_groups"])[places] == 0)
 
 
 # -- bad input: one clear error naming the file, nothing written ----------------------------------------

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import socket
 import sys
@@ -34,7 +35,7 @@ from pmm_dist.cli.verify import verify_output
 
 from .conftest import REPO, run_python
 from .deepspeed_real.engines import RUNS, STEPS, SAVE_EVERY
-from .helpers import assert_merged_within_one_ulp, ema, sma, trusted_load, wma
+from .helpers import assert_merged_within_one_ulp, ema, sma, trusted_load, wma, without_padding, zero3_padding
 
 HELPER = pathlib.Path(REPO) / "tests" / "deepspeed_real" / "engines.py"
 ALL_STEPS = list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))  # 2, 4, 6, 8
@@ -248,6 +249,10 @@ def _check_merged_floats(merged, sources, weights, what):
     return num
 
 
+def _dp_rank(name):
+    return int(re.search(r"zero_pp_rank_(\d+)_", name).group(1))
+
+
 def _expected_files(run_dir, drop_optimizer):
     newest = sorted(p.name for p in (pathlib.Path(run_dir) / NEWEST_TAG).iterdir())
     if not drop_optimizer:
@@ -286,9 +291,13 @@ def test_merged_files(work, case):
                          {k: v for k, v in newest.items() if k != "optimizer_state_dict"})
         elif name.endswith("optim_states.pt"):  # ZeRO-3: the weights live in the fp32 flat partitions
             optim, newest_optim = merged["optimizer_state_dict"], newest["optimizer_state_dict"]
-            num_merged += _check_merged_floats(optim["fp32_flat_groups"],
-                                               [s["optimizer_state_dict"]["fp32_flat_groups"] for s in sources],
-                                               weights, f"{case}:{name}:fp32_flat_groups")
+            shapes = trusted_load(run_dir / NEWEST_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+            padding = zero3_padding(shapes["param_shapes"], shapes["dp_world_size"], _dp_rank(name))
+            assert torch.all(torch.cat(optim["fp32_flat_groups"])[padding] == 0), f"{case}:{name}: padding"
+            num_merged += _check_merged_floats(  # the sources' padding holds any bits: compared as zeros
+                optim["fp32_flat_groups"],
+                [without_padding(s["optimizer_state_dict"]["fp32_flat_groups"], padding) for s in sources],
+                weights, f"{case}:{name}:fp32_flat_groups")
             moments = "optimizer_state_dict"
             if drop:
                 assert moments not in optim, "--optimizer drop kept the Adam moments"

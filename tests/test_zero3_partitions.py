@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from pmm_dist.formats.zero3_partitions import copy_pieces, gather_pieces, partition_size, stream_numel
+from pmm_dist.formats.zero3_partitions import copy_pieces, gather_pieces, partition_size, stream_numel, value_runs
 
 PAD = -1.0
 
@@ -73,3 +73,31 @@ def test_more_ranks_than_elements():
     # back to world size 1: rank 0's first 3 elements are contiguous, then 2 from each other rank
     assert [(p.source_rank, p.source_start, p.start, p.length) for p in gather_pieces([1, 8], 1, 0, 4)] == \
         [(0, 0, 0, 3), (1, 1, 3, 2), (2, 1, 5, 2), (3, 1, 7, 2)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_value_runs_are_exactly_the_places_without_padding(seed):
+    """value_runs (what a merge at one world size reads; the rest, padding, is written as zero)
+    against the brute-force streams: every place in a run holds a parameter's element, every
+    place outside one is padding, for random parameters, world sizes and sub-group cuts."""
+    rng = random.Random(seed)
+    for _ in range(60):
+        numels = [rng.randint(1, 17) for _ in range(rng.randint(1, 6))]
+        world_size = rng.randint(1, 6)
+        for rank, stream in enumerate(_streams(_params(numels), world_size)):
+            groups = _cut(stream, rng)
+            runs = value_runs(numels, world_size, rank, [g.numel() for g in groups])
+            assert len(runs) == len(groups)
+            for group, group_runs in zip(groups, runs):
+                held = torch.zeros(group.numel(), dtype=torch.bool)
+                for begin, end in group_runs:
+                    assert 0 <= begin < end <= group.numel() and not held[begin:end].any()
+                    held[begin:end] = True
+                assert torch.equal(held, group != PAD), (numels, world_size, rank)
+
+
+def test_value_runs_of_the_real_test_model():
+    # rank 1 of 2 pads three 15-element parameters by one place each; rank 0 is one run
+    numels = [120, 15, 15, 15, 90, 6]
+    assert value_runs(numels, 2, 0, [stream_numel(numels, 2)]) == [[(0, 132)]]
+    assert value_runs(numels, 2, 1, [100, 32]) == [[(0, 67), (68, 75), (76, 83), (84, 100)], [(0, 32)]]

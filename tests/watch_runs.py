@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 from .conftest import REPO, run_python
-from .helpers import trusted_load
+from .helpers import trusted_load, zero3_padding
 
 
 def _torchrun(script: str, *args) -> None:
@@ -107,8 +107,12 @@ class DeepSpeed(Kind):
                 tree = state.get("module", state) if "module" in state else state
                 found.update({f"{name}:{k}": v for k, v in tree.items() if v.is_floating_point()})
             elif "fp32_flat_groups" in state.get("optimizer_state_dict", {}):
-                for i, flat in enumerate(state["optimizer_state_dict"]["fp32_flat_groups"]):
-                    found[f"{name}:flat{i}"] = flat
+                # the parameters' elements; the padding (NaN in the sources, zeros merged) is left out
+                shapes = trusted_load(os.path.join(ckpt, "zero_pp_rank_0_mp_rank_00_model_states.pt"))["param_shapes"]
+                [flat] = state["optimizer_state_dict"]["fp32_flat_groups"]
+                held = torch.ones(flat.numel(), dtype=torch.bool)
+                held[zero3_padding(shapes, 2, int(name.split("_")[3]))] = False
+                found[f"{name}:flat0"] = flat[held]
         return found
 
 

@@ -196,6 +196,8 @@ class LeafMerger:
         self.num_tensors = 0
         # path -> the output's leaf, computed otherwise (a model weight that is a merged master)
         self.overrides: Dict[tuple, object] = {}
+        # path -> the runs of its flattened elements that hold values (see PickledFileFormat.real_runs)
+        self.real_runs: Dict[tuple, List[Tuple[int, int]]] = {}
 
     def __call__(self, path: tuple, leaf):
         if path in self.overrides:
@@ -209,8 +211,18 @@ class LeafMerger:
                            compute=lambda: self._merge(path, stack))
 
     def _merge(self, path: tuple, stack: Sequence[torch.Tensor]) -> torch.Tensor:
-        merged = self.context.merge_tensor(stack, f"key '{dotted(path)}'", self.paths)
-        num_read = sum(t.numel() * t.element_size() for t in stack)
+        what = f"key '{dotted(path)}'"
+        runs = self.real_runs.get(path)
+        if runs is None or runs == [(0, stack[-1].numel())]:
+            merged = self.context.merge_tensor(stack, what, self.paths)
+            num_read = sum(t.numel() * t.element_size() for t in stack)
+        else:  # padding between the runs: zeros, whatever the sources hold there
+            merged = torch.zeros(stack[-1].shape, dtype=stack[-1].dtype)
+            flat, flat_stack = merged.view(-1), [t.reshape(-1) for t in stack]
+            for begin, end in runs:
+                flat[begin:end] = self.context.merge_tensor([t[begin:end] for t in flat_stack],
+                                                            f"{what} [{begin}:{end}]", self.paths)
+            num_read = sum(end - begin for begin, end in runs) * stack[-1].element_size() * len(stack)
         self.num_bytes_read += num_read
         self.num_tensors += 1
         self.context.on_progress(num_read)

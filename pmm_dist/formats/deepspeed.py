@@ -18,11 +18,14 @@ has the newest checkpoint's layout: its data-parallel size and its file set.
   ``optimizer`` entry to None, as DeepSpeed itself saves it under ZeRO.
 - expert and pipeline layer files: every float tensor.
 - ZeRO-3 optimizer files: the weights live only here, in the fp32 flat partitions
-  (``fp32_flat_groups``). Sources of the newest's partitioning are merged elementwise. If some
-  source was saved at another data-parallel size, each output rank's partitions are rebuilt from
-  every source's, parameter by parameter (the geometry is in zero3_partitions: it follows from
-  param_shapes, the partition count and DeepSpeed's padding), one source at a time, with zeros in
-  the padding; ``frozen_param_fragments`` of the model states likewise. The Adam moments
+  (``fp32_flat_groups``). Sources of the newest's partitioning are merged elementwise, over the
+  parameters' elements only: DeepSpeed leaves the partitions' padding uninitialized (any bits,
+  NaN at times), so it is written as zeros, never merged or checked (moments and
+  ``frozen_param_fragments`` likewise). If some source was saved at another data-parallel
+  size, each output rank's partitions are rebuilt from every source's, parameter by parameter
+  (the geometry is in zero3_partitions: it follows from param_shapes, the partition count and
+  DeepSpeed's padding), one source at a time, with zeros in the padding;
+  ``frozen_param_fragments`` of the model states likewise. The Adam moments
   (``optimizer_state_dict.optimizer_state_dict``) are removed under ``--optimizer drop``, kept
   from the newest checkpoint under ``--optimizer latest`` (partitioned like the newest, and so is
   the output) and under ``merge`` merged, remapped like the partitions where a source's DP size
@@ -67,7 +70,7 @@ from .deepspeed_optim import (FP32_FLAT_GROUPS, OPTIMIZER_STATE, SINGLE_PARTITIO
 from .masters import MasterWeights, from_model_copies
 from .common import discover_run_or_checkpoints, iteration_of, layout_change_refusal, listdir
 from .pickled import PickledFileFormat, SourceLeaves
-from .zero3_partitions import copy_pieces, gather_pieces, stream_numel
+from .zero3_partitions import copy_pieces, gather_pieces, stream_numel, value_runs
 
 TRACKER = "latest"
 
@@ -399,6 +402,45 @@ class DeepSpeedFormat(PickledFileFormat):
                            for name, k in self._inventory(ckpt).files.items() if k == ZERO_OPTIM and _dp_mp(name)[1] == mp)
             files.append((ckpt.path, [path for _, path in optim]))
         return zero12_master_weights(output, files, context, _shapes(output.get("param_shapes")))
+
+    def real_runs(self, relpath: str, checkpoints: Sequence[CheckpointRef], newest: dict) -> \
+            Dict[tuple, List[Tuple[int, int]]]:
+        """ZeRO-3 (sources partitioned like the newest): the padding of the fp32 flat groups, of
+        their moments and of frozen_param_fragments (see zero3_partitions.value_runs), from
+        param_shapes and the partition count. Where the groups do not add up to param_shapes
+        (no file DeepSpeed wrote), none: the whole tensors are merged."""
+        inv, kind = self._inventory(checkpoints[-1]), classify(relpath)
+        count = zero3_partition_count(inv)
+        if inv.zero_stage != 3 or count is None or kind not in (MODEL, ZERO_OPTIM):
+            return {}
+        dp, mp = _dp_mp(relpath)
+        runs: Dict[tuple, List[Tuple[int, int]]] = {}
+        if kind == MODEL:
+            shapes = newest.get("frozen_param_shapes") or {}
+            for name, fragment in (newest.get("frozen_param_fragments") or {}).items():
+                if name in shapes and isinstance(fragment, torch.Tensor) and \
+                        fragment.numel() == stream_numel([math.prod(shapes[name])], count):
+                    runs[("frozen_param_fragments", name)] = \
+                        value_runs([math.prod(shapes[name])], count, dp, [fragment.numel()])[0]
+            return runs
+        optim = newest.get(OPTIMIZER_STATE) or {}
+        groups = optim.get(FP32_FLAT_GROUPS)
+        param_shapes = _shapes(safe_load(os.path.join(checkpoints[-1].path, _zero3_model_name(0, mp))).get("param_shapes"))
+        if not isinstance(groups, (list, tuple)) or not isinstance(param_shapes, list):
+            return {}
+        numels = [math.prod(shape) for group in param_shapes for _, shape in group]
+        sizes = [group.numel() for group in groups]
+        if sum(sizes) != stream_numel(numels, count):
+            return {}
+        moments = moments_by_group(optim) or []
+        state_indices = sorted((optim.get(OPTIMIZER_STATE) or {}).get("state") or {})
+        for index, group_runs in enumerate(value_runs(numels, count, dp, sizes)):
+            runs[(OPTIMIZER_STATE, FP32_FLAT_GROUPS, index)] = group_runs
+            if index < len(moments) and index < len(state_indices):
+                for key, moment in moments[index].items():
+                    if moment.shape == groups[index].shape:
+                        runs[ZERO3_MOMENTS + ("state", state_indices[index], key)] = group_runs
+        return runs
 
     def without_training_state(self, state: dict, relpath: str) -> dict:
         kind = classify(relpath)

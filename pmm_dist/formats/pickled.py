@@ -90,6 +90,14 @@ class PickledFileFormat(CheckpointFormat):
         (``state``: its file, where it is one). Default: none."""
         return MasterWeights()
 
+    def real_runs(self, relpath: str, checkpoints: Sequence[CheckpointRef], newest: dict) -> \
+            Dict[tuple, List[Tuple[int, int]]]:
+        """Leaves of the file ``relpath`` (``newest``: the newest's) whose flattened elements
+        are partly padding that the framework leaves uninitialized: for each, the runs ``(begin,
+        end)`` that hold values. Only those are merged (and checked for NaN/Inf); the padding is
+        written as zeros. Default: none."""
+        return {}
+
     # -- shared mechanics ------------------------------------------------------------------------
     def merged_leaves(self, state, relpath: str, policy: OptimizerPolicy = OptimizerPolicy.DROP) -> Dict[tuple, object]:
         """The leaves merged in the file ``relpath``: its weights, and its optimizer state's
@@ -156,6 +164,7 @@ class PickledFileFormat(CheckpointFormat):
         masters = self.master_weights(unit.relpath, checkpoints, output, sources, context) \
             if context.masters_as_weights else from_model_copies()
         merge.overrides = masters.weights
+        merge.real_runs = self.real_runs(unit.relpath, checkpoints, output)
         subtrees = self.merged_subtrees(output, unit.relpath) + \
             (self.training_subtrees(output, unit.relpath) if policy.keeps_training_state else [])
         # The skeleton: the newest's file with a placeholder for every leaf merged; the leaves

@@ -6,7 +6,8 @@ The rules, from the installed DeepSpeed (0.19.8):
 - ``runtime/zero/partition_parameters.py`` (``_partition_param``, ``_padding_size``): each
   parameter, flattened, is split into ``world_size`` partitions of ``ceil(numel / world_size)``
   elements; rank ``r`` holds elements ``[r*s, (r+1)*s)``, and partitions reaching past ``numel``
-  are padded (with whatever the buffer held: padding carries no weight).
+  are padded (with whatever the ``torch.empty`` buffer held, NaN at times: padding carries no
+  weight, and a merge writes zeros there).
 - ``runtime/zero/stage3.py`` (``_create_fp16_partitions_with_defragmentation``,
   ``_create_fp16_sub_groups``): a rank's flat buffers concatenate its partitions of the
   parameters in ``param_shapes`` order; sub-groups cut that stream at parameter boundaries
@@ -99,6 +100,23 @@ def _spans(offsets: Sequence[int], start: int, length: int) -> Iterator[Tuple[in
         yield group, start - offsets[group], take
         start += take
         length -= take
+
+
+def value_runs(numels: Sequence[int], world_size: int, rank: int, group_sizes: Sequence[int]) -> \
+        List[List[Tuple[int, int]]]:
+    """Per flat group of rank ``rank``'s stream (``group_sizes``: its groups' lengths), the runs
+    ``(begin, end)`` that hold parameters' elements; the rest is padding. DeepSpeed allocates a
+    partition with ``torch.empty`` and copies only the parameter's elements into it, so the
+    padding holds whatever the allocator's memory held, NaN included; it is trained on as
+    zero (its gradients are zero-padded) and nothing ever reads it."""
+    offsets = [0]
+    for size in group_sizes:
+        offsets.append(offsets[-1] + size)
+    runs: List[List[Tuple[int, int]]] = [[] for _ in group_sizes]
+    for piece in gather_pieces(numels, world_size, rank, world_size):
+        for group, start, length in _spans(offsets, piece.start, piece.length):
+            runs[group].append((start, start + length))
+    return runs
 
 
 def copy_pieces(pieces: Sequence[Piece], source_groups: Callable[[int], Sequence[torch.Tensor]],
