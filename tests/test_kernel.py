@@ -3,6 +3,7 @@ import sys
 import pytest
 import torch
 
+from pmm_dist.formats.masters import rounded
 from pmm_dist.merge import kernel
 from pmm_dist.errors import InputError
 
@@ -273,3 +274,25 @@ def test_equal_weights_give_the_nearest_value_of_the_exact_mean(backend, dtype):
         for source, weight in zip(sources, weights):
             accumulator.add(source, weight, "source")
         assert torch.equal(_bits(accumulator.result()), _bits(merged))
+
+
+@pytest.mark.parametrize("stored,model", [(torch.float32, torch.bfloat16), (torch.float64, torch.bfloat16),
+                                          (torch.float64, torch.float32), (torch.float32, torch.float16),
+                                          (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("weights", [_ema(4), [0.25] * 4, [1 / 3] * 3])
+def test_rounded_to_gives_the_bits_of_rounding_the_merged_master(backend, stored, model, weights):
+    """``rounded_to`` (a merged master straight to the model's dtype, in the kernel's store where
+    it can) gives exactly ``masters.rounded`` of the merged master: through float32, as the
+    trainer rounds it. Element 0 of the mean of four is 1 + 2^-8 + 2^-24: past a bf16 tie in
+    float64, on the tie between two floats in float32, which rounds to 1 + 2^-8 (even), a bf16
+    tie, which rounds to 1.0 (even); rounded once from float64 it would be 1 + 2^-7."""
+    sources = [s.to(stored) for s in _drifting(len(weights), 5_000, torch.float32, seed=7)]
+    for index, source in enumerate(sources):  # fp32 values whose mean has a bit below float32's
+        source[0] = 1 + 2 ** -8 + (2 ** -23 if index % 2 else 0) if stored != torch.float64 else 1 + 2 ** -8 + 2 ** -24
+    like = torch.empty(5_000, dtype=model)
+    expected = rounded(kernel.weighted_sum(sources, weights, torch.device("cpu")), like)
+    merged = kernel.weighted_sum(sources, weights, torch.device("cpu"), rounded_to=model)
+    assert merged.dtype == model
+    assert torch.equal(_bits(merged), _bits(expected)), (backend, stored, model)
+    if model == torch.bfloat16 and stored != torch.bfloat16 and weights == [0.25] * 4:
+        assert merged[0] == 1.0

@@ -44,13 +44,15 @@ class MergeContext:
         return self.tensor_filter.selects(name)
 
     def merge_tensor(self, sources: Sequence[torch.Tensor], what: str, source_names: Sequence[str],
-                     *, sources_are_mapped: bool = True) -> torch.Tensor:
+                     *, sources_are_mapped: bool = True, rounded_to: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weighted sum of one tensor's N sources (see kernel.weighted_sum), applying the
         non-finite policy; ``what`` and ``source_names`` name the tensor and files in errors.
         ``what`` also identifies the tensor within its unit, the same in every merge: the
-        watcher keys its running state by ``CheckpointFormat.state_key(unit, what)``."""
+        watcher keys its running state by ``CheckpointFormat.state_key(unit, what)``.
+        ``rounded_to``: the merged masters as the model holds them (see kernel.weighted_sum)."""
         return weighted_sum(sources, self.weights, self.device, sources_are_mapped=sources_are_mapped,
-                            on_nonfinite=self.on_nonfinite, what=what, source_names=source_names)
+                            on_nonfinite=self.on_nonfinite, what=what, source_names=source_names,
+                            rounded_to=rounded_to)
 
     def accumulator(self, shape, what: str) -> Accumulator:
         """For sources read one whole chunk at a time: add ``(source, weights[i], name)`` in

@@ -242,10 +242,22 @@ def equal_weights_divisor(weights: Sequence[float]) -> Optional[int]:
     return n if n > 1 and 1.0 / n == weight and n & (n - 1) else None
 
 
+# (stored dtype, model dtype) pairs for which rounding the float64 sum straight to the model's
+# dtype gives the bits of rounding it to the stored dtype first and then through float32 to the
+# model's (the trainer's copy of its masters into the model): bf16(f32(f64(x))) = bf16(f32(x))
+# as every store to bf16 rounds through float32 (fused.store_bf16, torch's copy_), and
+# f32(f64(x)) = f32(x).
+_ONE_STORE_ROUNDINGS = {(torch.float32, torch.bfloat16), (torch.float64, torch.bfloat16), (torch.float64, torch.float32)}
+
+
 def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], device: torch.device,
                  *, sources_are_mapped: bool = False, on_nonfinite: str = "ignore", what: str = "tensor",
-                 source_names: Optional[Sequence[str]] = None, staged: Optional[bool] = None) -> torch.Tensor:
-    """``sum_i weights[i] * sources[i]``, returned on CPU in the newest source's dtype.
+                 source_names: Optional[Sequence[str]] = None, staged: Optional[bool] = None,
+                 rounded_to: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``sum_i weights[i] * sources[i]``, returned on CPU in the newest source's dtype; with
+    ``rounded_to``, then rounded through float32 to that dtype, as a trainer rounds its fp32
+    masters to its model copy (``masters.rounded``). Where one store gives those bits
+    (_ONE_STORE_ROUNDINGS) it is done in one: no fp32 result to write, fault in and read again.
 
     Accumulates in float64, block by block, and rounds once to the stored dtype. fp32
     accumulation would be enough for most elements, but where the N weighted values cancel
@@ -264,6 +276,9 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     if divisor is not None:
         weights = [1.0] * len(weights)
     stored = sources[-1].dtype
+    then_rounded = rounded_to is not None and rounded_to != stored
+    if then_rounded and (stored, rounded_to) in _ONE_STORE_ROUNDINGS:
+        stored, then_rounded = rounded_to, False
     # detached: the arithmetic writes into buffers (out=, compiled loops), which autograd refuses
     # for a source that requires grad (DeepSpeed saves parameters so)
     flat_sources = [s.detach().reshape(-1) for s in sources]
@@ -299,6 +314,8 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
         blocks.store(block, begin, end)
     if advice is not None:
         advice.done()
+    if then_rounded:
+        result = result.to(torch.float32).to(rounded_to)
     return _as_stored(result.view(sources[-1].shape), sources)
 
 

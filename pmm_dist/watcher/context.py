@@ -67,7 +67,7 @@ class IncrementalContext(MergeContext):
     counters: _UnitCounters = field(default_factory=_UnitCounters)
 
     def merge_tensor(self, sources: Sequence[torch.Tensor], what: str, source_names: Sequence[str],
-                     *, sources_are_mapped: bool = True) -> torch.Tensor:
+                     *, sources_are_mapped: bool = True, rounded_to: Optional[torch.dtype] = None) -> torch.Tensor:
         rule, counters = self.rule, self.counters
         assert len(sources) == len(source_names)
         key = self.fmt.state_key(self.unit, what)
@@ -128,6 +128,8 @@ class IncrementalContext(MergeContext):
             if sources_are_mapped:
                 for f in flat:
                     advise_pages(f[begin:end], _MADV_DONTNEED)
+        if rounded_to is not None and rounded_to != stored:  # as masters.rounded (the format asked for the model's)
+            result = result.to(torch.float32).to(rounded_to)
         return result.view(shape)  # the format reports progress and bytes read itself
 
     @staticmethod
