@@ -16,7 +16,7 @@ import torch
 import pmm_dist
 from pmm_dist.engine.manifest import model_weights_summary
 from pmm_dist.errors import MergeError
-from pmm_dist.formats.masters import MatchError, match_masters
+from pmm_dist.formats.masters import MatchError, match_masters, rounds_to
 from pmm_dist.formats.megatron_optim import _walk_buffer
 from pmm_dist.plan.types import UnitResult
 from pmm_dist.testing.synthetic import generate_run
@@ -243,6 +243,44 @@ def test_a_distrib_buffer_that_does_not_follow_the_model_falls_back_with_a_note(
     manifest = json.load(open(tmp_path / "out" / "pmm_manifest.json"))
     assert manifest["model_weights_from"] == "fp32 masters (1 files); model copies (1 files)"
     assert "mp_rank_01/distrib_optim.pt buffer 0: no place for" in manifest["model_weights_notes"][0]
+
+
+@pytest.mark.parametrize("run_name", ["float16", "distrib_dense"])
+def test_an_older_source_whose_masters_do_not_round_to_its_model_falls_back_with_a_note(runs, tmp_path, run_name):
+    """The mapping found in the newest must hold in every source (checked on samples of each
+    master, see masters.check_mapping): an older source whose masters are not its model's
+    (scaled here) gives that file's weights from the model copies, and the manifest says why."""
+    run = _copy(runs[run_name], tmp_path)
+    shard, name = ("mp_rank_00_000", "model_optim_rng.pt") if run_name == "float16" else ("mp_rank_01", "distrib_optim.pt")
+    path = os.path.join(run, "iter_0000200", shard, name)
+
+    def scale(state):
+        if run_name == "float16":
+            state["optimizer"]["fp32_from_fp16_params"][0][0].mul_(1.5)
+        else:
+            (_, buffer), = state[0].items()
+            buffer["param"].mul_(1.5)
+    _edit(path, scale)
+    _merge(run, tmp_path / "out", "drop")
+    manifest = json.load(open(tmp_path / "out" / "pmm_manifest.json"))
+    assert manifest["model_weights_from"].startswith("fp32 masters (")
+    assert manifest["model_weights_from"].endswith("files); model copies (1 files)")
+    assert f"in {path} the master" in manifest["model_weights_notes"][0]
+    assert "does not round to" in manifest["model_weights_notes"][0]
+
+
+def test_a_sampled_comparison_looks_at_three_runs_of_elements():
+    """rounds_to(sampled=True) compares the first, middle and last 2048 elements (a source whose
+    mapping the newest showed in full); without it, every element."""
+    master = torch.randn(100_000)
+    model = master.to(torch.bfloat16)
+    assert rounds_to(master, model) and rounds_to(master, model, sampled=True)
+    for place, seen_by_sample in ((10, True), (50_000, True), (99_990, True), (30_000, False)):
+        changed = model.clone()
+        changed[place] += 1
+        assert not rounds_to(master, changed)
+        assert rounds_to(master, changed, sampled=True) != seen_by_sample, place
+    assert not rounds_to(master, model[:-1], sampled=True)
 
 
 def test_formats_refuse_a_policy_they_do_not_implement(tmp_path):

@@ -39,7 +39,8 @@ from ..io.torch_save_stream import Placeholder
 from ..io.tree import dotted
 from ..plan.types import MODEL_WEIGHTS_NOTE, OptimizerPolicy
 from .base import MergeContext
-from .masters import MASTER, MOMENT, MasterWeights, from_masters, from_model_copies, in_file_master_weights, is_counter
+from .masters import (MASTER, MOMENT, MasterWeights, from_masters, from_model_copies, in_file_master_weights, is_counter,
+                      merged_as_model)
 
 OPTIMIZER_STATE = "optimizer_state_dict"
 SINGLE_PARTITION = "single_partition_of_fp32_groups"
@@ -218,11 +219,9 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
 
 def _rounded_master(partitions_by_source: Sequence[Sequence[torch.Tensor]], start: int, numel: int,
                     like: torch.Tensor, what: str, names: Sequence[str], context: MergeContext) -> torch.Tensor:
-    """One parameter's merged fp32 master, rounded as the module holds it (``like``): in the
-    kernel's store, since the master itself is not written here."""
+    """One parameter's merged fp32 master, rounded as the module holds it (``like``)."""
     sources = [_flat_range(partitions, start, numel) for partitions in partitions_by_source]
-    merged = context.merge_tensor(sources, what, names, rounded_to=like.dtype)
-    return merged.detach().reshape(like.shape).requires_grad_(like.requires_grad)
+    return merged_as_model(context, sources, what, names, like)
 
 
 def _flat_range(partitions: Sequence[torch.Tensor], start: int, numel: int) -> torch.Tensor:

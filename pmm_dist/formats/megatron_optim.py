@@ -201,14 +201,15 @@ def distrib_weights(newest_model: dict, model_keys: Sequence[str], distribs: Seq
                     names: Sequence[str], models: Sequence[dict], context) -> MasterWeights:
     """DistributedOptimizer: the model weights cut from every source's merged ``param`` buffers
     (``distribs``: each source's distrib_optim.pt of this shard, the newest last; ``models``: each
-    source's model file, to verify the layout holds in it too), rounded."""
+    source's model file, to verify the layout holds in it too, on samples: see
+    masters.check_mapping), rounded."""
     try:
         layout = distrib_layout(newest_model, model_keys, distribs[-1], names[-1])
     except (MatchError, KeyError, TypeError, AttributeError) as exc:
         return from_model_copies(str(exc) if isinstance(exc, MatchError) else f"{names[-1]}: unexpected structure")
     for distrib, model, name in zip(distribs[:-1], models[:-1], names[:-1]):
         for path, (buffer_path, start, numel) in layout.items():
-            if not rounds_to(leaf_at(distrib, buffer_path)[start:start + numel], leaf_at(model, path)):
+            if not rounds_to(leaf_at(distrib, buffer_path)[start:start + numel], leaf_at(model, path), sampled=True):
                 return from_model_copies(f"in {name} the master of '{dotted(path)}' does not round to its model tensor")
     weights: Dict[tuple, object] = {}
     result = from_masters(weights)
@@ -230,10 +231,17 @@ def distrib_weights(newest_model: dict, model_keys: Sequence[str], distribs: Seq
 
 def _merged_buffer(stack: Sequence[torch.Tensor], what: str, names: Sequence[str], context, result: MasterWeights,
                    leaves: Dict[Placeholder, tuple]) -> Dict[Placeholder, torch.Tensor]:
-    """The rounded parameters (``leaves``: placeholder -> start, numel, model tensor) of one merged buffer."""
-    merged = context.merge_tensor(stack, what, names)
+    """The rounded parameters (``leaves``: placeholder -> start, numel, model tensor) of one merged
+    buffer. The buffer itself is not written: where its parameters share one dtype, the kernel
+    rounds to it in its store (masters.merged_as_model), and each is copied out of it."""
+    dtypes = {like.dtype for _, _, like in leaves.values()}
     num_read = sum(t.numel() * t.element_size() for t in stack)
     result.num_bytes_read += num_read
     context.on_progress(num_read)
+    if len(dtypes) == 1:
+        merged = context.merge_tensor(stack, what, names, rounded_to=dtypes.pop()).detach()
+        return {placeholder: merged[start:start + numel].reshape(like.shape).clone().requires_grad_(like.requires_grad)
+                for placeholder, (start, numel, like) in leaves.items()}
+    merged = context.merge_tensor(stack, what, names)
     return {placeholder: rounded(merged[start:start + numel], like)
             for placeholder, (start, numel, like) in leaves.items()}
