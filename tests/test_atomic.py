@@ -3,6 +3,8 @@ import errno
 import hashlib
 import json
 import os
+import random
+import threading
 
 import pytest
 
@@ -51,6 +53,56 @@ def test_a_failing_producer_leaves_the_old_file_and_no_temporary(tmp_path, error
     with pytest.raises(type(error)):  # not wrapped: a bug stays a bug, Ctrl-C stays Ctrl-C
         write_atomically(str(path), produce)
     assert path.read_bytes() == b"old" and _leftovers(tmp_path) == []
+
+
+def _hash_threads():
+    return [t for t in threading.enumerate() if t.name == "pmm-hash"]
+
+
+def test_a_large_file_is_hashed_behind_the_writer(tmp_path, monkeypatch):
+    """Past HASH_BEHIND_BYTES the checksum comes from a thread reading the bytes back: the same
+    digest as hashing them inline, for writes of every size, memoryviews of reused buffers
+    (torch hands such) included; the thread is gone afterwards."""
+    monkeypatch.setattr(atomic, "HASH_BEHIND_BYTES", 1000)
+    monkeypatch.setattr(atomic, "_HASH_CHUNK", 4096)
+    rng = random.Random(5)
+    pieces = [bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 7, 999, 1000, 5000, 20000]))) for _ in range(60)]
+    reused = bytearray(3000)
+
+    def produce(f):
+        for piece in pieces:
+            f.write(piece)
+            reused[:] = os.urandom(len(reused))
+            f.write(memoryview(reused))  # overwritten right after the call, as torch's buffers are
+    path = str(tmp_path / "big.bin")
+    num_bytes, digest = write_atomically(path, produce)
+    content = open(path, "rb").read()
+    assert num_bytes == len(content) > 1000 and digest == hashlib.sha256(content).hexdigest()
+    assert _hash_threads() == []
+
+
+def test_a_failing_producer_stops_the_hashing_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "HASH_BEHIND_BYTES", 10)
+    path = tmp_path / "out.bin"
+
+    def produce(f):
+        f.write(b"x" * 100)
+        raise ValueError("bad tensor")
+    with pytest.raises(ValueError):
+        write_atomically(str(path), produce)
+    assert not path.exists() and _leftovers(tmp_path) == [] and _hash_threads() == []
+
+
+def test_a_read_back_failure_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "HASH_BEHIND_BYTES", 10)
+
+    def failing_preadv(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(atomic.os, "preadv", failing_preadv)
+    path = str(tmp_path / "out.bin")
+    with pytest.raises(MergeError, match=rf"^{path}: cannot write \(Input/output error\)$"):
+        write_atomically(path, lambda f: f.write(b"y" * 100))
+    assert os.listdir(tmp_path) == [] and _hash_threads() == []
 
 
 def test_an_os_error_names_the_file(tmp_path):
