@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 from .. import __version__
 from ..errors import InputError, OutputError, UsageError
 from ..formats import CheckpointFormat, resolve_format
-from ..io.planning_reads import gc_paused, planning_reads
+from ..io.planning_reads import gc_paused, planning_reads, remember_file_stats
 from ..io.staging import STAGING, InputSnapshot, Staging, fingerprint, identity, snapshot_inputs
 from ..merge.methods import get_method
 from ..plan.assign import assign_units
@@ -98,6 +98,7 @@ def _plan_merge(options: MergeOptions, world_size: int) -> Tuple[MergePlan, Inpu
     weights = method.weights(len(checkpoints), **options.method_options())
     check_one_run(fmt, checkpoints, options.allow_mixed_runs)
     snapshot = snapshot_inputs(checkpoints)
+    remember_file_stats(snapshot)
     units = fmt.plan_units(checkpoints, options.optimizer, world_size)
     output = fmt.output_layout(checkpoints[-1])
     # What makes two runs produce the same bytes: resuming is allowed only if all of it is equal.

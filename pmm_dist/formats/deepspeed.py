@@ -58,6 +58,7 @@ import torch
 
 from ..errors import InputError
 from ..io.atomic import write_atomically
+from ..io.planning_reads import file_size
 from ..io.safe_load import register_framework_globals, safe_load
 from ..io.torch_save_stream import save_streamed
 from ..io.tree import remove_subtree, replace_subtree
@@ -284,7 +285,7 @@ class DeepSpeedFormat(PickledFileFormat):
                 continue
             kind = classify(name)
             merged = kind in (MODEL, EXPERT, LAYER) or kind == ZERO_OPTIM and (keeps or reference.zero_stage == 3)
-            units.append(WorkUnit(name, os.path.getsize(os.path.join(newest.path, name)),
+            units.append(WorkUnit(name, file_size(os.path.join(newest.path, name)),
                                   action=Action.MERGE if merged else Action.COPY, optimizer=optimizer_policy))
         return units
 

@@ -24,7 +24,7 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from ..io.planning_reads import subdirectories
+from ..io.planning_reads import file_size, is_file, memoised, subdirectories
 from ..io.safe_load import register_framework_globals, safe_load
 from ..plan.types import CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
 from .common import discover_run_or_checkpoints, iteration_of, layout_change_refusal, listdir
@@ -236,23 +236,23 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
                          for name in sorted(own - found)]
             problems += [f"{os.path.join(ckpt.path, name)}: unexpected shard for TP/PP/EP={_fmt(degrees)}"
                          for name in sorted(found - own)]
-            for name in sorted(own & found):
-                path = os.path.join(ckpt.path, name, MODEL_FILE)
-                if not os.path.isfile(path):
-                    problems.append(f"{path}: missing file")
+            prefix = os.path.join(ckpt.path, "")  # os.path.join's strings, without a call per shard (100k)
+            problems += [f"{prefix}{name}/{MODEL_FILE}: missing file" for name in sorted(own & found)
+                         if not is_file(f"{prefix}{name}/{MODEL_FILE}")]
         if problems:
             raise InputError(sorted(set(problems), key=problems.index))
-        units = [WorkUnit(f"{name}/{MODEL_FILE}", os.path.getsize(os.path.join(newest.path, name, MODEL_FILE)),
-                          optimizer=optimizer_policy) for name in sorted(expected)]
+        prefix = os.path.join(newest.path, "")
+        units = [WorkUnit(f"{name}/{MODEL_FILE}", file_size(f"{prefix}{name}/{MODEL_FILE}"), optimizer=optimizer_policy)
+                 for name in sorted(expected)]
         if optimizer_policy.keeps_training_state:  # the distributed optimizer's masters and moments: merged
-            distrib = [name for name in sorted(expected) if os.path.isfile(os.path.join(newest.path, name, DISTRIB_OPTIM_FILE))]
+            distrib = [name for name in sorted(expected) if is_file(os.path.join(newest.path, name, DISTRIB_OPTIM_FILE))]
             problems = [f"{os.path.join(ckpt.path, name, DISTRIB_OPTIM_FILE)}: missing file (present in the newest "
                         f"checkpoint {newest.path}; --optimizer {optimizer_policy} merges it)"
                         for ckpt in checkpoints[:-1] for name in distrib
-                        if not os.path.isfile(os.path.join(ckpt.path, name, DISTRIB_OPTIM_FILE))]
+                        if not is_file(os.path.join(ckpt.path, name, DISTRIB_OPTIM_FILE))]
             if problems:
                 raise InputError(problems)
-            units += [WorkUnit(f"{name}/{DISTRIB_OPTIM_FILE}", os.path.getsize(os.path.join(newest.path, name, DISTRIB_OPTIM_FILE)),
+            units += [WorkUnit(f"{name}/{DISTRIB_OPTIM_FILE}", file_size(os.path.join(newest.path, name, DISTRIB_OPTIM_FILE)),
                                optimizer=optimizer_policy) for name in distrib]
         return units
 
@@ -428,9 +428,11 @@ def _differing(found: list, newest: list) -> str:
     return f"{len(found)} entries (the newest: {len(newest)})"
 
 
-def _shard_dirs(path: str) -> List[str]:
-    # one scandir (entry types without a stat each), once per planning pass: 100k shards
-    return [e for e in subdirectories(path) if _SHARD_DIR.match(e)]
+def _shard_dirs(path: str) -> Tuple[str, ...]:
+    # one scandir (entry types without a stat each) and one pass of the pattern, once per
+    # planning pass (asked nine times there): 100k shards
+    return memoised("megatron shard dirs", os.path.abspath(path),
+                    lambda: tuple(e for e in subdirectories(path) if _SHARD_DIR.match(e)))
 
 
 _MISSING = object()

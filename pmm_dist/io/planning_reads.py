@@ -12,7 +12,7 @@ import contextlib
 import gc
 import os
 import threading
-from typing import Callable, List, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
 _state = threading.local()
@@ -29,6 +29,32 @@ def planning_reads():
         yield
     finally:
         _state.cache = None
+
+
+def remember_file_stats(stats: Dict[str, Tuple[int, int]]) -> None:
+    """The input snapshot's (size, mtime_ns) by path (io/staging.snapshot_inputs: every file of
+    every source, taken before the format validates them), for ``file_size`` and ``is_file``
+    inside this ``planning_reads`` block: at 100k shard files, a stat each again costs a second."""
+    cache = getattr(_state, "cache", None)
+    if cache is not None:
+        cache[("file_stats", None)] = stats
+
+
+def _known_stat(path: str) -> Optional[Tuple[int, int]]:
+    cache = getattr(_state, "cache", None)
+    stats = cache.get(("file_stats", None)) if cache is not None else None
+    return stats.get(path) if stats is not None else None
+
+
+def file_size(path: str) -> int:
+    """``os.path.getsize``, from the snapshot where it has the file."""
+    known = _known_stat(path)
+    return known[0] if known is not None else os.path.getsize(path)
+
+
+def is_file(path: str) -> bool:
+    """``os.path.isfile``, from the snapshot where it has the file."""
+    return _known_stat(path) is not None or os.path.isfile(path)
 
 
 def memoised(kind: str, key, read: Callable[[], T]) -> T:
