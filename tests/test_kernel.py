@@ -291,8 +291,9 @@ def test_rounded_to_gives_the_bits_of_rounding_the_merged_master(backend, stored
         source[0] = 1 + 2 ** -8 + (2 ** -23 if index % 2 else 0) if stored != torch.float64 else 1 + 2 ** -8 + 2 ** -24
     like = torch.empty(5_000, dtype=model)
     expected = rounded(kernel.weighted_sum(sources, weights, torch.device("cpu")), like)
-    merged = kernel.weighted_sum(sources, weights, torch.device("cpu"), rounded_to=model)
-    assert merged.dtype == model
-    assert torch.equal(_bits(merged), _bits(expected)), (backend, stored, model)
+    for staged in (False, True):  # True: the blocks through the device path's staging buffers
+        merged = kernel.weighted_sum(sources, weights, torch.device("cpu"), rounded_to=model, staged=staged)
+        assert merged.dtype == model
+        assert torch.equal(_bits(merged), _bits(expected)), (backend, stored, model, staged)
     if model == torch.bfloat16 and stored != torch.bfloat16 and weights == [0.25] * 4:
         assert merged[0] == 1.0

@@ -89,13 +89,13 @@ class _HashBehind:
                     if self._abandoned or (self._closing and self._available == self._hashed):
                         return
                     target = self._available
-                while self._hashed < target:
+                while self._hashed < target and not self._abandoned:
                     num_read = os.preadv(self._fd, [buffer[:min(_HASH_CHUNK, target - self._hashed)]], self._hashed)
                     if num_read <= 0:
                         raise OSError(f"the file ends at {self._hashed} bytes, {target} were written")
                     self._hasher.update(buffer[:num_read])
                     self._hashed += num_read
-        except OSError as exc:
+        except BaseException as exc:  # whatever stops the hashing fails the file, never a wrong digest
             self._error = exc
 
     def finish(self, abandon: bool = False) -> None:

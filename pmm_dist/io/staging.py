@@ -70,7 +70,7 @@ def changed_inputs(snapshot: InputSnapshot) -> list:
 def fingerprint(description: dict, snapshot: InputSnapshot) -> str:
     """The hash of ``identity``: the description as JSON, then a line ``path NUL size NUL
     mtime_ns`` per input file in path order (one unambiguous record each, as no path holds a
-    NUL; at 200k files the JSON of the snapshot took half a second, this a fifth of that)."""
+    NUL; at 208k files: 0.48 s as the JSON of the whole identity, 0.35 s so, the sort included)."""
     hasher = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode())
     hasher.update("".join(f"{path}\0{size}\0{mtime}\n" for path, (size, mtime) in sorted(snapshot.items()))
                   .encode("utf-8", "surrogateescape"))

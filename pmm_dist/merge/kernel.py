@@ -276,16 +276,16 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     if divisor is not None:
         weights = [1.0] * len(weights)
     stored = sources[-1].dtype
-    then_rounded = rounded_to is not None and rounded_to != stored
+    result_dtype, then_rounded = stored, rounded_to is not None and rounded_to != stored
     if then_rounded and (stored, rounded_to) in _ONE_STORE_ROUNDINGS:
-        stored, then_rounded = rounded_to, False
+        result_dtype, then_rounded = rounded_to, False
     # detached: the arithmetic writes into buffers (out=, compiled loops), which autograd refuses
     # for a source that requires grad (DeepSpeed saves parameters so)
     flat_sources = [s.detach().reshape(-1) for s in sources]
     numel = flat_sources[0].numel()
     if any(s.numel() != numel for s in flat_sources):  # the compiled loops do not check bounds
         raise ValueError(f"{what}: sources of different sizes {[s.numel() for s in flat_sources]}")
-    result = torch.empty(numel, dtype=stored)
+    result = torch.empty(numel, dtype=result_dtype)
     block_size = max(1, min(numel, BLOCK_ELEMENTS))
     staged = device.type != "cpu" if staged is None else staged
     may_fuse = device.type == "cpu" and not staged and numel >= FUSED_MIN_ELEMENTS
