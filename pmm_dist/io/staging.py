@@ -151,7 +151,10 @@ class Staging:
             return {}
 
     def num_done(self) -> int:
-        return len(os.listdir(self._done_dir)) if os.path.isdir(self._done_dir) else 0
+        """Units with a marker (a marker a kill interrupted is a temporary file, and no marker)."""
+        if not os.path.isdir(self._done_dir):
+            return 0
+        return sum(name.endswith(".json") for name in os.listdir(self._done_dir))
 
     def completed(self, unit: WorkUnit) -> Optional[UnitResult]:
         """The recorded result of ``unit`` if it finished and its file is still intact."""
