@@ -283,6 +283,30 @@ def test_a_sampled_comparison_looks_at_three_runs_of_elements():
     assert not rounds_to(master, model[:-1], sampled=True)
 
 
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory from /proc")
+def test_a_mapped_comparison_gives_its_pages_back_and_the_values_stay(tmp_path):
+    """rounds_to(mapped=True), as the newest's masters are matched: the same answer, the pages it
+    compared dropped from the process (not all of a file's masters resident before the merge),
+    and the tensors still read their values (from the file) afterwards."""
+    master = torch.randn(16 << 20)
+    path = str(tmp_path / "masters.pt")
+    torch.save({"master": master, "model": master.to(torch.bfloat16)}, path)
+    grown = {}
+    for mapped in (False, True):
+        loaded = torch.load(path, mmap=True, weights_only=True)
+        before = _resident_bytes()
+        assert rounds_to(loaded["master"], loaded["model"], mapped=mapped)
+        grown[mapped] = _resident_bytes() - before
+        assert torch.equal(loaded["master"], master) and torch.equal(loaded["model"], master.to(torch.bfloat16))
+        del loaded
+    assert grown[False] > 80 << 20 and grown[True] < 16 << 20, grown
+
+
 def test_formats_refuse_a_policy_they_do_not_implement(tmp_path):
     config = llama_config(num_layers=1, hidden=16, ffn=32, vocab=32)
     for step in (10, 20):

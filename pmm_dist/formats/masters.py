@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..io.torch_save_stream import Placeholder
-from ..merge.kernel import merged_requires_grad
+from ..merge.kernel import merged_requires_grad, release_pages
 from ..plan.types import MODEL_WEIGHTS_FROM, MODEL_WEIGHTS_NOTE, WEIGHTS_FROM_MASTERS, WEIGHTS_FROM_MODEL, OptimizerPolicy
 
 MASTER, MOMENT = "master", "moment"
@@ -82,10 +82,14 @@ _COMPARED_ELEMENTS = 1 << 20
 _SAMPLED_ELEMENTS = 1 << 11
 
 
-def rounds_to(master: torch.Tensor, model: torch.Tensor, *, sampled: bool = False) -> bool:
+def rounds_to(master: torch.Tensor, model: torch.Tensor, *, sampled: bool = False,
+              mapped: bool = False) -> bool:
     """Whether ``model`` is exactly ``master`` rounded to the model's dtype. ``sampled``: on
     three runs of elements (the first, the middle and the last), for a checkpoint that must have
-    the structure another one showed by full comparison (see check_mapping)."""
+    the structure another one showed by full comparison (see check_mapping). ``mapped``:
+    both are memory-mapped from their files (``safe_load``), and the pages compared are dropped
+    from this process as it goes (kernel.release_pages): a full comparison of the newest's masters
+    left them all resident until the merge reached each (0.6 GiB of a 1.5 GB Megatron shard)."""
     if master.numel() != model.numel():
         return False
     flat_master, flat_model, numel = master.detach().reshape(-1), model.detach().reshape(-1), model.numel()
@@ -94,7 +98,14 @@ def rounds_to(master: torch.Tensor, model: torch.Tensor, *, sampled: bool = Fals
         runs = [(0, _SAMPLED_ELEMENTS), (middle, middle + _SAMPLED_ELEMENTS), (numel - _SAMPLED_ELEMENTS, numel)]
     else:
         runs = [(begin, min(begin + _COMPARED_ELEMENTS, numel)) for begin in range(0, numel, _COMPARED_ELEMENTS)]
-    return all(torch.equal(flat_master[begin:end].to(model.dtype), flat_model[begin:end]) for begin, end in runs)
+    for begin, end in runs:
+        equal = torch.equal(flat_master[begin:end].to(model.dtype), flat_model[begin:end])
+        if mapped:
+            release_pages(flat_master[begin:end])
+            release_pages(flat_model[begin:end])
+        if not equal:
+            return False
+    return True
 
 
 class MatchError(ValueError):
@@ -102,7 +113,7 @@ class MatchError(ValueError):
 
 
 def match_masters(masters: Sequence[Tuple[tuple, torch.Tensor]], groups: Sequence[int],
-                  model: Sequence[Tuple[tuple, torch.Tensor]]) -> Dict[tuple, tuple]:
+                  model: Sequence[Tuple[tuple, torch.Tensor]], *, mapped: bool = False) -> Dict[tuple, tuple]:
     """Master leaf path -> model leaf path, from the values of ONE checkpoint.
 
     ``masters`` are in the optimizer's order, without names; ``groups`` gives each master's param
@@ -124,7 +135,7 @@ def match_masters(masters: Sequence[Tuple[tuple, torch.Tensor]], groups: Sequenc
             model_path, tensor = model[index]
             if index in used or tensor.numel() != master.numel():
                 continue
-            if rounds_to(master, tensor):
+            if rounds_to(master, tensor, mapped=mapped):
                 used.add(index)
                 position[group] = index + 1
                 mapping[master_path] = model_path
@@ -177,7 +188,8 @@ def in_file_master_weights(masters: Sequence[Tuple[tuple, int]], model: Sequence
     try:
         newest_masters = [(path, leaf_at(newest, path)) for path, _ in masters]
         mapping = match_masters(newest_masters, [group for _, group in masters],
-                                [(path, leaf_at(newest, path)) for path in model])
+                                [(path, leaf_at(newest, path)) for path in model],
+                                mapped=True)  # the states are safe_load's: memory-mapped
     except MatchError as exc:
         return from_model_copies(f"{names[-1]}: {exc}")
     for state, name in zip(states[:-1], names[:-1]):

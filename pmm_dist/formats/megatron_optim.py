@@ -182,7 +182,7 @@ def _walk_buffer(params, flat: torch.Tensor, numel_unpadded: int, where: str):
         numel = tensor.numel()
         aligned = bucket_start + -(-used // PARAM_ALIGNMENT) * PARAM_ALIGNMENT
         for start, new_bucket in ((aligned, False), (bucket_start + used, True)):
-            if start + numel <= flat.numel() and rounds_to(flat[start:start + numel], tensor):
+            if start + numel <= flat.numel() and rounds_to(flat[start:start + numel], tensor, mapped=True):
                 break
         else:
             raise MatchError(f"{where}: no place for '{dotted(path)}' ({numel} elements) after {bucket_start + used}: "

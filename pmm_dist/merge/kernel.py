@@ -505,6 +505,12 @@ def _report_nonfinite(flat_sources, begin, end, policy, what, source_names) -> N
     print(f"pmm-dist: warning: {message}", file=sys.stderr, flush=True)
 
 
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop a memory-mapped source tensor's whole pages from this process (MADV_DONTNEED, see
+    ``advise_pages``: only for tensors of ``torch.load(mmap=True)``)."""
+    advise_pages(tensor, _MADV_DONTNEED)
+
+
 def advise_pages(tensor: torch.Tensor, advice: int, *, whole_first_page: bool = False) -> None:
     """madvise the pages of a memory-mapped source tensor's bytes.
 

@@ -26,7 +26,7 @@ import torch
 from ..errors import InputError
 from ..formats import CheckpointFormat, MergeContext
 from ..merge import compensated
-from ..merge.kernel import BLOCK_ELEMENTS, advise_pages, _MADV_DONTNEED
+from ..merge.kernel import BLOCK_ELEMENTS, release_pages
 from ..plan.types import UnitResult, WorkUnit
 from .state import StateReader, StateWriter, block_ranges
 
@@ -127,7 +127,7 @@ class IncrementalContext(MergeContext):
             result[begin:end].copy_(merged)
             if sources_are_mapped:
                 for f in flat:
-                    advise_pages(f[begin:end], _MADV_DONTNEED)
+                    release_pages(f[begin:end])
         if rounded_to is not None and rounded_to != stored:  # as masters.rounded (the format asked for the model's)
             result = result.to(torch.float32).to(rounded_to)
         return result.view(shape)  # the format reports progress and bytes read itself
