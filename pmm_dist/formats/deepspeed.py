@@ -218,7 +218,7 @@ class DeepSpeedFormat(PickledFileFormat):
         shapes = self._inventory(checkpoints[-1]).param_shapes  # as _shapes gives them
         if not isinstance(shapes, list):
             return totals
-        masters_bytes = 4 * sum(math.prod(shape) for group in shapes for _, shape in group)
+        masters_bytes = 4 * sum(_param_numels(shapes))
         for unit in units:
             if unit.action == Action.MERGE and classify(unit.relpath) == MODEL:
                 totals = [total - unit.num_bytes + masters_bytes for total in totals]
@@ -429,7 +429,7 @@ class DeepSpeedFormat(PickledFileFormat):
         param_shapes = _shapes(safe_load(os.path.join(checkpoints[-1].path, _zero3_model_name(0, mp))).get("param_shapes"))
         if not isinstance(groups, (list, tuple)) or not isinstance(param_shapes, list):
             return {}
-        numels = [math.prod(shape) for group in param_shapes for _, shape in group]
+        numels = _param_numels(param_shapes)
         sizes = [group.numel() for group in groups]
         if sum(sizes) != stream_numel(numels, count):
             return {}
@@ -600,7 +600,7 @@ class DeepSpeedFormat(PickledFileFormat):
         shapes = _shapes(safe_load(shapes_path).get("param_shapes"))
         if not isinstance(shapes, list):
             raise InputError(f"{shapes_path}: no 'param_shapes' (is this a ZeRO-3 model-states file?)")
-        numels = [math.prod(shape) for group in shapes for _, shape in group]
+        numels = _param_numels(shapes)
         count = zero3_partition_count(self._inventory(newest))
         output, problem = _flat_partition_problem(newest_path, count, numels, None, newest_path, policy)
         if problem:
@@ -738,6 +738,11 @@ def _shapes(param_shapes):
     if isinstance(param_shapes, list):
         return [[(name, tuple(shape)) for name, shape in group.items()] for group in param_shapes]
     return param_shapes
+
+
+def _param_numels(param_shapes) -> List[int]:
+    """Each parameter's element count, in param_shapes order (as ``_shapes`` gives them)."""
+    return [math.prod(shape) for group in param_shapes for _, shape in group]
 
 
 def _implied_files(inv: _Inventory) -> Dict[str, str]:

@@ -209,12 +209,13 @@ def in_file_master_weights(masters: Sequence[Tuple[tuple, int]], model: Sequence
         model_tensor = leaf_at(newest, model_path)
         master = Placeholder(stack[-1].shape, stack[-1].dtype, merged_requires_grad(stack))
         model = Placeholder.like(model_tensor)
-        what = f"master of '{'.'.join(map(str, model_path))}'"
-        # One merge gives both leaves, whichever the file reaches first (the other waits for its turn).
-        master.compute = model.compute = functools.partial(
-            _merge_master, stack, what, names, context, result, {master: None, model: model_tensor})
-        if not context.optimizer_policy.keeps_training_state:  # the master is not written: the model's only
-            model.compute = functools.partial(_merge_master, stack, what, names, context, result, {model: model_tensor})
+        merge = functools.partial(_merge_master, stack, f"master of '{'.'.join(map(str, model_path))}'", names,
+                                  context, result)
+        # One merge gives both leaves, whichever the file reaches first (the other waits for its turn);
+        # where the master is not written (--optimizer drop), the model's leaf alone.
+        master.compute = functools.partial(merge, {master: None, model: model_tensor})
+        model.compute = master.compute if context.optimizer_policy.keeps_training_state else \
+            functools.partial(merge, {model: model_tensor})
         weights[master_path], weights[model_path] = master, model
     return result
 

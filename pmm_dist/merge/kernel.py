@@ -315,8 +315,14 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     if advice is not None:
         advice.done()
     if then_rounded:
-        result = result.to(torch.float32).to(rounded_to)
+        result = rounded_through_float32(result, rounded_to)
     return _as_stored(result.view(sources[-1].shape), sources)
+
+
+def rounded_through_float32(result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A merge in its stored dtype as a model of ``dtype`` holds it: rounded through float32, as
+    a trainer rounds its fp32 masters (``masters.rounded``); ``result`` where it is ``dtype``."""
+    return result if result.dtype == dtype else result.to(torch.float32).to(dtype)
 
 
 def merged_requires_grad(sources: Sequence[torch.Tensor]) -> bool:

@@ -26,7 +26,7 @@ import torch
 from ..errors import InputError
 from ..formats import CheckpointFormat, MergeContext
 from ..merge import compensated
-from ..merge.kernel import BLOCK_ELEMENTS, release_pages
+from ..merge.kernel import BLOCK_ELEMENTS, release_pages, rounded_through_float32
 from ..plan.types import UnitResult, WorkUnit
 from .state import StateReader, StateWriter, block_ranges
 
@@ -128,8 +128,8 @@ class IncrementalContext(MergeContext):
             if sources_are_mapped:
                 for f in flat:
                     release_pages(f[begin:end])
-        if rounded_to is not None and rounded_to != stored:  # as masters.rounded (the format asked for the model's)
-            result = result.to(torch.float32).to(rounded_to)
+        if rounded_to is not None:  # the format asked for the model's dtype
+            result = rounded_through_float32(result, rounded_to)
         return result.view(shape)  # the format reports progress and bytes read itself
 
     @staticmethod
