@@ -13,7 +13,9 @@ Candidates:
 - before: the kernel as it was (1M-element float64 blocks, mixed-dtype ``add_``), kept here verbatim
   as the baseline;
 - torch: today's pure-torch fallback (32K blocks, bf16 -> fp32 -> fp64 same-dtype copies);
-- fused: today's default, numba loops widening and adding in one pass (pmm_dist.merge.fused);
+- fused: today's default, numba loops widening and adding in one pass (pmm_dist.merge.fused),
+  two sources per pass;
+- fused, one source per pass: the same without ``fused.PAIR_KERNELS`` (the kernel before they came);
 - fp32 EFT: a candidate measured, not adopted: float32 double-float accumulation (weights split
   in two float32s, products by FMA TwoProd, sums by TwoSum; ~48 bits) in numba, within one ulp
   but not bit-identical to the float64 kernels;
@@ -56,14 +58,19 @@ def before(sources, weights):
     return result
 
 
-def _with_backend(backend):
+def _with_backend(backend, pairs=True):
     def run(sources, weights, mapped=False):
         saved = kernel._fused_module
         kernel._fused_module = None if backend == "torch" else kernel.fused_kernels(wait=True)
+        saved_pairs = kernel._fused_module.PAIR_KERNELS if kernel._fused_module else None
+        if not pairs:
+            kernel._fused_module.PAIR_KERNELS = {}
         try:
             return kernel.weighted_sum(sources, weights, torch.device("cpu"), sources_are_mapped=mapped,
                                        on_nonfinite="error")
         finally:
+            if saved_pairs is not None:
+                kernel._fused_module.PAIR_KERNELS = saved_pairs
             kernel._fused_module = saved
     return run
 
@@ -175,6 +182,7 @@ def candidates() -> dict:
     found = {"before": (before, True), "torch": (_with_backend("torch"), True)}
     if kernel.fused_kernels(wait=True) is not None:
         found["fused"] = (_with_backend("fused"), True)
+        found["fused, one source per pass"] = (_with_backend("fused", pairs=False), True)
         found["fp32 EFT (candidate)"] = (fp32_eft, "one ulp")
     found["fp32 only (inexact)"] = (fp32_only, False)
     found["read only"] = (read_only, False)
@@ -223,7 +231,7 @@ def measure(num_sources=8, numel=1 << 22, dtype=torch.bfloat16, rounds=5, mapped
         checked_eft = False
         for _ in range(rounds):
             for name, (fn, exact) in found.items():
-                args = (sources, weights, True) if mapped and name in ("torch", "fused") else (sources, weights)
+                args = (sources, weights, True) if mapped and name.startswith(("torch", "fused")) else (sources, weights)
                 started = time.perf_counter()
                 out = fn(*args)
                 speeds[name].append(input_bytes / (time.perf_counter() - started) / GB)
@@ -241,7 +249,7 @@ def measure(num_sources=8, numel=1 << 22, dtype=torch.bfloat16, rounds=5, mapped
         print(f"kernel: {num_sources} x {numel} {result['dtype']}{' (mapped)' if mapped else ''}, "
               f"1 thread, best of {rounds}")
         for name in found:
-            print(f"  {name:22s} {best[name]:6.2f} GB/s (median {result['gbps_median'][name]:5.2f})  "
+            print(f"  {name:27s} {best[name]:6.2f} GB/s (median {result['gbps_median'][name]:5.2f})  "
                   f"{result['ratio_to_before'][name]:5.2f}x before", flush=True)
     return result
 

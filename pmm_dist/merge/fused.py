@@ -91,6 +91,38 @@ def add_float(acc, src, weight):
         acc[i] = _fma(weight, np.float64(src[i]), acc[i])
 
 
+# Two sources per pass: the accumulator block is loaded and stored once for both. Each element
+# sees the same two roundings, in the same order, as the single-source kernels one after the
+# other (an fma rounds once, and its float64 result is what the next fma takes), so the bits are
+# the same. Measured (8 sources of 16M elements, one thread): fp32 sources 1.3-1.4x, bf16 1.1x.
+@numba.njit(**_JIT)
+def scale_add_bf16(acc, a, weight_a, b, weight_b):
+    """acc = fma(weight_b, b, weight_a * a): scale_bf16 then add_bf16, in one pass."""
+    for i in range(acc.shape[0]):
+        acc[i] = _fma(weight_b, _widen_bf16(b[i]), weight_a * _widen_bf16(a[i]))
+
+
+@numba.njit(**_JIT)
+def add2_bf16(acc, a, weight_a, b, weight_b):
+    """acc = fma(weight_b, b, fma(weight_a, a, acc)): add_bf16 twice, in one pass."""
+    for i in range(acc.shape[0]):
+        acc[i] = _fma(weight_b, _widen_bf16(b[i]), _fma(weight_a, _widen_bf16(a[i]), acc[i]))
+
+
+@numba.njit(**_JIT)
+def scale_add_float(acc, a, weight_a, b, weight_b):
+    """acc = fma(weight_b, b, weight_a * a): scale_float then add_float, in one pass."""
+    for i in range(acc.shape[0]):
+        acc[i] = _fma(weight_b, np.float64(b[i]), weight_a * np.float64(a[i]))
+
+
+@numba.njit(**_JIT)
+def add2_float(acc, a, weight_a, b, weight_b):
+    """acc = fma(weight_b, b, fma(weight_a, a, acc)): add_float twice, in one pass."""
+    for i in range(acc.shape[0]):
+        acc[i] = _fma(weight_b, np.float64(b[i]), _fma(weight_a, np.float64(a[i]), acc[i]))
+
+
 @numba.njit(**_JIT)
 def store_bf16(out, acc):
     """out (uint16 bits) = bf16(float32(acc)), torch's rounding; NaN stays NaN."""
@@ -126,6 +158,10 @@ def warm_up() -> None:
         src = np.zeros(4, view_as)
         scale(acc, src, 1.0)
         add(acc, src, 1.0)
+        if add in PAIR_KERNELS:
+            scale_add, add2 = PAIR_KERNELS[add]
+            scale_add(acc, src, 1.0, src, 1.0)
+            add2(acc, src, 1.0, src, 1.0)
     for view_as, store in STORE_KERNELS.values():
         store(np.zeros(4, view_as), acc)
     all_finite(acc)
@@ -137,6 +173,9 @@ SOURCE_KERNELS = {
     "float32": (np.float32, scale_float, add_float),
     "float64": (np.float64, scale_float, add_float),
 }
+# a single-source add kernel -> (scale_add, add2): the kernels for two consecutive sources that
+# both take it (float32 and float64 sources pair with each other: numba compiles each mix)
+PAIR_KERNELS = {add_bf16: (scale_add_bf16, add2_bf16), add_float: (scale_add_float, add2_float)}
 # stored dtype name -> (numpy dtype of the result's view, store kernel)
 STORE_KERNELS = {
     "bfloat16": (np.uint16, store_bf16),
