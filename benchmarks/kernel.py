@@ -14,8 +14,8 @@ Candidates:
   as the baseline;
 - torch: today's pure-torch fallback (32K blocks, bf16 -> fp32 -> fp64 same-dtype copies);
 - fused: today's default, numba loops widening and adding in one pass (pmm_dist.merge.fused),
-  two sources per pass;
-- fused, one source per pass: the same without ``fused.PAIR_KERNELS`` (the kernel before they came);
+  up to four sources per pass;
+- fused, one source per pass: the same without ``fused.GROUP_KERNELS`` (the kernel before they came);
 - fp32 EFT: a candidate measured, not adopted: float32 double-float accumulation (weights split
   in two float32s, products by FMA TwoProd, sums by TwoSum; ~48 bits) in numba, within one ulp
   but not bit-identical to the float64 kernels;
@@ -58,19 +58,19 @@ def before(sources, weights):
     return result
 
 
-def _with_backend(backend, pairs=True):
+def _with_backend(backend, grouped=True):
     def run(sources, weights, mapped=False):
         saved = kernel._fused_module
         kernel._fused_module = None if backend == "torch" else kernel.fused_kernels(wait=True)
-        saved_pairs = kernel._fused_module.PAIR_KERNELS if kernel._fused_module else None
-        if not pairs:
-            kernel._fused_module.PAIR_KERNELS = {}
+        saved_groups = kernel._fused_module.GROUP_KERNELS if kernel._fused_module else None
+        if not grouped:
+            kernel._fused_module.GROUP_KERNELS = {}
         try:
             return kernel.weighted_sum(sources, weights, torch.device("cpu"), sources_are_mapped=mapped,
                                        on_nonfinite="error")
         finally:
-            if saved_pairs is not None:
-                kernel._fused_module.PAIR_KERNELS = saved_pairs
+            if saved_groups is not None:
+                kernel._fused_module.GROUP_KERNELS = saved_groups
             kernel._fused_module = saved
     return run
 
@@ -182,7 +182,7 @@ def candidates() -> dict:
     found = {"before": (before, True), "torch": (_with_backend("torch"), True)}
     if kernel.fused_kernels(wait=True) is not None:
         found["fused"] = (_with_backend("fused"), True)
-        found["fused, one source per pass"] = (_with_backend("fused", pairs=False), True)
+        found["fused, one source per pass"] = (_with_backend("fused", grouped=False), True)
         found["fp32 EFT (candidate)"] = (fp32_eft, "one ulp")
     found["fp32 only (inexact)"] = (fp32_only, False)
     found["read only"] = (read_only, False)

@@ -105,9 +105,10 @@ def test_each_backend_within_one_ulp(backend, dtype):
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 5, (torch.float32,) * 5, (torch.float64,) * 3,
                                     (torch.float32, torch.bfloat16, torch.float16, torch.bfloat16),
-                                    # pairs of one kernel family (fp32 with fp64 too) and lone ones
+                                    # runs of one dtype summed 4, 2 or 1 per pass (fused.GROUP_KERNELS)
                                     (torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16,
                                      torch.float64, torch.float32, torch.bfloat16),
+                                    (torch.bfloat16,) * 4 + (torch.float32,) * 2 + (torch.bfloat16,) * 3,
                                     (torch.float64, torch.float32, torch.float64, torch.float32)])
 def test_compiled_kernels_are_bit_identical_to_torch(monkeypatch, dtypes):
     pytest.importorskip("numba")
@@ -129,24 +130,30 @@ def test_compiled_kernels_are_bit_identical_to_torch(monkeypatch, dtypes):
     assert torch.isinf(results["numba"][18])
 
 
-def test_pair_kernels_round_as_the_single_ones_do():
-    """Two sources in one pass (fused.PAIR_KERNELS) leave the float64 accumulator bit for bit as
-    the single-source kernels one after the other. Checked in float64, before the store: a
-    difference in its last bits would hardly ever show after rounding to the stored dtype."""
+def test_group_kernels_round_as_the_single_ones_do():
+    """Several sources in one pass (fused.GROUP_KERNELS) leave the float64 accumulator bit for
+    bit as the single-source kernels one after the other. Checked in float64, before the store:
+    a difference in its last bits would hardly ever show after rounding to the stored dtype."""
     pytest.importorskip("numba")
     import numpy as np
     from pmm_dist.merge import fused
-    weights = _ema(4)
+    weights = _ema(9)
     for name, (view_as, scale, add) in fused.SOURCE_KERNELS.items():
-        sources = [_numpy_bits(s) for s in _drifting(4, 50_000, getattr(torch, name), seed=5)]
-        alone, paired = np.empty(50_000), np.empty(50_000)
+        sources = [_numpy_bits(s) for s in _drifting(9, 50_000, getattr(torch, name), seed=5)]
+        alone = np.empty(50_000)
         scale(alone, sources[0], weights[0])
         for source, weight in zip(sources[1:], weights[1:]):
             add(alone, source, weight)
-        scale_add, add2 = fused.PAIR_KERNELS[add]
-        scale_add(paired, sources[0], weights[0], sources[1], weights[1])
-        add2(paired, sources[2], weights[2], sources[3], weights[3])
-        assert np.array_equal(alone.view(np.uint64), paired.view(np.uint64)), name
+        for count, (scale_group, add_group) in fused.GROUP_KERNELS[add].items():
+            grouped = np.empty(50_000)
+            done = count
+            scale_group(grouped, *[x for k in range(count) for x in (sources[k], weights[k])])
+            while done + count <= len(sources):
+                add_group(grouped, *[x for k in range(done, done + count) for x in (sources[k], weights[k])])
+                done += count
+            for k in range(done, len(sources)):
+                add(grouped, sources[k], weights[k])
+            assert np.array_equal(alone.view(np.uint64), grouped.view(np.uint64)), (name, count)
 
 
 def _numpy_bits(tensor):

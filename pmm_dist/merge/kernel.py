@@ -188,29 +188,27 @@ class _FusedBlocks:
 
     def __init__(self, module, sources, weights, result, block_size):
         self.module = module
-        views, scales, adds = [], [], []
+        views, scales, adds, names = [], [], [], []
         for source in sources:
             view_as, scale, add = module.SOURCE_KERNELS[_dtype_name(source.dtype)]
             views.append(_numpy_view(source, view_as))
             scales.append(scale)
             adds.append(add)
+            names.append(_dtype_name(source.dtype))
         weights = [float(w) for w in weights]
-        # The calls that add one block, in source order: two consecutive sources of one kernel
-        # family in one call (fused.PAIR_KERNELS), the others one by one.
+        # The calls that add one block, in source order: up to four consecutive sources of one
+        # dtype in one call (fused.GROUP_KERNELS), the first call scaling instead of adding.
         self.steps = []
         index = 0
         while index < len(views):
-            pair = module.PAIR_KERNELS.get(adds[index]) if index + 1 < len(views) and \
-                adds[index + 1] is adds[index] else None
-            first = index == 0  # the first source is scaled into the block, the others added
-            if pair is not None:
-                scale_add, add2 = pair
-                self.steps.append((scale_add if first else add2, views[index], weights[index],
-                                   views[index + 1], weights[index + 1]))
-                index += 2
-            else:
-                self.steps.append((scales[index] if first else adds[index], views[index], weights[index]))
-                index += 1
+            same = 1
+            while index + same < len(views) and names[index + same] == names[index]:
+                same += 1
+            groups = module.GROUP_KERNELS.get(adds[index], {})
+            count = max([c for c in groups if c <= same], default=1)
+            scale, add = groups[count] if count > 1 else (scales[index], adds[index])
+            self.steps.append((scale if index == 0 else add, views[index:index + count], weights[index:index + count]))
+            index += count
         view_as, self.store_kernel = module.STORE_KERNELS[_dtype_name(result.dtype)]
         self.result = _numpy_view(result, view_as)
         self.acc_tensor = torch.empty(block_size, dtype=ACCUMULATOR_DTYPE)
@@ -224,13 +222,11 @@ class _FusedBlocks:
 
     def add_block(self, begin, end):
         block = self.acc[: end - begin]
-        for step in self.steps:
-            if len(step) == 3:
-                add, source, weight = step
-                add(block, source[begin:end], weight)
-            else:
-                add2, first, first_weight, second, second_weight = step
-                add2(block, first[begin:end], first_weight, second[begin:end], second_weight)
+        for add, views, weights in self.steps:
+            arguments = []
+            for view, weight in zip(views, weights):
+                arguments += (view[begin:end], weight)
+            add(block, *arguments)
         return block
 
     def all_finite(self, block) -> bool:
