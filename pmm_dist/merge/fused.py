@@ -2,8 +2,9 @@
 
 Why: torch's mixed-dtype ``add_`` (bf16 source into a float64 accumulator) converts element by
 element outside its vectorised loops (~1 GB/s of bf16 per core); a pure-torch workaround needs
-two extra passes per source (bf16->fp32->fp64 copies). Here one loop per (block, source) reads
-the stored bits, widens them and does the float64 fused multiply-add in SIMD registers.
+two extra passes per source (bf16->fp32->fp64 copies). Here one loop per block and group of up
+to four sources (``GROUP_KERNELS``) reads the stored bits, widens them and does the float64 fused
+multiply-adds in SIMD registers, loading and storing the accumulator once per group.
 
 The arithmetic is exactly torch's, so results are bit-identical to the pure-torch fallback:
 the first source is ``acc = w * x`` (one rounding, as ``copy_`` + ``mul_``) and every other
