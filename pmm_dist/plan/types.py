@@ -178,8 +178,8 @@ class ChunkItem:
     def __reduce__(self):
         # Pickled as the constructor's arguments rather than as an instance dict (ten field
         # names per item): a million items at a million chunks travel in the plan step, and
-        # measured there (benchmarks/scale.py --dcp-chunks 1000000) the ranks' shares pickle
-        # to 16% fewer bytes, a little faster.
+        # measured there (benchmarks/scale.py --dcp-chunks 1000000) the largest share a rank
+        # receives went from 42.5 to 35.4 KB.
         return ChunkItem, _chunk_item_fields(self)
 
     @property
