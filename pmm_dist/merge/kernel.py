@@ -188,13 +188,13 @@ class _FusedBlocks:
 
     def __init__(self, module, sources, weights, result, block_size):
         self.module = module
-        views, scales, adds, names = [], [], [], []
-        for source in sources:
-            view_as, scale, add = module.SOURCE_KERNELS[_dtype_name(source.dtype)]
+        names = [_dtype_name(source.dtype) for source in sources]
+        views, scales, adds = [], [], []
+        for source, name in zip(sources, names):
+            view_as, scale, add = module.SOURCE_KERNELS[name]
             views.append(_numpy_view(source, view_as))
             scales.append(scale)
             adds.append(add)
-            names.append(_dtype_name(source.dtype))
         weights = [float(w) for w in weights]
         # The calls that add one block, in source order: up to four consecutive sources of one
         # dtype in one call (fused.GROUP_KERNELS), the first call scaling instead of adding.
@@ -206,8 +206,9 @@ class _FusedBlocks:
                 same += 1
             groups = module.GROUP_KERNELS.get(adds[index], {})
             count = max([c for c in groups if c <= same], default=1)
-            scale, add = groups[count] if count > 1 else (scales[index], adds[index])
-            self.steps.append((scale if index == 0 else add, views[index:index + count], weights[index:index + count]))
+            group_scale, group_add = groups[count] if count > 1 else (scales[index], adds[index])
+            self.steps.append((group_scale if index == 0 else group_add, views[index:index + count],
+                               weights[index:index + count]))
             index += count
         view_as, self.store_kernel = module.STORE_KERNELS[_dtype_name(result.dtype)]
         self.result = _numpy_view(result, view_as)
