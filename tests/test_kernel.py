@@ -333,3 +333,59 @@ def test_rounded_to_gives_the_bits_of_rounding_the_merged_master(backend, stored
         assert torch.equal(_bits(merged), _bits(expected)), (backend, stored, model, staged)
     if model == torch.bfloat16 and stored != torch.bfloat16 and weights == [0.25] * 4:
         assert merged[0] == 1.0
+
+
+def test_result_memory_reuses_a_buffer_only_once_nothing_refers_to_it():
+    from pmm_dist.merge.result_memory import ResultMemory
+    memory = ResultMemory(limit_bytes=8 << 20, min_bytes=1 << 20)
+    numel = (1 << 20) // 2  # 1 MiB of bf16
+    first = memory.empty(numel, torch.bfloat16)
+    first_address = first.data_ptr()
+    view, array = first[10:20], first.view(torch.int16).numpy()
+    del first
+    second = memory.empty(numel, torch.bfloat16)  # the view and the array still hold the first
+    assert second.data_ptr() != first_address
+    del view
+    assert memory.empty(numel, torch.bfloat16).data_ptr() != first_address  # the array still does
+    del array
+    third = memory.empty(numel, torch.bfloat16)
+    assert third.data_ptr() == first_address and third.shape == (numel,) and third.dtype == torch.bfloat16
+    # another dtype of the same byte size shares the buffer; other sizes get their own
+    del third
+    assert memory.empty(numel // 2, torch.float32).data_ptr() == first_address
+    assert memory.empty(numel + 1, torch.bfloat16).data_ptr() != first_address
+
+
+def test_result_memory_holds_at_most_its_limit():
+    from pmm_dist.merge.result_memory import ResultMemory
+    memory = ResultMemory(limit_bytes=4 << 20, min_bytes=1 << 20)
+    taken = [memory.empty(1 << 20, torch.uint8) for _ in range(6)]  # 6 MiB taken at once: 4 held
+    assert memory.held_bytes() == 4 << 20 and len({t.data_ptr() for t in taken}) == 6
+    del taken
+    # free buffers of one size make room for another
+    bigger = [memory.empty(2 << 20, torch.uint8) for _ in range(2)]
+    assert memory.held_bytes() == 4 << 20
+    assert memory.empty(8 << 20, torch.uint8).numel() == 8 << 20  # over the limit: not held
+    assert memory.held_bytes() == 4 << 20
+    del bigger
+    small = memory.empty(1000, torch.uint8)  # under min_bytes: plain torch.empty
+    assert memory.held_bytes() == 4 << 20 and small.numel() == 1000
+
+
+def test_a_merged_result_kept_is_never_overwritten_by_the_next(monkeypatch):
+    from pmm_dist.merge import result_memory
+    monkeypatch.setattr(kernel, "RESULTS", result_memory.ResultMemory(limit_bytes=64 << 20, min_bytes=1 << 10))
+    gen = torch.Generator().manual_seed(5)
+    first_sources = [torch.randn(300_000, generator=gen).bfloat16() for _ in range(3)]
+    second_sources = [torch.randn(300_000, generator=gen).bfloat16() for _ in range(3)]
+    weights = [0.5, 0.25, 0.25]
+    kept = kernel.weighted_sum(first_sources, weights, torch.device("cpu"))
+    expected = kept.clone()
+    second = kernel.weighted_sum(second_sources, weights, torch.device("cpu"))
+    assert second.data_ptr() != kept.data_ptr() and torch.equal(kept, expected)
+    assert_merged_within_one_ulp(second, second_sources, weights, "second")
+    address = second.data_ptr()
+    del second  # dropped: the next result of its size is stored in its memory
+    third = kernel.weighted_sum(second_sources[::-1], weights, torch.device("cpu"))
+    assert third.data_ptr() == address and torch.equal(kept, expected)
+    assert_merged_within_one_ulp(third, second_sources[::-1], weights, "third")

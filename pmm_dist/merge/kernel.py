@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import InputError
+from .result_memory import RESULTS
 
 _PAGE = mmap.PAGESIZE
 _MADV_WILLNEED = 3
@@ -303,7 +304,7 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     numel = flat_sources[0].numel()
     if any(s.numel() != numel for s in flat_sources):  # the compiled loops do not check bounds
         raise ValueError(f"{what}: sources of different sizes {[s.numel() for s in flat_sources]}")
-    result = torch.empty(numel, dtype=result_dtype)
+    result = RESULTS.empty(numel, result_dtype)
     block_size = max(1, min(numel, BLOCK_ELEMENTS))
     staged = device.type != "cpu" if staged is None else staged
     may_fuse = device.type == "cpu" and not staged and numel >= FUSED_MIN_ELEMENTS
@@ -485,7 +486,7 @@ class Accumulator:
         if store is None:
             result = self.acc.to(self.stored).cpu()
         else:
-            result = torch.empty(self.acc.shape, dtype=self.stored)
+            result = RESULTS.empty(self.acc.numel(), self.stored).view(self.acc.shape)
             view_as, kernel = store
             kernel(_numpy_view(result.view(-1), view_as), self._acc_view)
         return (result if dtype is None else result.to(dtype)).requires_grad_(self.requires_grad)
