@@ -343,3 +343,55 @@ def test_inspect_marks_where_the_layout_changes(tmp_path):
     assert info["layout_changes"] == [20]
     assert [c["layout"]["dp"] for c in info["checkpoints"]] == [2, 1, 1]
     assert [c["layout_changed"] for c in info["checkpoints"]] == [False, True, False]
+
+
+def _deepspeed_objects():
+    """What DeepSpeed's optimizer files pickle of DeepSpeed (bf16/fp16 optimizers, ZeRO-1/2/3), real."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    dynamic = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=100, min_scale=1.0, delayed_shift=2,
+                                consecutive_hysteresis=False)
+    address = fragment_address(numel=12, start=4)
+    return {"optimizer_state_dict": {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": dynamic,
+                                     "dynamic_loss_scale": True, "partition_count": [2]},
+            "static": LossScaler(scale=128.0), "again": dynamic,  # one object at two places
+            "param_slice_mappings": [{"w": address, "b": fragment_address(numel=3, start=16)}],
+            "w": torch.arange(6.0)}
+
+
+def _saved_bytes(obj) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_deepspeed_classes_are_read_as_stand_ins_and_saved_as_deepspeeds_own(tmp_path, monkeypatch):
+    from pmm_dist.formats import deepspeed_classes
+    from pmm_dist.io.safe_load import safe_load
+    path = tmp_path / "optim_states.pt"
+    torch.save(_deepspeed_objects(), path)
+    real = safe_load(str(path))  # deepspeed is imported in this process: its own classes
+    assert type(real["static"]).__module__ == "deepspeed.runtime.fp16.loss_scaler"
+
+    monkeypatch.setattr(deepspeed_classes, "_imported", lambda: False)  # as in a fresh `pmm-dist merge`
+    read = safe_load(str(path))
+    optim = read["optimizer_state_dict"]
+    assert type(optim["loss_scaler"]) is deepspeed_classes.DynamicLossScaler and read["again"] is optim["loss_scaler"]
+    assert type(read["static"]) is deepspeed_classes.LossScaler and read["static"].cur_scale == 128.0
+    assert optim["zero_stage"] == 2 and int(optim["zero_stage"]) == 2 and type(optim["zero_stage"]).__module__ == \
+        "pmm_dist.formats.deepspeed_classes"
+    mappings = read["param_slice_mappings"][0]
+    assert mappings["w"] == deepspeed_classes.FragmentAddress(numel=12, start=4) and mappings["w"] != mappings["b"]
+    assert optim["loss_scaler"].__dict__ == real["optimizer_state_dict"]["loss_scaler"].__dict__
+
+    with pytest.raises(TypeError, match="with_deepspeed_objects"):  # never pmm_dist's names in a file
+        _saved_bytes(read)
+    import copy
+    assert type(copy.deepcopy(read)["static"]) is deepspeed_classes.LossScaler
+    saved = deepspeed_classes.with_deepspeed_objects(read)
+    assert _saved_bytes(saved) == _saved_bytes(real)
+    assert type(read["static"]) is deepspeed_classes.LossScaler  # what was read is left as it is
+    no_stand_ins = {"w": torch.ones(2), "n": [1, {"x": 2}]}
+    assert deepspeed_classes.with_deepspeed_objects(no_stand_ins) is no_stand_ins

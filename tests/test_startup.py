@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from .conftest import run_python
 
@@ -40,3 +41,17 @@ def test_detecting_a_non_dcp_run_does_not_import_torch_distributed_checkpoint(tm
              "fmt.discover([" + repr(str(run)) + "])\n"
              "print(fmt.name, 'torch.distributed.checkpoint' in sys.modules)")
     assert run_python(["-c", probe], check="the detection probe").stdout.split()[-2:] == ["megatron", "False"]
+
+
+def test_reading_deepspeed_s_classes_does_not_import_deepspeed(tmp_path):
+    """A DeepSpeed optimizer file pickles DeepSpeed's loss scaler, ZeRO stage and fragment
+    addresses; reading them must not cost ``import deepspeed`` (0.33 s) in a merge."""
+    from .test_deepspeed_format import _deepspeed_objects
+    path = tmp_path / "optim_states.pt"
+    torch.save(_deepspeed_objects(), path)
+    probe = ("import sys\nimport pmm_dist.formats.deepspeed\nfrom pmm_dist.io.safe_load import safe_load\n"
+             f"state = safe_load({str(path)!r})\n"
+             "print(type(state['static']).__name__, state['optimizer_state_dict']['zero_stage'] == 2, "
+             "'deepspeed' in sys.modules)")
+    assert run_python(["-c", probe], check="the DeepSpeed load probe").stdout.split()[-3:] == \
+        ["LossScaler", "True", "False"]

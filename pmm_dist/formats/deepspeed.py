@@ -65,6 +65,7 @@ from ..io.tree import remove_subtree, replace_subtree
 from ..plan.types import (MODEL_WEIGHTS_FROM, WEIGHTS_FROM_MASTERS, Action, CheckpointRef, OptimizerPolicy, OutputKind,
                           OutputLayout, UnitResult, WorkUnit)
 from .base import MergeContext
+from .deepspeed_classes import deepspeed_safe_globals, with_deepspeed_objects
 from .deepspeed_optim import (FP32_FLAT_GROUPS, OPTIMIZER_STATE, SINGLE_PARTITION, MergeTally, has_moments,
                               moments_by_group, zero0_leaf_kind, zero0_master_weights, zero12_master_weights,
                               zero12_remap_merge, zero12_remap_sources, zero12_structure_problem, zero_optim_leaf_kind)
@@ -76,15 +77,7 @@ from .zero3_partitions import copy_pieces, gather_pieces, stream_numel, value_ru
 TRACKER = "latest"
 
 
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed's classes that its checkpoints pickle (loss scaler, ZeRO stage, fragment addresses)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-register_framework_globals("deepspeed.", _deepspeed_safe_globals)
+register_framework_globals("deepspeed.", deepspeed_safe_globals)
 _TAG_DIR = re.compile(r"^global_step(\d+)$")
 
 # File kinds of a tag directory, by name (DeepSpeed's own naming, see the module docstring).
@@ -443,6 +436,9 @@ class DeepSpeedFormat(PickledFileFormat):
                         runs[ZERO3_MOMENTS + ("state", state_indices[index], key)] = group_runs
         return runs
 
+    def as_saved(self, skeleton):
+        return with_deepspeed_objects(skeleton)  # DeepSpeed's classes in place of the stand-ins read
+
     def without_training_state(self, state: dict, relpath: str) -> dict:
         kind = classify(relpath)
         if kind == MODEL and state.get("optimizer") is not None:
@@ -526,6 +522,7 @@ class DeepSpeedFormat(PickledFileFormat):
             details = {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MASTERS}
         if context.optimizer_policy == OptimizerPolicy.DROP:
             output = self.without_training_state(output, unit.relpath)
+        output = self.as_saved(output)
         num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: save_streamed(f, output))
         return UnitResult(unit.relpath, num_bytes, tally.num_bytes_read, sha, tally.num_tensors, details=details)
 

@@ -67,6 +67,10 @@ class PickledFileFormat(CheckpointFormat):
     def weight_files(self, checkpoint_dir: str) -> List[str]:
         """The files of a checkpoint whose merged tensors carry weights (for ``verify``)."""
 
+    def as_saved(self, skeleton):
+        """The object pickled for an output file's ``skeleton`` (default: itself)."""
+        return skeleton
+
     def training_subtrees(self, state: dict, relpath: str) -> List[tuple]:
         """Paths of the subtrees that hold optimizer state in this file (default: none)."""
         return []
@@ -173,6 +177,7 @@ class PickledFileFormat(CheckpointFormat):
             output = replace_subtree(output, subtree, lambda value, at=subtree: map_leaves(value, merge, at))
         if policy == OptimizerPolicy.DROP:
             output = self.without_training_state(output, unit.relpath)
+        output = self.as_saved(output)
         num_bytes, sha = write_atomically(os.path.join(destination, unit.relpath), lambda f: save_streamed(f, output))
         return UnitResult(unit.relpath, num_bytes, merge.num_bytes_read + masters.num_bytes_read, sha,
                           merge.num_tensors + len(masters.weights), details=masters.details)
