@@ -3,8 +3,9 @@
 Why: a DeepSpeed checkpoint pickles four small classes of DeepSpeed: the fp16 loss scalers
 (``LossScaler``, ``DynamicLossScaler``), the ZeRO stage (``ZeroStageEnum``) and the bf16
 optimizer's fragment addresses (``fragment_address``). Allowing them by importing them runs
-``import deepspeed`` (its package imports 425 modules): 0.33 s here, a tenth of a merge of four
-1 GB checkpoints, for objects the merge never looks into.
+``import deepspeed`` (its package imports 425 modules): 0.33 s here, for objects the merge never
+looks into. A ZeRO-2 merge of four 3 GB checkpoints planned in 0.78 s with that import, in 0.14 s
+without it.
 
 Loading therefore resolves their names to the stand-ins below, which hold the same state. A
 stand-in cannot be pickled (its ``__reduce_ex__`` refuses): ``with_deepspeed_objects`` replaces

@@ -5,7 +5,8 @@ other class a checkpoint references must be on an explicit allow-list. Ours mirr
 Megatron and DeepSpeed themselves allow (argparse Namespace, numpy RNG state, BytesIO extra
 state, ...). Classes of the training frameworks (Megatron enums in saved args, DeepSpeed's
 loss-scaler) are allowed only by their exact names and only when that framework is installed,
-so the objects can be saved again under their own names.
+so the objects can be saved again under their own names (DeepSpeed's are read as stand-ins and
+saved as its own: formats/deepspeed_classes).
 """
 import argparse
 import collections

@@ -1,11 +1,14 @@
 """Memory for merged tensors, reused once nothing refers to it.
 
 Why: a merged tensor is stored into memory allocated for it, and an allocation this large comes
-from fresh pages (glibc maps anything over its mmap threshold, 32 MiB at most, anew and unmaps it
-on free), which the OS faults in and zeroes page by page as the kernel first stores to them.
-Measured here: filling 1 GiB of fresh bf16 tensors 0.93 s, of already touched ones 0.08 s; a
-DeepSpeed merge writes a 0.94 GiB model file. The results of a file come in a few sizes (a model's
-layers repeat), so the memory of one that has been written and dropped serves the next of its size.
+from fresh pages (glibc gives anything over its mmap threshold, 128 KiB rising to 32 MiB at most,
+a mapping of its own and unmaps it on free), which the OS faults in and zeroes page by page as
+the kernel first stores to them.
+Measured here: filling 32 fresh 32 MiB bf16 tensors took 0.32-0.41 s, filling one already
+touched 32 times 0.02 s. The results of a file come in a few sizes (a model's layers repeat), so
+the memory of one that has been written and dropped serves the next of its size. A DeepSpeed
+ZeRO-2 merge of 4 x 2 GB fp32 masters into a 0.94 GiB model file, alternating runs: merge phase
+median 2.66 -> 2.48 s, peak RSS 523 -> 499 MiB.
 
 When memory is free: when torch's use count of its storage is 1, the pool's own reference. A
 tensor, a view, a numpy array or a pending write of the result each hold the storage (so it
