@@ -107,3 +107,29 @@ def test_plan_at_large_world_size_gives_every_tensor_its_own_shard(tmp_path):
     assert all(u.num_bytes <= 50_000 for u in units)
     assert fmt.layout(refs) == {"tensors": 21, "files": 3, "dtypes": "BF16:16/F32:5"}
 
+
+
+def test_a_write_failing_behind_the_merge_fails_the_merge_and_leaves_nothing(tmp_path, monkeypatch):
+    """Tensors are written behind the next one's merge: a write that fails there (disk full)
+    still fails the merge with the file's name, and nothing is committed or left half-written."""
+    import errno
+    import pmm_dist
+    from pmm_dist.errors import MergeError
+    from pmm_dist.io import atomic
+    make_run(str(tmp_path / "run"), [1, 2, 3])
+    written = {"bytes": 0}
+    real_write = atomic._HashingWriter.write
+
+    def write(self, data):
+        written["bytes"] += len(data)
+        if written["bytes"] > 40_000:  # past the header and the first tensors
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+    monkeypatch.setattr(atomic._HashingWriter, "write", write)
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match=r"model-00001-of-00001\.safetensors: cannot write \(No space left on device\)"):
+        pmm_dist.merge(sources=[str(tmp_path / "run")], out=str(out), format="hf", device="cpu", quiet=True)
+    assert written["bytes"] > 40_000
+    leftovers = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.endswith(".safetensors")
+                 or ".tmp." in f] if out.exists() else []
+    assert not leftovers and not (out / "model.safetensors.index.json").exists()

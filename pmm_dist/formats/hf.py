@@ -22,6 +22,7 @@ model, and an interrupted merge leaves nothing loadable. A lone ``model.safetens
 loadable the moment it appeared, before the other files; hence the index with one shard too.
 """
 import bisect
+import functools
 import heapq
 import json
 import os
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..io.atomic import copy_atomically, write_atomically, write_json_atomically
+from ..io.write_behind import WriteBehind
 from ..errors import InputError, MergeError
 from ..plan.types import Action, CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, UnitResult, WorkUnit
 from .base import CheckpointFormat, MergeContext
@@ -245,7 +247,11 @@ class HuggingFaceFormat(CheckpointFormat):
         counters = {"read": 0, "merged": 0}
 
         def produce(writer):
-            with ExitStack() as stack:
+            # Each tensor is written behind the next one's merge (io/write_behind): the write
+            # into the page cache, which the disk's writeback can hold up, and the merge each
+            # keep a core busy. The handles close after the last write (the newest's integer
+            # tensors are views of their files).
+            with ExitStack() as stack, WriteBehind() as behind:
                 handles: Dict[str, object] = {}
 
                 def tensor(inventory: _Inventory, name: str):
@@ -269,7 +275,8 @@ class HuggingFaceFormat(CheckpointFormat):
                         num_read = num_bytes
                     data = tensor_bytes(result.contiguous())
                     assert data.nbytes == num_bytes, f"{name}: {data.nbytes} bytes, header says {num_bytes}"
-                    writer.write(data)
+                    behind.submit(functools.partial(writer.write, data))
+                    del result, data  # the write holds them until it is done
                     counters["read"] += num_read
                     context.on_progress(num_read)
 
