@@ -3,6 +3,7 @@
 The files here only have the shape of DeepSpeed's (the keys planning reads); what DeepSpeed
 really writes and loads is proven in tests/test_deepspeed_real.py against the real engine.
 """
+import collections
 import json
 import os
 
@@ -357,7 +358,7 @@ def _deepspeed_objects():
                                      "dynamic_loss_scale": True, "partition_count": [2]},
             "static": LossScaler(scale=128.0), "again": dynamic,  # one object at two places
             "param_slice_mappings": [{"w": address, "b": fragment_address(numel=3, start=16)}],
-            "w": torch.arange(6.0)}
+            "w": torch.arange(6.0), "ds_config": collections.OrderedDict(train_batch_size=8)}
 
 
 def _saved_bytes(obj) -> bytes:
@@ -392,6 +393,8 @@ def test_deepspeed_classes_are_read_as_stand_ins_and_saved_as_deepspeeds_own(tmp
     assert type(copy.deepcopy(read)["static"]) is deepspeed_classes.LossScaler
     saved = deepspeed_classes.with_deepspeed_objects(read)
     assert _saved_bytes(saved) == _saved_bytes(real)
+    assert saved["ds_config"] is read["ds_config"] and saved["w"] is read["w"]  # only the way to a stand-in is copied
+    assert type(saved["optimizer_state_dict"]) is type(read["optimizer_state_dict"])
     assert type(read["static"]) is deepspeed_classes.LossScaler  # what was read is left as it is
     no_stand_ins = {"w": torch.ones(2), "n": [1, {"x": 2}]}
     assert deepspeed_classes.with_deepspeed_objects(no_stand_ins) is no_stand_ins

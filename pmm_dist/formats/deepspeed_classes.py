@@ -23,8 +23,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, List
 
-from ..io.tree import iter_leaves, map_leaves
-
 
 class _StandIn:
     """The state of an object of DeepSpeed's class ``DEEPSPEED_NAME``, as unpickled."""
@@ -110,18 +108,34 @@ def deepspeed_safe_globals() -> List[Any]:
 
 def with_deepspeed_objects(skeleton):
     """``skeleton`` with each stand-in (in its dicts, lists and tuples) replaced by DeepSpeed's
-    own object; ``skeleton`` itself where it holds none (DeepSpeed is not imported then)."""
-    if not any(isinstance(leaf, STAND_INS) for _, leaf in iter_leaves(skeleton)):
-        return skeleton
-    twins = {}  # one object at several places stays one (pickle writes it once, then refers to it)
+    own object; ``skeleton`` itself where it holds none (DeepSpeed is not imported then).
 
-    def deepspeed_object(path, leaf):
-        if not isinstance(leaf, STAND_INS):
-            return leaf
-        if id(leaf) not in twins:
-            twins[id(leaf)] = leaf.deepspeed_object()
-        return twins[id(leaf)]
-    return map_leaves(skeleton, deepspeed_object)
+    Only the containers on the way to a stand-in are copied (``copy.copy``: their type and
+    attributes kept), the rest is shared; an object at several places (a stand-in or a copied
+    container) is replaced by one object, as pickle writes it once and then refers to it."""
+    replaced = {}
+
+    def swapped(value):
+        if id(value) in replaced:
+            return replaced[id(value)]
+        if isinstance(value, STAND_INS):
+            result = value.deepspeed_object()
+        elif isinstance(value, dict):
+            items = {key: swapped(item) for key, item in value.items()}
+            if all(items[key] is item for key, item in value.items()):
+                return value
+            result = copy.copy(value)
+            result.update(items)
+        elif type(value) in (list, tuple):
+            items = [swapped(item) for item in value]
+            if all(new is old for new, old in zip(items, value)):
+                return value
+            result = type(value)(items)
+        else:
+            return value
+        replaced[id(value)] = result
+        return result
+    return swapped(skeleton)
 
 
 _IMPORT_LOCK = threading.Lock()
