@@ -59,12 +59,6 @@ class ResultMemory:
     def held_bytes(self) -> int:
         return self._held
 
-    def clear(self) -> None:
-        """Drop every buffer (taken ones live on in their tensors, unpooled)."""
-        with self._lock:
-            self._by_size.clear()
-            self._held = 0
-
     def _make_room(self, num_bytes: int) -> None:
         for size in list(self._by_size):
             if self._held + num_bytes <= self.limit_bytes:
