@@ -20,7 +20,7 @@ setup(
         "hf": ["safetensors"],
         # compiled merge kernels (pmm_dist/merge/fused.py), ~3x the pure-torch fallback on the CPU
         "fast": ["numba>=0.60"],
-        "test": ["pytest", "megatron-core", "deepspeed", "mpi4py", "safetensors", "psutil", "numba>=0.60"],
+        "test": ["pytest", "pytest-xdist", "megatron-core", "deepspeed", "mpi4py", "safetensors", "psutil", "numba>=0.60"],
     },
     entry_points={"console_scripts": ["pmm-dist=pmm_dist.cli:entry"]},
 )
