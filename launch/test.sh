@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# Two pytest workers (pytest-xdist), a whole module each at a time, so module-scoped fixtures (the
-# real-framework runs) are built once: most tests wait on subprocesses that use one core, and on
-# 2 cores the suite took 12 min 12 s so against 19 min 13 s in one process (1123 tests, same
-# machine). PMM_TEST_WORKERS=0 runs it in this process; options given here come after, and win.
+# Two pytest workers (pytest-xdist), each taking a whole module at a time, so that module-scoped
+# fixtures (the real-framework runs) are built once. Most tests wait on a subprocess that uses one
+# core: on 2 cores the suite took 12 min 12 s this way and 19 min 13 s in one process (1123 tests,
+# same machine). PMM_TEST_WORKERS=0 runs it in one process; options given here come after, and win.
 exec python -m pytest -q -n "${PMM_TEST_WORKERS:-2}" --dist loadfile tests "$@"
