@@ -1,5 +1,6 @@
 """Pure pieces of the Hugging Face format: shard binning, the step-number rule, the safetensors
 header reader and streaming writer, and the memory-mapping check."""
+import errno
 import os
 import random
 
@@ -8,6 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
+import pmm_dist
+from pmm_dist.errors import MergeError
+from pmm_dist.io import atomic
 from pmm_dist.plan.types import CheckpointRef
 from pmm_dist.formats.common import number_in_name as iteration_from_name
 from pmm_dist.formats.hf import HuggingFaceFormat, bin_tensors, shard_name
@@ -108,14 +112,9 @@ def test_plan_at_large_world_size_gives_every_tensor_its_own_shard(tmp_path):
     assert fmt.layout(refs) == {"tensors": 21, "files": 3, "dtypes": "BF16:16/F32:5"}
 
 
-
 def test_a_write_failing_behind_the_merge_fails_the_merge_and_leaves_nothing(tmp_path, monkeypatch):
     """Tensors are written behind the next one's merge: a write that fails there (disk full)
     still fails the merge with the file's name, and nothing is committed or left half-written."""
-    import errno
-    import pmm_dist
-    from pmm_dist.errors import MergeError
-    from pmm_dist.io import atomic
     make_run(str(tmp_path / "run"), [1, 2, 3])
     written = {"bytes": 0}
     real_write = atomic._HashingWriter.write
