@@ -1,5 +1,6 @@
 """pmm_dist.io.atomic: a file appears under its name complete or not at all, with its checksum."""
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from pmm_dist.errors import MergeError
-from pmm_dist.io import atomic
+from pmm_dist.io import atomic, output_file
 from pmm_dist.io.atomic import (copy_atomically, remove_tree_quietly, sha256_of_file, temporary_name,
                                 write_atomically, write_json_atomically, write_text_atomically)
 
@@ -55,54 +56,123 @@ def test_a_failing_producer_leaves_the_old_file_and_no_temporary(tmp_path, error
     assert path.read_bytes() == b"old" and _leftovers(tmp_path) == []
 
 
-def _hash_threads():
-    return [t for t in threading.enumerate() if t.name == "pmm-hash"]
+def _writer_threads():
+    return [t for t in threading.enumerate() if t.name.startswith(("pmm-hash", "pmm-disk"))]
 
 
-def test_a_large_file_is_hashed_behind_the_writer(tmp_path, monkeypatch):
-    """Past HASH_BEHIND_BYTES the checksum comes from a thread reading the bytes back: the same
-    digest as hashing them inline, for writes of every size, memoryviews of reused buffers
-    (torch hands such) included; the thread is gone afterwards."""
-    monkeypatch.setattr(atomic, "HASH_BEHIND_BYTES", 1000)
-    monkeypatch.setattr(atomic, "_HASH_CHUNK", 4096)
-    rng = random.Random(5)
-    pieces = [bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 7, 999, 1000, 5000, 20000]))) for _ in range(60)]
-    reused = bytearray(3000)
+@pytest.fixture
+def small_buffers(monkeypatch):
+    """Staging buffers of two blocks: files of a few KB take the threaded path, O_DIRECT included."""
+    monkeypatch.setattr(output_file, "BUFFER_BYTES", 8192)
+    monkeypatch.setattr(output_file, "_free_buffers", [])
+
+
+def _pieces(seed=5, count=60):
+    rng = random.Random(seed)
+    return [bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 7, 999, 4096, 5000, 20000]))) for _ in range(count)]
+
+
+def _spy_on_writes(monkeypatch):
+    """(offset, length, written with O_DIRECT) of every write that reaches the file."""
+    seen, real = [], output_file._write_all
+
+    def write_all(fd, view, offset):
+        seen.append((offset, len(view), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        real(fd, view, offset)
+    monkeypatch.setattr(output_file, "_write_all", write_all)
+    return seen
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_a_large_file_is_staged_hashed_and_written_from_threads(tmp_path, monkeypatch, small_buffers, direct):
+    """Past one staging buffer: the same bytes and digest as written inline, for writes of every
+    size and memoryviews of reused buffers (torch hands such); whole buffers written with
+    O_DIRECT (unless PMM_DIST_DIRECT_IO=0), the tail buffered; at most BUFFERS buffers in use;
+    the threads gone afterwards."""
+    monkeypatch.setenv("PMM_DIST_DIRECT_IO", direct)
+    seen = _spy_on_writes(monkeypatch)
+    pieces, reused, owned, written = _pieces(), bytearray(3000), [], []
 
     def produce(f):
         for piece in pieces:
             f.write(piece)
             reused[:] = os.urandom(len(reused))
-            f.write(memoryview(reused))  # overwritten right after the call, as torch's buffers are
+            f.write(memoryview(reused))  # overwritten at the next turn, as torch's buffers are
+            written.extend([piece, bytes(reused)])
+            owned.append(len(f._owned))
     path = str(tmp_path / "big.bin")
     num_bytes, digest = write_atomically(path, produce)
     content = open(path, "rb").read()
-    assert num_bytes == len(content) > 1000 and digest == hashlib.sha256(content).hexdigest()
-    assert _hash_threads() == []
+    assert content == b"".join(written) and num_bytes == len(content) > 10 * 8192
+    assert digest == hashlib.sha256(content).hexdigest()
+    assert max(owned) == output_file.BUFFERS and _writer_threads() == []
+    whole, tail = seen[:-1], seen[-1]
+    assert [o for o, _, _ in seen] == sorted(o for o, _, _ in seen) and tail[0] + tail[1] == len(content)
+    assert all(length == 8192 for _, length, _ in whole) and not tail[2]
+    assert all(d == (direct == "1") for _, _, d in whole)
 
 
-def test_a_failing_producer_stops_the_hashing_thread(tmp_path, monkeypatch):
-    monkeypatch.setattr(atomic, "HASH_BEHIND_BYTES", 10)
+def test_the_threaded_path_writes_what_was_written(tmp_path, small_buffers):
+    pieces = _pieces(seed=9, count=30)
+    path = str(tmp_path / "big.bin")
+    write_atomically(path, lambda f: [f.write(p) for p in pieces])
+    assert open(path, "rb").read() == b"".join(pieces)
+
+
+def test_a_small_file_is_written_in_one_call_without_threads(tmp_path, monkeypatch):
+    seen = _spy_on_writes(monkeypatch)
+    started = []
+    monkeypatch.setattr(output_file.OutputFile, "_hand_over", lambda *a: started.append(a))
+    write_atomically(str(tmp_path / "small.json"), lambda f: (f.write(b"{"), f.write(b"}")))
+    assert seen == [(0, 2, False)] and started == []
+
+
+def test_direct_io_refused_by_the_file_system_writes_buffered(tmp_path, monkeypatch, small_buffers):
+    """O_DIRECT refused when asked for (tmpfs) or at the first write (EINVAL): the same file."""
+    real_fcntl, real_pwrite = fcntl.fcntl, os.pwrite
+
+    def no_direct_setfl(fd, command, *args):
+        if command == fcntl.F_SETFL and args[0] & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, command, *args)
+
+    def no_direct_write(fd, data, offset):
+        if real_fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+    pieces = _pieces(seed=3, count=20)
+    for name, target, replacement in (("setfl", output_file.fcntl, no_direct_setfl), ("write", output_file.os, None)):
+        with monkeypatch.context() as patch:
+            if replacement is not None:
+                patch.setattr(target, "fcntl", replacement)
+            else:
+                patch.setattr(target, "pwrite", no_direct_write)
+            path = str(tmp_path / f"{name}.bin")
+            num_bytes, digest = write_atomically(path, lambda f: [f.write(p) for p in pieces])
+            assert open(path, "rb").read() == b"".join(pieces), name
+            assert digest == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def test_a_failing_producer_stops_the_writer_threads(tmp_path, small_buffers):
     path = tmp_path / "out.bin"
 
     def produce(f):
-        f.write(b"x" * 100)
+        f.write(b"x" * 100_000)
         raise ValueError("bad tensor")
     with pytest.raises(ValueError):
         write_atomically(str(path), produce)
-    assert not path.exists() and _leftovers(tmp_path) == [] and _hash_threads() == []
+    assert not path.exists() and _leftovers(tmp_path) == [] and _writer_threads() == []
 
 
-def test_a_read_back_failure_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(atomic, "HASH_BEHIND_BYTES", 10)
-
-    def failing_preadv(fd, buffers, offset):
-        raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(atomic.os, "preadv", failing_preadv)
+@pytest.mark.parametrize("size", [100, 100_000])  # the tail's write, and the writing thread's
+def test_a_failing_write_names_the_file(tmp_path, monkeypatch, small_buffers, size):
+    def disk_full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(output_file.os, "pwrite", disk_full)
     path = str(tmp_path / "out.bin")
-    with pytest.raises(MergeError, match=rf"^{path}: cannot write \(Input/output error\)$"):
-        write_atomically(path, lambda f: f.write(b"y" * 100))
-    assert os.listdir(tmp_path) == [] and _hash_threads() == []
+    with pytest.raises(MergeError, match=rf"^{path}: cannot write \(No space left on device\)$"):
+        write_atomically(path, lambda f: f.write(b"y" * size))
+    assert os.listdir(tmp_path) == [] and _writer_threads() == []
 
 
 def test_an_os_error_names_the_file(tmp_path):

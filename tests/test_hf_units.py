@@ -11,7 +11,7 @@ from safetensors.torch import save, save_file
 
 import pmm_dist
 from pmm_dist.errors import MergeError
-from pmm_dist.io import atomic
+from pmm_dist.io import output_file
 from pmm_dist.plan.types import CheckpointRef
 from pmm_dist.formats.common import number_in_name as iteration_from_name
 from pmm_dist.formats.hf import HuggingFaceFormat, bin_tensors, shard_name
@@ -117,14 +117,14 @@ def test_a_write_failing_behind_the_merge_fails_the_merge_and_leaves_nothing(tmp
     still fails the merge with the file's name, and nothing is committed or left half-written."""
     make_run(str(tmp_path / "run"), [1, 2, 3])
     written = {"bytes": 0}
-    real_write = atomic._HashingWriter.write
+    real_write = output_file.OutputFile.write
 
     def write(self, data):
         written["bytes"] += len(data)
         if written["bytes"] > 40_000:  # past the header and the first tensors
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, data)
-    monkeypatch.setattr(atomic._HashingWriter, "write", write)
+    monkeypatch.setattr(output_file.OutputFile, "write", write)
     out = tmp_path / "out"
     with pytest.raises(MergeError, match=r"model-00001-of-00001\.safetensors: cannot write \(No space left on device\)"):
         pmm_dist.merge(sources=[str(tmp_path / "run")], out=str(out), format="hf", device="cpu", quiet=True)
