@@ -32,8 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Deque, List, Optional, Tuple
 
 CHECKSUM_ALGORITHM = "sha256"
-BUFFER_BYTES = 8 << 20
-BUFFERS = 4  # in flight per file: one being filled, the others being hashed and written
+BUFFER_BYTES = 4 << 20
+BUFFERS = 3  # in flight per file: one being filled, the others being hashed and written
 # O_DIRECT's unit: offsets and lengths in multiples of the device's logical block (512 B or
 # 4 KiB); a whole buffer is, and so is every offset but the tail's, which is written buffered.
 _ALIGNMENT = 4096
