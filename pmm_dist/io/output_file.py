@@ -5,9 +5,10 @@ Why O_DIRECT: a buffered write copies every byte into freshly allocated page-cac
 leaves the kernel to write them back, and on these machines that costs the writing thread
 0.25-2.6 s of system CPU per GB (measured: the same 1 GB, 16 MiB writes, fsync), as much as the
 merge's arithmetic on the same 2 cores. Written from page-aligned buffers with O_DIRECT, the
-same GB took 0.43-0.47 s of wall time and 0.03-0.05 s of CPU, every time. (DeepSpeed's own
-fast checkpoint writer takes the same route.) ``PMM_DIST_DIRECT_IO=0`` turns it off, for a
-file system whose direct writes are slow (NFS makes each one synchronous).
+same GB took 0.43-0.47 s of wall time and 0.03-0.05 s of CPU, every time. (DeepSpeed's fast
+checkpoint writer, deepspeed/io/fast_file_writer.py, writes with O_DIRECT too.)
+``PMM_DIST_DIRECT_IO=0`` turns it off, for a file system whose direct writes are slow (NFS makes
+each one synchronous).
 
 Why staging at all: O_DIRECT needs aligned memory, offsets and lengths, which the bytes torch
 hands over (memoryviews of its records) are not; the staging copy is the one copy a buffered
@@ -32,11 +33,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Deque, List, Optional, Tuple
 
 CHECKSUM_ALGORITHM = "sha256"
+# A multiple of any device's logical block (512 B or 4 KiB): O_DIRECT takes offsets and lengths
+# in whole blocks, so every whole buffer, at every offset, may be written direct; the tail is not.
 BUFFER_BYTES = 4 << 20
 BUFFERS = 3  # in flight per file: one being filled, the others being hashed and written
-# O_DIRECT's unit: offsets and lengths in multiples of the device's logical block (512 B or
-# 4 KiB); a whole buffer is, and so is every offset but the tail's, which is written buffered.
-_ALIGNMENT = 4096
 # Why: the kernel starts writing dirty pages back only past a share of RAM (often gigabytes), so
 # a file written buffered waits at its fsync for the whole write to disk after the merge is done.
 # Starting the writeback every this many bytes overlaps the disk with the merge instead.
