@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import math
 import operator
 import os
@@ -46,7 +47,7 @@ import pathlib
 import pickle
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Container, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,6 +74,7 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 ChunkKey = Tuple[str, Optional[Tuple[int, ...]]]  # (fqn, chunk offsets), offsets None for bytes
 LENGTH = StoredChunk._fields.index("length")  # of a location as the plan holds it (a plain tuple)
+_LENGTH, _FIRST = operator.itemgetter(LENGTH), operator.itemgetter(0)
 _COPIED = operator.attrgetter("copied")
 
 
@@ -133,29 +135,41 @@ def load_metadata(ckpt_dir: str) -> "dcp_metadata.Metadata":
 
 
 # -- what a checkpoint holds -------------------------------------------------------------------
-def chunk_keys(metadata) -> List[ChunkKey]:
-    """Every stored entry: one key per tensor chunk, one per bytes object."""
+def chunk_keys(metadata, fqns: Optional[Container[str]] = None) -> List[ChunkKey]:
+    """Every stored entry (of the keys ``fqns``, where given): one key per tensor chunk, one per
+    bytes object."""
     keys: List[ChunkKey] = []
     for fqn, entry in metadata.state_dict_metadata.items():
-        if isinstance(entry, dcp_metadata.TensorStorageMetadata):
-            keys += [(fqn, chunk.offsets) for chunk in entry.chunks]  # a torch.Size keys as its tuple
+        if fqns is not None and fqn not in fqns:
+            continue
+        if isinstance(entry, dcp_metadata.TensorStorageMetadata):  # a torch.Size keys as its tuple
+            keys += zip(itertools.repeat(fqn), map(_OFFSETS, entry.chunks))
         else:
             keys.append((fqn, None))
     return keys
+
+
+# A million storage entries: their keys and locations taken in C-speed passes (attrgetter of
+# several names makes the tuple), not a Python-level loop over the entries.
+_INDEX_KEY = operator.attrgetter("fqn", "offset")
+_STORED_AT = operator.attrgetter("relative_path", "offset", "length")
+_CHUNK_BOX = operator.attrgetter("offsets", "sizes")  # a ChunkStorageMetadata's fields, as a tuple
+_OFFSETS = operator.attrgetter("offsets")
 
 
 def storage_index(metadata) -> Dict[ChunkKey, object]:
     """(fqn, offsets) -> _StorageInfo(relative_path, offset, length). The offsets are kept as
     stored (a torch.Size, which hashes and compares as the tuple it holds): looked up with tuples,
     and no tuple made per chunk."""
-    return {(index.fqn, index.offset): info for index, info in metadata.storage_data.items()}
+    storage = metadata.storage_data
+    return dict(zip(map(_INDEX_KEY, storage.keys()), storage.values()))
 
 
 def storage_locations(metadata) -> Dict[ChunkKey, Location]:
     """(fqn, offsets) -> where it is stored as the plan holds it, (relative_path, offset, length):
     ``storage_index`` with each entry already the plain tuple a ChunkItem carries."""
-    return {(index.fqn, index.offset): (info.relative_path, info.offset, info.length)
-            for index, info in metadata.storage_data.items()}
+    storage = metadata.storage_data
+    return dict(zip(map(_INDEX_KEY, storage.keys()), map(_STORED_AT, storage.values())))
 
 
 def top_level_key(metadata, fqn: str) -> str:
@@ -199,8 +213,8 @@ def plan_pieces(path: str, fqn: str, entry, newest_entry) -> Tuple[Optional[Dict
     same chunks; else, per newest chunk (by offsets), the pieces of the source's chunks that
     cover it exactly once; or the problems (naming checkpoint, key and region) why they cannot
     (chunks outside the tensor, overlapping, or leaving a gap)."""
-    if entry.chunks == newest_entry.chunks:  # the same chunks in the same order: nothing to map
-        return None, []
+    if list(map(_CHUNK_BOX, entry.chunks)) == list(map(_CHUNK_BOX, newest_entry.chunks)):
+        return None, []  # the same chunks in the same order (compared as tuples, in C): nothing to map
     boxes, outputs = chunk_boxes(entry), chunk_boxes(newest_entry)
     if sorted(boxes) == sorted(outputs):
         return None, []
@@ -485,7 +499,7 @@ class DcpFormat(CheckpointFormat):
         kept_set, read_set = set(kept), set(reads.values())
         # Storage entries are checked here, the files they point into by each rank (check_unit).
         problems += storage_problems(newest_ref.path, newest,
-                                     [k for k in chunk_keys(newest) if k[0] in kept_set or k[0] in read_set],
+                                     chunk_keys(newest, kept_set | read_set),
                                      check_files=False, locations=self.locations(newest_ref))
         # The newest's chunks are the output's: they too must cover each merged tensor exactly once.
         for fqn in merged:
@@ -619,7 +633,7 @@ class DcpFormat(CheckpointFormat):
                 pieces[fqn] = found
         # This source's own chunks are what it reads, whatever its layout.
         read_set = set(reads.values())
-        problems += storage_problems(ckpt.path, metadata, [k for k in chunk_keys(metadata) if k[0] in read_set],
+        problems += storage_problems(ckpt.path, metadata, chunk_keys(metadata, read_set),
                                      check_files=False, locations=self.locations(ckpt))
         return pieces, problems, []
 
@@ -690,7 +704,8 @@ class DcpFormat(CheckpointFormat):
                     rest.append(item)
             others.append(rest)
         for position in range(len(checkpoints)):
-            total = sum(stored[position][0][LENGTH] for stored in whole_reads)
+            # each item's read from this source: its first (only) location's length, in C-speed passes
+            total = sum(map(_LENGTH, map(_FIRST, map(operator.itemgetter(position), whole_reads))))
             for unit_items in others:
                 small_read = set()  # small stored chunks are read whole once per unit (dcp_reads)
                 for item in unit_items:
@@ -872,7 +887,7 @@ class DcpFormat(CheckpointFormat):
                 offsets = None if offsets is None else tuple(offsets)  # a list after a JSON round trip
                 index = dcp_metadata.MetadataIndex(fqn, offsets, chunk_position.get((fqn, offsets)))
                 storage_data[index] = dcp_filesystem._StorageInfo(result.relpath, offset, length)
-        expected = {k for k in chunk_keys(newest) if k[0] in kept_set}
+        expected = set(chunk_keys(newest, kept_set))
         stored = {(i.fqn, None if i.offset is None else tuple(i.offset)) for i in storage_data}
         if stored != expected:
             raise MergeError(f"internal error: the merged files hold {len(stored)} entries, the plan "
