@@ -63,3 +63,14 @@ def test_chunk_item_pickles_as_its_constructor_arguments():
     back = pickle.loads(data)
     assert back == [item, item] and type(back[0]) is ChunkItem and back[0].__dict__ == item.__dict__
     assert b"num_bytes" not in data and b"source_key" not in data
+    # In a share, a unit pickles its items as their fields' tuples: no pickled call per item.
+    from pmm_dist.plan.types import OptimizerPolicy, WorkUnit
+    unit = WorkUnit("__3_0.distcp", 128, Action.MERGE, (item, ChunkItem("b", None, Action.COPY, 64)), OptimizerPolicy.MERGE)
+    data = pickle.dumps((unit, unit))
+    back = pickle.loads(data)
+    assert back == (unit, unit) and all(type(it) is ChunkItem for it in back[0].items)
+    assert [it.__dict__ for it in back[0].items] == [it.__dict__ for it in unit.items]
+    assert b"ChunkItem" not in data
+    named = WorkUnit("model-00001-of-00002.safetensors", 64, items=("lm_head.weight", "embed.weight"))
+    assert pickle.loads(pickle.dumps(named)) == named  # an HF shard's items are tensor names
+    assert pickle.loads(pickle.dumps(WorkUnit("a.pt", 8))) == WorkUnit("a.pt", 8)
