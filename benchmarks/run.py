@@ -554,9 +554,11 @@ def _scale_section(report: dict) -> list:
     if r:
         lines.append(f"- real Megatron legacy planning (`plan_merge`, tiny hard-linked shard files): {r['checkpoints']} "
                      f"checkpoints x {r['files_per_checkpoint']} shard files at {r['ranks']} ranks: "
-                     f"**{r['plan_merge_seconds']:.2f} s** (" +
+                     f"**{r['plan_merge_seconds']:.2f} s** warm (" +
                      ", ".join(f"{k} {v:.2f} s" for k, v in r["phases_seconds"].items()) +
-                     f"); each checkpoint's metadata parsed {r['metadata_reads_per_checkpoint']}x.")
+                     f"); each checkpoint's metadata parsed {r['metadata_reads_per_checkpoint']}x"
+                     + (f"; the first pass, with the tree's directory entries as the last run left them, took "
+                        f"{r['first_pass_seconds']:.2f} s." if "first_pass_seconds" in r else "."))
     d = sc.get("dcp")
     if d:
         lines.append(f"- DCP planning (`plan_merge`, FSDP2-shaped `.metadata` as DCP pickles it, {d['metadata_bytes'] / 1e6:.0f} "
