@@ -506,7 +506,7 @@ def _formats_section(report: dict) -> list:
                      f"{row['merge_vs_roofline']:.2f} | {pmm['wall_seconds']:.2f} | "
                      f"{row['process_vs_roofline_plus_import_torch']:.2f} | "
                      f"{max(pmm['peak_rss_bytes_by_rank']) / 2**30:.2f} | "
-                     f"{row['merge_vs_buffered_roofline']:.2f} |" if "merge_vs_buffered_roofline" in row else "")
+                     f"{row.get('merge_vs_buffered_roofline', float('nan')):.2f} |")  # nan: a report before run 10
     return lines + [""]
 
 
