@@ -53,6 +53,7 @@ MODULE_TIERS = {
     "test_torch_save_stream": "unit",
     "test_zero3_partitions": "unit",
     "test_watch_forms": "unit",
+    "test_watch_masters": "unit",     # in this process, but merges and watches 5 checkpoints 3 ways
     "test_regions": "unit",
     "test_dcp_layouts": "unit",
     "test_dcp_optimizer": "unit",

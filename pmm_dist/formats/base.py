@@ -35,9 +35,6 @@ class MergeContext:
     on_progress: Callable[[int], None] = field(default=lambda num_bytes: None)
     on_nonfinite: NonfinitePolicy = NonfinitePolicy.ERROR
     tensor_filter: TensorFilter = TensorFilter()
-    masters_as_weights: bool = True
-    """Model weights from the merged fp32 masters where the format can (issue 13). The watcher's
-    running state follows the model tensors themselves, so its incremental merges say False."""
 
     def selects(self, name: str) -> bool:
         """Whether the tensor ``name`` is merged (else the newest checkpoint's is kept)."""

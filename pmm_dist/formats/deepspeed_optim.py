@@ -37,7 +37,7 @@ from ..errors import InputError
 from ..io.safe_load import safe_load
 from ..io.torch_save_stream import Placeholder
 from ..io.tree import dotted
-from ..plan.types import MODEL_WEIGHTS_NOTE, OptimizerPolicy
+from ..plan.types import MODEL_WEIGHTS_BY_OLDER, MODEL_WEIGHTS_NOTE, OptimizerPolicy
 from .base import MergeContext
 from .masters import (MASTER, MOMENT, MasterWeights, from_masters, from_model_copies, in_file_master_weights, is_counter,
                       merged_as_model)
@@ -165,20 +165,25 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
     if not isinstance(module, dict) or not isinstance(param_shapes, list):
         return from_model_copies("no module or param_shapes in the model states")
     read = []  # the files' metadata only: their tensors are read one source at a time below
-    for ckpt_path, paths in sources:
+    # The newest first: what it lacks, no choice of older checkpoints would give (see by_older).
+    for index, (ckpt_path, paths) in reversed(list(enumerate(sources))):
+        by_older = index < len(sources) - 1
         if not paths:
             return from_model_copies(f"{ckpt_path} has no optimizer files (pruned?): the fp32 masters of every "
-                                     "source are needed")
+                                     "source are needed", by_older=by_older)
         masters, _, problem = read_zero12_masters(paths)
         if problem:
-            return from_model_copies(problem)
-        read.append((ckpt_path, masters, None))
+            return from_model_copies(problem, by_older=by_older)
+        read.insert(0, (ckpt_path, masters, None))
     reference = read[-1][1]
     paddings = reference.alignment_paddings or [None] * len(param_shapes)
-    groups, skipped = {}, []
+    groups, skipped, skipped_by_older = {}, [], False
     for group, shapes in enumerate(param_shapes):
         offsets, length = group_offsets(shapes, paddings[group] if group < len(paddings) else None)
-        why = _group_problem(group, shapes, offsets, length, read, module)
+        why = _group_problem(group, shapes, offsets, length, read[-1:], module)
+        if not why:
+            why = _group_problem(group, shapes, offsets, length, read, module)
+            skipped_by_older = skipped_by_older or bool(why)
         if why:
             skipped.append(why)
         else:
@@ -210,10 +215,12 @@ def zero12_master_weights(output: dict, sources: Sequence[Tuple[str, List[str]]]
         if ("module", primary) in weights and alias in module:
             weights[("module", alias)] = weights[("module", primary)]
     if not weights:
-        return from_model_copies("; ".join(skipped) or "no parameter has fp32 masters")
+        return from_model_copies("; ".join(skipped) or "no parameter has fp32 masters", by_older=skipped_by_older)
     result = from_masters(weights, num_read)
     if skipped:
         result.details[MODEL_WEIGHTS_NOTE] = "model copies for " + "; ".join(skipped)
+    if skipped_by_older:
+        result.details[MODEL_WEIGHTS_BY_OLDER] = True
     return result
 
 

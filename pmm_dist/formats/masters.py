@@ -20,7 +20,8 @@ import torch
 
 from ..io.torch_save_stream import Placeholder
 from ..merge.kernel import merged_requires_grad, release_pages
-from ..plan.types import MODEL_WEIGHTS_FROM, MODEL_WEIGHTS_NOTE, WEIGHTS_FROM_MASTERS, WEIGHTS_FROM_MODEL, OptimizerPolicy
+from ..plan.types import (MODEL_WEIGHTS_BY_OLDER, MODEL_WEIGHTS_FROM, MODEL_WEIGHTS_NOTE, WEIGHTS_FROM_MASTERS,
+                          WEIGHTS_FROM_MODEL, OptimizerPolicy)
 
 MASTER, MOMENT = "master", "moment"
 COUNTER_KEYS = ("step", "mu_product")
@@ -50,11 +51,19 @@ def from_masters(weights: Dict[tuple, object], num_bytes_read: int = 0) -> Maste
     return MasterWeights(weights, {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MASTERS}, num_bytes_read)
 
 
-def from_model_copies(note: str = "") -> MasterWeights:
-    """The model files' own tensors are merged; ``note`` says why not the masters (if it matters)."""
+def from_model_copies(note: str = "", *, by_older: bool = False) -> MasterWeights:
+    """The model files' own tensors are merged; ``note`` says why not the masters (if it matters).
+
+    ``by_older``: an older source decided it (it has no masters, or another layout or optimizer
+    structure than the newest), so a merge of other checkpoints with the same newest may take
+    the masters. The watcher, which reads only some checkpoints of its window, then merges the
+    unit from the whole window (watcher.update). Otherwise the newest alone decides (it has no
+    masters; its file kind has none pmm_dist can cut)."""
     details = {MODEL_WEIGHTS_FROM: WEIGHTS_FROM_MODEL}
     if note:
         details[MODEL_WEIGHTS_NOTE] = note
+    if by_older:
+        details[MODEL_WEIGHTS_BY_OLDER] = True
     return MasterWeights({}, details)
 
 
@@ -183,7 +192,8 @@ def in_file_master_weights(masters: Sequence[Tuple[tuple, int]], model: Sequence
     and master. Where no mapping holds, the model copies, with a note that says why.
     """
     if any(state is None for state in states):
-        return from_model_copies("some source was saved at another layout: its masters are not renumbered")
+        return from_model_copies("some source was saved at another layout: its masters are not renumbered",
+                                 by_older=True)
     newest = states[-1]
     try:
         newest_masters = [(path, leaf_at(newest, path)) for path, _ in masters]
@@ -198,7 +208,7 @@ def in_file_master_weights(masters: Sequence[Tuple[tuple, int]], model: Sequence
         except (KeyError, IndexError, TypeError):
             problem = f"{name} has another optimizer structure than the newest"
         if problem:
-            return from_model_copies(problem)
+            return from_model_copies(problem, by_older=True)
     weights: Dict[tuple, object] = {}
     result = from_masters(weights)
     for master_path, model_path in mapping.items():

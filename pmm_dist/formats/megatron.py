@@ -329,15 +329,17 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
         states, names = [source.state for source in sources], [source.name for source in sources]
         if any(state is None for state in states):
             return from_model_copies("some source was saved at another PP/EP/VP layout: its optimizer state is "
-                                     "not renumbered, so the model copies are merged")
+                                     "not renumbered, so the model copies are merged", by_older=True)
         missing = [name for state, name in zip(states, names) if not has_optimizer_state(state)]
         if missing:
+            if not has_optimizer_state(states[-1]):
+                return from_model_copies()
             return from_model_copies(f"{missing[0]} has no optimizer state (--no-save-optim?): the masters of every "
-                                     "source are needed" if has_optimizer_state(states[-1]) else "")
+                                     "source are needed", by_older=True)
         keys = model_keys(output)
         if any(masters_of(entry) is not None for _, entry in optimizer_entries(states[-1])):
             if any(structure(state) != structure(states[-1]) for state in states[:-1]):
-                return from_model_copies("the sources' optimizer structures differ")
+                return from_model_copies("the sources' optimizer structures differ", by_older=True)
             return in_file_weights(states, names, keys, context)
         distrib = os.path.join(os.path.dirname(relpath), DISTRIB_OPTIM_FILE)
         paths = [os.path.join(ckpt.path, distrib) for ckpt in checkpoints]
@@ -345,10 +347,10 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
             return from_model_copies()  # fp32 training: the model's tensors are the weights
         absent = [path for path in paths if not os.path.isfile(path)]
         if absent:
-            return from_model_copies(f"{absent[0]} is missing: the masters of every source are needed")
+            return from_model_copies(f"{absent[0]} is missing: the masters of every source are needed", by_older=True)
         distribs = [safe_load(path) for path in paths]
         if any(distrib_structure(d) != distrib_structure(distribs[-1]) for d in distribs[:-1]):
-            return from_model_copies("the sources' distrib_optim.pt buffers differ")
+            return from_model_copies("the sources' distrib_optim.pt buffers differ", by_older=True)
         return distrib_weights(states[-1], keys, distribs, paths, states, context)
 
     def without_training_state(self, state: dict, relpath: str) -> dict:

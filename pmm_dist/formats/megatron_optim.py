@@ -210,7 +210,8 @@ def distrib_weights(newest_model: dict, model_keys: Sequence[str], distribs: Seq
     for distrib, model, name in zip(distribs[:-1], models[:-1], names[:-1]):
         for path, (buffer_path, start, numel) in layout.items():
             if not rounds_to(leaf_at(distrib, buffer_path)[start:start + numel], leaf_at(model, path), sampled=True):
-                return from_model_copies(f"in {name} the master of '{dotted(path)}' does not round to its model tensor")
+                return from_model_copies(f"in {name} the master of '{dotted(path)}' does not round to its model tensor",
+                                         by_older=True)
     weights: Dict[tuple, object] = {}
     result = from_masters(weights)
     by_buffer: Dict[tuple, Dict[Placeholder, tuple]] = {}

@@ -33,7 +33,7 @@ from ..merge.kernel import is_mergeable
 from ..plan.types import CheckpointRef, OptimizerPolicy, UnitResult, WorkUnit
 from .base import CheckpointFormat, MergeContext
 from .common import LeafMerger, compare_entries, leaf_specs
-from .masters import MasterWeights, from_model_copies, is_counter, merges
+from .masters import MasterWeights, is_counter, merges
 
 
 @dataclass
@@ -165,8 +165,7 @@ class PickledFileFormat(CheckpointFormat):
         sources.append(SourceLeaves(newest_path, self.merged_leaves(output, unit.relpath, policy), state=output))
         merge = LeafMerger([source.leaves for source in sources], [source.name for source in sources], context)
         # The masters first: they may give the model's weights (rounded) and their own leaves.
-        masters = self.master_weights(unit.relpath, checkpoints, output, sources, context) \
-            if context.masters_as_weights else from_model_copies()
+        masters = self.master_weights(unit.relpath, checkpoints, output, sources, context)
         merge.overrides = masters.weights
         merge.real_runs = self.real_runs(unit.relpath, checkpoints, output)
         subtrees = self.merged_subtrees(output, unit.relpath) + \

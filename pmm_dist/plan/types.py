@@ -271,10 +271,12 @@ class UnitResult:
     num_tensors_merged: int
     details: Dict[str, object] = field(default_factory=dict)  # small, format-specific (for finalize)
     # Keys of ``details`` the engine reads (a format that writes model weights sets them):
-    # MODEL_WEIGHTS_FROM, one of the WEIGHTS_FROM_* values, and MODEL_WEIGHTS_NOTE, why not masters.
+    # MODEL_WEIGHTS_FROM, one of the WEIGHTS_FROM_* values, MODEL_WEIGHTS_NOTE, why not masters,
+    # and MODEL_WEIGHTS_BY_OLDER, True where an older source decided it (see formats.masters).
 
 
 MODEL_WEIGHTS_FROM = "model_weights_from"
 MODEL_WEIGHTS_NOTE = "model_weights_note"
+MODEL_WEIGHTS_BY_OLDER = "model_weights_by_older"
 WEIGHTS_FROM_MASTERS = "fp32 masters"    # the merged fp32 master weights, rounded to the model's dtype
 WEIGHTS_FROM_MODEL = "model copies"      # the merged tensors of the model files themselves

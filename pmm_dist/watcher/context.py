@@ -35,6 +35,14 @@ SOURCE, STATE, NEW = "source", "state", "new"
 ARITHMETIC_ELEMENTS = 1 << 14
 
 
+class RunningStateMismatch(InputError):
+    """The running state cannot give this update what a merge of its whole window gives: it
+    lacks a tensor the checkpoints read have (or has it in another shape), or it follows other
+    tensors (the model copies, where the merge now takes the fp32 masters; see
+    ``formats.masters.from_model_copies``). The watcher then merges the window from scratch
+    (watcher.loop), and whatever is wrong with the checkpoints themselves, that merge names."""
+
+
 @dataclass(frozen=True)
 class UpdateRule:
     """One update's coefficients over the checkpoints it reads (``source``, by their index in
@@ -58,7 +66,6 @@ class _UnitCounters:
 
 @dataclass(frozen=True)
 class IncrementalContext(MergeContext):
-    masters_as_weights: bool = False  # the state holds the model tensors' running sums
     rule: Optional[UpdateRule] = None
     fmt: Optional[CheckpointFormat] = None
     unit: Optional[WorkUnit] = None
@@ -77,12 +84,12 @@ class IncrementalContext(MergeContext):
         if rule.uses_state:
             previous = self.previous.entries.get(key)
             if previous is None:
-                raise InputError(f"{source_names[-1]}: {what} is not in the running state "
-                                 f"({self.previous.directory}): the earlier checkpoints of the window lack it")
+                raise RunningStateMismatch(f"{source_names[-1]}: {what} is not in the running state "
+                                           f"({self.previous.directory})")
             if previous.shape != shape or previous.dtype != stored:
-                raise InputError(f"{source_names[-1]}: {what} is {stored} {list(shape)}, but the running state "
-                                 f"({self.previous.directory}) holds it as {previous.meta['dtype']} "
-                                 f"{list(previous.shape)}: the window's checkpoints disagree")
+                raise RunningStateMismatch(f"{source_names[-1]}: {what} is {stored} {list(shape)}, but the running "
+                                           f"state ({self.previous.directory}) holds it as "
+                                           f"{previous.meta['dtype']} {list(previous.shape)}")
         entry = self.writer.begin(key, shape, stored, rule.accumulators)
         counters.keys.append(key)
         flat = [s.reshape(-1) for s in sources]

@@ -31,6 +31,7 @@ from ..formats import available_formats, format_class
 from ..io.atomic import copy_atomically
 from ..merge.methods import get_method
 from ..plan.types import OutputKind
+from .context import RunningStateMismatch
 from .ledger import WATCH_DIR, History, Ledger, Published
 from .options import WatchOptions
 from .update import UpdatePlanner, WatchUpdate
@@ -183,20 +184,29 @@ class Watcher:
     # -- publishing (every rank) ---------------------------------------------------------------
     def _publish(self, look: _Look, target: int) -> None:
         started = time.perf_counter()
-        planner = None
-        if self.coordinator:
-            planner = UpdatePlanner(self.options, look.format_name, self.ledger, self.ledger.load(), look.available)
-        update = WatchUpdate(self.options.merge_options_for(self.options.out, format=look.format_name),
-                             self.collective, planner, target)
-        try:
-            merged = update.run()
-        except MergeError as exc:
-            if getattr(exc, "interrupted", False):
-                raise
-            if isinstance(exc, UsageError) or getattr(exc, "usage", False):
-                raise
-            self._failed(f"the merge at iteration {target} failed: {exc}")
-            return
+        merged = None
+        for from_scratch in (False, True):
+            planner = None
+            if self.coordinator:
+                planner = UpdatePlanner(self.options, look.format_name, self.ledger, self.ledger.load(),
+                                        look.available, from_scratch=from_scratch)
+            update = WatchUpdate(self.options.merge_options_for(self.options.out, format=look.format_name),
+                                 self.collective, planner, target)
+            try:
+                merged = update.run()
+                break
+            except MergeError as exc:
+                if getattr(exc, "interrupted", False):
+                    raise
+                if isinstance(exc, UsageError) or getattr(exc, "usage", False):
+                    raise
+                if not from_scratch and _state_cannot_continue(exc):
+                    if self.coordinator and not self.quiet:
+                        print(f"pmm-dist watch: the running state cannot continue to iteration {target}, so the "
+                              f"whole window is merged:\n  {exc}", flush=True)
+                    continue
+                self._failed(f"the merge at iteration {target} failed: {exc}")
+                return
         published = self.collective.coordinator_step("publish", lambda: self._record(merged.plan, started))
         self.result.published.append(published)
         if self.coordinator and not self.quiet:
@@ -310,6 +320,15 @@ class Watcher:
                else f"read {len(published.reads)} checkpoint(s)")
         print(f"pmm-dist watch: published {published.path}: {plan.method} of {len(window)} checkpoint(s) ({span}); "
               f"{how}, {human_bytes(published.bytes_read)}, {published.seconds:.2f} s", flush=True)
+
+
+def _state_cannot_continue(exc: MergeError) -> bool:
+    """Whether an update failed only because its running state cannot continue (on every
+    failing rank), which a merge of the whole window does not need."""
+    if isinstance(exc, RunningStateMismatch):
+        return True
+    errors = getattr(exc, "errors_by_rank", None)
+    return bool(errors) and all(e.kind == RunningStateMismatch.__name__ for e in errors.values())
 
 
 def run_watcher(options: WatchOptions, *, stop: Optional[threading.Event] = None, handle_signals: bool = False

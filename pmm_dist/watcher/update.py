@@ -35,7 +35,8 @@ from ..io.staging import STAGING, Staging, fingerprint, snapshot_inputs
 from ..merge.incremental import CHECKPOINT, STATE, LinearUpdate, compose
 from ..merge.methods import get_method
 from ..plan.assign import assign_units
-from ..plan.types import Action, CheckpointRef, OutputKind, WorkUnit
+from ..plan.types import (MODEL_WEIGHTS_BY_OLDER, MODEL_WEIGHTS_FROM, MODEL_WEIGHTS_NOTE, WEIGHTS_FROM_MODEL, Action,
+                          CheckpointRef, OutputKind, WorkUnit)
 from . import context as ctx
 from .ledger import History, Ledger
 from .state import StateReader, StateWriter, state_bytes, state_file
@@ -76,8 +77,11 @@ def checkpoint_digest(path: str) -> str:
 class UpdatePlanner:
     """The coordinator's choice of how to publish ``target`` (see the module docstring)."""
 
-    def __init__(self, options, format_name: str, ledger: Ledger, history: History, available: Dict[int, str]):
+    def __init__(self, options, format_name: str, ledger: Ledger, history: History, available: Dict[int, str],
+                 from_scratch: bool = False):
+        # from_scratch: no running state is read (the loop's second try, after RunningStateMismatch)
         self.options, self.format_name, self.ledger = options, format_name, ledger
+        self.from_scratch = from_scratch
         self.history, self.available = history, available
         self.known = dict(history.checkpoints)
         self.known.update(available)
@@ -102,7 +106,11 @@ class UpdatePlanner:
         fmt = format_class(self.format_name)()
         window = self.window(target)
         weights = self.method.weights(len(window), **self.given)
-        update, previous = self._choose(target, window)
+        # Where the newest's model weights come from as the format plans it (DCP, torch_dist: its
+        # fp32 masters, when it has them): a state kept for other tensors cannot continue.
+        weights_from = fmt.model_weights_source([CheckpointRef(target, self.available[target])], merge.optimizer) \
+            if target in self.available else None
+        update, previous = self._choose(target, window, weights_from)
         reads = sorted(set(update.reads if update is not None else window) | {target})
         missing = [it for it in reads if it not in self.available]
         if missing:
@@ -126,7 +134,8 @@ class UpdatePlanner:
             digests = {str(it): digests.get(str(it)) or checkpoint_digest(self.known[it])
                        for it in window if str(it) in digests or it in self.available}
             state_info = {"format_version": 1, "iteration": target, "window": window, "form": self.form.describe(),
-                          "format": fmt.name, "optimizer": str(merge.optimizer), "digests": digests}
+                          "format": fmt.name, "optimizer": str(merge.optimizer), "digests": digests,
+                          "newest_weights_from": weights_from}
         description = {"version": __version__, "format": fmt.name, "target": target, "window": window,
                        "weights": weights, "reads": [(r.iteration, r.path) for r in read_refs],
                        "previous": previous and {"iteration": previous["iteration"], "window": previous["window"],
@@ -150,17 +159,20 @@ class UpdatePlanner:
         return replace(plan, already_complete=_committed_already(plan)), snapshot, fmt
 
     # -- the way: a kept state, or from scratch ---------------------------------------------------
-    def _choose(self, target: int, window: List[int]) -> Tuple[Optional[LinearUpdate], Optional[dict]]:
+    def _choose(self, target: int, window: List[int], weights_from: Optional[str]
+                ) -> Tuple[Optional[LinearUpdate], Optional[dict]]:
         """The update that reads the fewest checkpoints among those whose checkpoints all still
         exist: from a kept state, or from scratch (preferred on a tie: it reads no state)."""
         if self.form is None:
             return None, None
         scratch = compose(self.form, window)
+        if self.from_scratch:
+            return scratch, None
         candidates = []
         if all(it in self.available for it in scratch.reads):
             candidates.append((len(scratch.reads), 0, scratch, None))
         for rank, iteration in enumerate(reversed(self.ledger.state_iterations())):  # the newest state first
-            info = self._usable_state(iteration)
+            info = self._usable_state(iteration, weights_from)
             if info is None:
                 continue
             update = compose(self.form, window, info["window"])
@@ -173,7 +185,7 @@ class UpdatePlanner:
         _, _, update, info = min(candidates, key=lambda c: (c[0], c[1]))
         return update, info
 
-    def _usable_state(self, iteration: int) -> Optional[dict]:
+    def _usable_state(self, iteration: int, weights_from: Optional[str]) -> Optional[dict]:
         published = {p.iteration for p in self.history.published if p.state}
         if iteration not in published:
             return None  # an abandoned update's, or one not kept
@@ -181,7 +193,8 @@ class UpdatePlanner:
         if not info or not info.get("usable", False):
             return None
         if info.get("form") != self.form.describe() or info.get("format") != self.format_name or \
-                info.get("optimizer") != str(self.options.merge.optimizer):
+                info.get("optimizer") != str(self.options.merge.optimizer) or \
+                info.get("newest_weights_from", WEIGHTS_FROM_MODEL) != weights_from:
             return None
         return info
 
@@ -287,10 +300,14 @@ class WatchUpdate(MergeRun):
             expected = StateReader(plan.previous_state).entries
             left = sorted(set(expected) - set(keys))
             if left:
-                raise InputError([f"{plan.checkpoints[-1].path}: lacks {key}, which the earlier checkpoints of the "
-                                  f"window have (in the running state {plan.previous_state})" for key in left])
+                raise ctx.RunningStateMismatch([f"{plan.checkpoints[-1].path}: lacks {key}, which the running state "
+                                                f"{plan.previous_state} has" for key in left])
+        ways = _model_weights_by_unit(outcomes)
+        if plan.previous_state:
+            _check_model_weights(ways, _read_json(os.path.join(plan.previous_state, STATE_INFO)) or {})
         usable = not any(d["nonfinite_state"] for d in details)
-        info = dict(plan.state_info, usable=usable, tensors=len(keys), bytes=state_bytes(plan.state_dir))
+        info = dict(plan.state_info, usable=usable, tensors=len(keys), bytes=state_bytes(plan.state_dir),
+                    model_weights={relpath: way for relpath, (way, _) in ways.items()})
         write_json_atomically(os.path.join(plan.state_dir, STATE_INFO), info)
 
 
@@ -331,6 +348,38 @@ class IncrementalShareMerger(ShareMerger):
         if not isinstance(context, ctx.IncrementalContext):
             return outcome
         return ctx.with_state_details(outcome, context, context.writer.close())
+
+
+def _model_weights_by_unit(outcomes) -> Dict[str, Tuple[str, dict]]:
+    """relpath -> (where its model weights came from, its details), for the units that say."""
+    return {r.relpath: (r.details[MODEL_WEIGHTS_FROM], r.details) for o in outcomes for r in o.results
+            if MODEL_WEIGHTS_FROM in r.details}
+
+
+def _check_model_weights(ways: Dict[str, Tuple[str, dict]], previous_info: dict) -> None:
+    """An update from a running state gives the merge of its window only where each unit takes
+    its model weights as the state did, and the newest alone decided that (formats.masters
+    ``by_older``: otherwise checkpoints this update does not read could decide otherwise).
+    States of before the record are of model copies (the watcher took no masters then)."""
+    recorded = previous_info.get("model_weights", {})
+    problems = []
+    for relpath, (way, details) in sorted(ways.items()):
+        before = recorded.get(relpath, WEIGHTS_FROM_MODEL)
+        if details.get(MODEL_WEIGHTS_BY_OLDER):
+            problems.append(f"{relpath}: the {way}, because {details.get(MODEL_WEIGHTS_NOTE, 'of an older source')}: "
+                            "the checkpoints of the whole window decide")
+        elif way != before:
+            problems.append(f"{relpath}: the running state follows the {before}, this update takes the {way}")
+    if problems:
+        raise ctx.RunningStateMismatch(problems)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _staged_fingerprint(staging: Staging) -> Optional[str]:
