@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pmm_dist
+from pmm_dist.engine.report import human_bytes
 from pmm_dist.testing.synthetic import generate_run
 
 from .conftest import run_cli
@@ -106,6 +107,7 @@ def test_tracker_manifest_and_summary(merged):
         assert (manifest["metadata_bytes_exchanged"] > 0) == (world_size > 1)
         assert "GB/s" in proc.stdout and "peak RSS per rank" in proc.stdout
         assert "metadata exchanged between ranks" in proc.stdout
+        assert f"  bytes read: {human_bytes(manifest['bytes_read'])}, written: " in proc.stdout  # any world size
         assert not os.path.exists(os.path.join(out, ".pmm_staging"))
 
 

@@ -189,6 +189,9 @@ def test_nonfinite_error_suggests_a_way_out_not_resume(run, tmp_path):
     proc = run_cli(["merge", run, "--out", str(tmp_path / "out"), *ARGS])
     assert proc.returncode == 1 and "NaN" in proc.stderr
     assert "--on-nonfinite" in proc.stderr and "--iterations" in proc.stderr and "--resume" not in proc.stderr
+    # nothing of the failed merge is left to refuse the way out it suggests
+    proc = run_cli(["merge", run, "--out", str(tmp_path / "out"), *ARGS, "--on-nonfinite", "warn"])
+    assert proc.returncode == 0 and "NaN" in proc.stderr, proc.stderr
 
 
 def test_summary_after_resume_counts_only_this_runs_work(tmp_path):
@@ -218,6 +221,10 @@ def test_summary_after_resume_counts_only_this_runs_work(tmp_path):
     (["--method", "ema", "--alpha", "1.5"], "--alpha must be in (0, 1]"),
     (["--method", "weighted", "--weights", "1,2,3,4,5"], "5 values but 3 checkpoints"),
     (["--alpha", "0.3"], "--method ema"),
+    (["--method", "weighted", "--weights", "1,nan,1"], "--weights must be finite"),
+    (["--method", "weighted", "--weights", "1,inf,1", "--no-normalize"], "--weights must be finite"),
+    (["--iterations", "100,300", "--last", "1"], "do not combine it with --last"),
+    (["--timeout-minutes", "0"], "--timeout-minutes must be more than 0"),
 ])
 def test_usage_errors_exit_2(run, tmp_path, flags, needle):
     proc = run_cli(["merge", run, "--out", str(tmp_path / "out"), "--quiet", *flags])

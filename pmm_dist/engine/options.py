@@ -85,6 +85,10 @@ class MergeOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name} must be at least 1, got {value}")
+        if self.iterations and (self.last is not None or self.interval is not None):
+            raise UsageError("--iterations selects exactly; do not combine it with --last or --interval")
+        if not self.timeout_minutes > 0:
+            raise UsageError(f"--timeout-minutes must be more than 0, got {self.timeout_minutes}")
         # The method checks its own options now (unknown ones, alpha's range), before any I/O.
         get_method(self.method).check(self.method_options())
 

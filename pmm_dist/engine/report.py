@@ -51,8 +51,8 @@ def format_summary(result) -> str:
         f"  files written: {len(result.files)} ({result.num_tensors_merged} tensors merged)" +
         (f"; {result.num_units_resumed} files were finished by the interrupted run and are not counted below"
          if result.num_units_resumed else ""),
-        f"  bytes read: {human_bytes(result.num_bytes_read)}, written: {human_bytes(result.num_bytes_written)}"
-        f" (rank 0 read {human_bytes(result.bytes_read_by_rank[0])})" * (len(result.bytes_read_by_rank) > 1),
+        f"  bytes read: {human_bytes(result.num_bytes_read)}, written: {human_bytes(result.num_bytes_written)}" +
+        (f" (rank 0 read {human_bytes(result.bytes_read_by_rank[0])})" if len(result.bytes_read_by_rank) > 1 else ""),
         f"  time: {result.timings['total']:.2f} s (merge {result.timings['merge']:.2f} s), "
         f"throughput: {result.read_gbps:.3f} GB/s read, {result.write_gbps:.3f} GB/s written",
         "  peak RSS per rank: " + ", ".join(human_bytes(b) for b in result.peak_rss_by_rank),

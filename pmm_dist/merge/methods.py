@@ -5,6 +5,7 @@ described by its weight vector, oldest checkpoint first; the engine does all the
 method is one decorated function: its keyword-only parameters are the method's options.
 """
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -124,6 +125,8 @@ def explicit_weights(num_checkpoints: int, *, weights: Optional[Sequence[float]]
     """w_i from --weights (oldest first), normalised to sum 1 unless --no-normalize"""
     if weights is None:
         raise UsageError("method 'weighted' needs --weights w1,w2,... (oldest checkpoint first)")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--weights must be finite numbers, got {','.join(map(str, weights))}")
     if len(weights) != num_checkpoints:
         raise UsageError(f"--weights has {len(weights)} values but {num_checkpoints} checkpoints are selected")
     if not normalize:
