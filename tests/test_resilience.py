@@ -60,6 +60,9 @@ def test_killed_merge_resumes_bitwise_identical(run_dir, reference, tmp_path, fa
     proc = run_cli(["merge", run_dir, "--out", out, *ARGS], world_size=world_size, env={"PMM_DIST_FAULT": fault})
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert not os.path.exists(os.path.join(out, TRACKER)), "a failed merge must not be loadable"
+    for name in ("pmm_manifest.json", TRACKER) if os.path.isdir(os.path.join(out, ".pmm_staging")) else ():
+        with open(os.path.join(out, f"{name}.tmp.4242"), "w") as f:  # what a kill while writing them leaves
+            f.write("{")
     resumed = run_cli(["merge", run_dir, "--out", out, *ARGS, "--resume"], world_size=world_size)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert output_digest(out) == output_digest(reference)

@@ -16,11 +16,11 @@ from typing import Callable, List, Sequence, Tuple
 
 from ..errors import InputError
 from ..formats import CheckpointFormat
-from ..io.atomic import remove_tree_quietly, write_atomically
+from ..io.atomic import remove_temporaries_of, remove_tree_quietly, write_atomically
 from ..io.staging import STAGING, InputSnapshot, Staging, changed_inputs
 from ..plan.types import OutputKind, UnitResult
 from . import faults
-from .manifest import Manifest
+from .manifest import MANIFEST, Manifest
 from .planning import MergePlan
 
 ManifestFactory = Callable[[List[dict]], Manifest]
@@ -53,6 +53,8 @@ def commit(fmt: CheckpointFormat, plan: MergePlan, staging: Staging, results: Se
     if tracker is not None:  # listed like every file written, though it is written last
         files.append({"path": layout.commit_marker, "bytes": len(tracker), "sha256": hashlib.sha256(tracker).hexdigest()})
     files.sort(key=lambda f: f["path"])
+    for name in (MANIFEST, layout.commit_marker):  # a run killed while writing them left these
+        remove_temporaries_of(os.path.join(plan.out, name))
     manifest_path = manifest_for(files).write(plan.out)
     faults.inject("commit:manifest", 0)
     if tracker is not None:

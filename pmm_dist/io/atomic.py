@@ -28,6 +28,21 @@ def temporary_name(path: str) -> str:
     return f"{path}.tmp.{os.getpid()}"
 
 
+def remove_temporaries_of(path: str) -> None:
+    """Remove the ``temporary_name``s of ``path`` that killed writers (of any process) left: for
+    the few files written at the output's root, before writing them again (the files inside a
+    staging directory go with it)."""
+    directory, name = os.path.split(path)
+    prefix = f"{name}.tmp."
+    try:
+        entries = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+            _remove_quietly(os.path.join(directory, entry))
+
+
 def write_atomically(path: str, produce: Callable[[object], None]) -> tuple:
     """``produce(fileobj)`` writes the content; returns (num_bytes, sha256) of what was written."""
     tmp, writer = temporary_name(path), None

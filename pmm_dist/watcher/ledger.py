@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from ..errors import UsageError
-from ..io.atomic import remove_tree_quietly, write_json_atomically
+from ..io.atomic import remove_temporaries_of, remove_tree_quietly, write_json_atomically
 from .state import read_json
 
 WATCH_DIR = ".pmm_watch"
@@ -123,6 +123,7 @@ class Ledger:
     def write_index(self, kept: List[Published], method: str) -> None:
         """``OUT/pmm_watch_index.json``, written last: the newest published merge and the kept ones."""
         newest = kept[-1]
+        remove_temporaries_of(os.path.join(self.out, INDEX_FILE))  # a watcher killed while writing it left these
         write_json_atomically(os.path.join(self.out, INDEX_FILE), {
             "format_version": FORMAT_VERSION, "latest": newest.dirname, "iteration": newest.iteration,
             "method": method,
