@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 from .. import __version__
 from ..dist.collective import Collective
-from ..errors import InputError
+from ..errors import InputError, MergeError
 from ..formats import resolve_format
 from ..io.staging import Staging
 from ..merge.kernel import fused_kernels
@@ -119,7 +119,15 @@ class MergeRun:
         collective.coordinator_step("stage", lambda: self._prepare(staging, plan))
         tick = time.perf_counter()
         merger = self.share_merger(fmt, plan, share, staging, device)
-        outcomes: Optional[List[ShareOutcome]] = collective.gather_step("merge", merger.run)
+        try:
+            outcomes: Optional[List[ShareOutcome]] = collective.gather_step("merge", merger.run)
+        except MergeError as exc:
+            # Bad input (a NaN, a corrupt file) fails the same command again: its staged files are
+            # no use to a --resume, and would only make the corrected command be refused. Every rank
+            # has stopped writing once the step failed on all of them.
+            if collective.is_coordinator and not exc.resumable and not getattr(exc, "interrupted", False):
+                staging.discard()
+            raise
         self._timed("merge", tick)
         metadata_bytes = collective.total_bytes_exchanged()
         tick = time.perf_counter()
