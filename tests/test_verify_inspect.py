@@ -84,3 +84,24 @@ def test_inspect_lists_checkpoints_and_layout(merged):
     assert [c["iteration"] for c in info["checkpoints"]] == [5, 10, 15]
     assert all(c["files"] == 4 and c["bytes"] > 0 for c in info["checkpoints"])
     assert run_cli(["inspect", "/nonexistent/run"]).returncode == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "delete_file", "delete_shard"])
+def test_inspect_reports_a_broken_shard_and_exits_1(merged, tmp_path, damage):
+    run = str(tmp_path / "run")
+    shutil.copytree(merged[0], run)
+    shard = os.path.join(run, "iter_0000010", "mp_rank_01_001")
+    path = os.path.join(shard, "model_optim_rng.pt")
+    if damage == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif damage == "empty":
+        os.truncate(path, 0)
+    elif damage == "delete_file":
+        os.remove(path)
+    else:
+        shutil.rmtree(shard)
+    proc = run_cli(["inspect", run, "--json"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = {c["iteration"]: c["problems"] for c in json.loads(proc.stdout)["checkpoints"]}
+    assert rows[5] == rows[15] == [] and len(rows[10]) == 1, rows
+    assert ("mp_rank_01_001" in rows[10][0]) and (damage != "delete_shard" or "1 of the 4 shard directories" in rows[10][0])

@@ -59,7 +59,7 @@ import torch
 from ..errors import InputError
 from ..io.atomic import write_atomically
 from ..io.planning_reads import file_size
-from ..io.safe_load import register_framework_globals, safe_load
+from ..io.safe_load import register_framework_globals, safe_load, saved_file_problem
 from ..io.torch_save_stream import save_streamed
 from ..io.tree import remove_subtree, replace_subtree
 from ..plan.types import (MODEL_WEIGHTS_FROM, WEIGHTS_FROM_MASTERS, Action, CheckpointRef, OptimizerPolicy, OutputKind,
@@ -192,6 +192,11 @@ class DeepSpeedFormat(PickledFileFormat):
         return {"zero_stage": inv.zero_stage, "dp": inv.dp_world_size, "bf16": inv.bf16,
                 "mp": len({_mp_rank(name) for name, kind in inv.files.items() if kind == MODEL}),
                 "experts": kinds.count(EXPERT), "pipeline_layers": kinds.count(LAYER)}
+
+    def checkpoint_problems(self, ckpt: CheckpointRef) -> List[str]:
+        """Files of the tag directory that are empty or cut short (no zip directory at their end)."""
+        return [p for name in sorted(self._inventory(ckpt).files)
+                for p in [saved_file_problem(os.path.join(ckpt.path, name))] if p]
 
     def _masters_make_the_weights(self, checkpoints: Sequence[CheckpointRef]) -> bool:
         """ZeRO-1/2 with every checkpoint's optimizer files there: the module's weights are cut

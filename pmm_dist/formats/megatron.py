@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from ..io.planning_reads import file_size, is_file, memoised, subdirectories
-from ..io.safe_load import register_framework_globals, safe_load
+from ..io.safe_load import register_framework_globals, safe_load, saved_file_problem
 from ..plan.types import CheckpointRef, OptimizerPolicy, OutputKind, OutputLayout, WorkUnit
 from .common import discover_run_or_checkpoints, iteration_of, layout_change_refusal, listdir
 from .base import MergeContext
@@ -185,6 +185,32 @@ class MegatronLegacyFormat(IterationTracker, PickledFileFormat):
 
     def run_identity(self, ckpt: CheckpointRef) -> Dict[str, object]:
         return run_identity_from_args(self._args(ckpt)[1])
+
+    def checkpoint_problems(self, ckpt: CheckpointRef) -> List[str]:
+        """Shard directories the saved TP/PP/EP degrees call for but that are missing, and shard
+        files that are missing, empty or cut short (no zip directory at their end)."""
+        shards = _shard_dirs(ckpt.path)
+        try:
+            degrees = self._degrees(ckpt)
+        except InputError as exc:
+            return exc.problems
+        problems = []
+        if degrees is not None:
+            tp, pp, ep = degrees
+            expected = {shard_dirname(t, p, e, pp, ep) for t in range(tp) for p in range(pp) for e in range(ep)}
+            missing = sorted(expected - set(shards))
+            if missing:
+                problems.append(f"{ckpt.path}: {len(missing)} of the {len(expected)} shard directories of TP={tp} "
+                                f"PP={pp} EP={ep} are missing: {', '.join(missing[:4])}"
+                                f"{' ...' if len(missing) > 4 else ''}")
+        for shard in shards:
+            for name in (MODEL_FILE, DISTRIB_OPTIM_FILE):
+                path = os.path.join(ckpt.path, shard, name)
+                if name == MODEL_FILE or os.path.exists(path):
+                    problem = saved_file_problem(path)
+                    if problem:
+                        problems.append(problem)
+        return problems
 
     def layout(self, checkpoints: Sequence[CheckpointRef]) -> Dict[str, object]:
         return self.checkpoint_layout(checkpoints[-1])

@@ -18,7 +18,8 @@ import re
 import signal
 import threading
 import types
-from typing import Any, Callable, Dict, List
+import zipfile
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -84,12 +85,33 @@ def _load(path, mmap: bool, map_location) -> Any:
             name = match.group(1) if match else None
             if name and _enable_framework(name):
                 continue
-            if name or "Weights only load failed" in str(exc):
-                raise InputError(f"{path}: refused: the checkpoint references {name or 'a callable'}, which is "
-                                 "not on pmm_dist's allow-list of safe classes (unpickling it could run code)") from None
+            if name:
+                raise InputError(f"{path}: refused: the checkpoint references {name}, which is not on "
+                                 "pmm_dist's allow-list of safe classes (unpickling it could run code)") from None
+            if "Weights only load failed" in str(exc):  # an opcode the safe unpickler does not take
+                raise InputError(f"{path}: cannot read checkpoint: its pickle is corrupt or holds what only "
+                                 f"unsafe unpickling would run ({_unpickler_reason(exc)}); nothing of it was "
+                                 "executed") from None
             raise InputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
                              "is the file truncated or corrupt?") from None
     raise InputError(f"{path}: cannot read checkpoint: unresolved classes")
+
+
+def saved_file_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a whole ``torch.save`` file, from cheap evidence (``inspect``): missing,
+    empty, or without the zip directory that ends every such file (truncated, overwritten).
+    None when it looks whole; its contents are checked when a merge reads it."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return f"{path}: missing"
+    if size == 0:
+        return f"{path}: empty"
+    try:
+        whole = zipfile.is_zipfile(path)
+    except OSError as exc:
+        return f"{path}: unreadable ({exc})"
+    return None if whole else f"{path}: not a whole torch.save file (no zip directory at its end: truncated or corrupt?)"
 
 
 def _framework_globals() -> List[Any]:
