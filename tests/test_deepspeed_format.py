@@ -209,6 +209,21 @@ def test_unknown_files_and_missing_experts_are_refused(tmp_path):
     assert "global_step20/layer_0_expert_1_mp_rank_00_model_states.pt: missing file (num_experts=[2]" in message
 
 
+@pytest.mark.parametrize("tag", [10, 20])
+def test_some_missing_zero12_optimizer_files_are_refused_under_drop(tmp_path, tag):
+    run = make_run(str(tmp_path / "run"), [10, 20], stage=2, dp=2)
+    fmt = DeepSpeedFormat()
+    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        os.remove(os.path.join(run, "global_step10", name))
+    assert DeepSpeedFormat().plan_units(fmt.discover([run]), "drop", 1)  # all pruned: fine under drop
+    run = make_run(str(tmp_path / "run2"), [10, 20], stage=2, dp=2)
+    missing = os.path.join(run, f"global_step{tag}", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    os.remove(missing)
+    with pytest.raises(InputError) as info:
+        DeepSpeedFormat().plan_units(fmt.discover([run]), "drop", 1)
+    assert f"{missing}: missing file" in str(info.value)
+
+
 def test_dry_run_prints_the_layout(tmp_path, capsys):
     run = make_run(str(tmp_path / "run"), [10, 20, 30], stage=3, dp=2, extra=["layer_00-model_states.pt"])
     pmm_dist.merge(sources=[run], out=str(tmp_path / "out"), dry_run=True, last=2, device="cpu")

@@ -271,6 +271,15 @@ class DeepSpeedFormat(PickledFileFormat):
                          for name in sorted(expected - found)]
             problems += [f"{os.path.join(ckpt.path, name)}: unexpected file (absent from the newest checkpoint "
                          f"{newest.path})" for name in sorted(found - expected)]
+        if not keeps and reference.zero_stage in (1, 2):
+            # Under drop a checkpoint's ZeRO-1/2 optimizer files may all be pruned (the module's copies
+            # are merged then), but some of them missing is a broken checkpoint, not a pruned one.
+            for ckpt in checkpoints:
+                inv = reference if ckpt is newest else inventories[ckpt.path]
+                if any(classify(name) == ZERO_OPTIM for name in inv.files):
+                    problems += [f"{os.path.join(ckpt.path, name)}: missing file ({why}; the other ranks' "
+                                 "optimizer files are there)" for name, why in _missing_rank_files(inv)
+                                 if classify(name) == ZERO_OPTIM]
         if keeps and any(classify(name) == EXPERT_OPTIM for name in reference.files):
             problems.append(f"{newest.path}: MoE optimizer state saved without ZeRO (expp_rank_*_optim_states.pt), "
                             f"whose fp32 masters pmm_dist does not merge: --optimizer {optimizer_policy} is not "
