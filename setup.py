@@ -18,9 +18,11 @@ setup(
         "deepspeed": ["deepspeed"],
         "mpi": ["mpi4py"],
         "hf": ["safetensors"],
-        # compiled merge kernels (pmm_dist/merge/fused.py), ~3x the pure-torch fallback on the CPU
-        "fast": ["numba>=0.60"],
-        "test": ["pytest", "pytest-xdist", "megatron-core", "deepspeed", "mpi4py", "safetensors", "psutil", "numba>=0.60"],
+        # compiled merge kernels (pmm_dist/merge/fused.py), ~3x the pure-torch fallback on the CPU;
+        # ISA-L's CRC-32 for checking the sources' records (io/record_check.py), ~4x zlib's
+        "fast": ["numba>=0.60", "isal>=1.6"],
+        "test": ["pytest", "pytest-xdist", "megatron-core", "deepspeed", "mpi4py", "safetensors", "psutil", "numba>=0.60",
+                 "isal>=1.6"],
     },
     entry_points={"console_scripts": ["pmm-dist=pmm_dist.cli:entry"]},
 )

@@ -86,6 +86,26 @@ def test_truncated_file(run, tmp_path):
     _assert_fails(run, str(tmp_path / "out"), path, "truncated or corrupt", world_size=2)
 
 
+@pytest.mark.parametrize("newest", [False, True])
+def test_flipped_bytes_inside_a_tensor_fail_the_merge(run, tmp_path, newest):
+    """torch.load does not check the CRC-32 of a tensor's record; the merge does (io/record_check)."""
+    import zipfile
+    path = os.path.join(run, "iter_0000030" if newest else "iter_0000020", SHARD)
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 30 + len(record.filename.encode()))
+        header_end = f.tell()
+        f.seek(record.header_offset + 28)
+        extra = int.from_bytes(f.read(2), "little")
+        f.seek(header_end + extra + record.file_size // 2)  # the middle of the tensor's bytes
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    proc = _assert_fails(run, str(tmp_path / "out"), path, record.filename, "CRC-32", world_size=2)
+    assert "--resume" not in proc.stderr and not os.path.exists(os.path.join(tmp_path, "out", ".pmm_staging"))
+
+
 def test_code_in_a_pickle_never_runs(run, tmp_path):
     marker = tmp_path / "pwned"
 

@@ -15,6 +15,8 @@ import torch
 
 from ..formats import CheckpointFormat, MergeContext
 from ..io.atomic import copy_atomically
+from ..io.record_check import RecordChecker
+from ..io.safe_load import loads_observed
 from ..io.staging import Staging
 from ..plan.types import Action, UnitResult, WorkUnit
 from . import faults
@@ -116,8 +118,15 @@ class ShareMerger:
                 self.resumed.append(outcome.relpath)
         else:
             context = self.context_for(unit, self._advance)
-            outcome = self.fmt.merge_unit(unit, self.plan.checkpoints, self.staging.data_dir, context) \
-                if unit.action == Action.MERGE else self._copy_newest(unit, context)
+            checker = RecordChecker()  # the CRC-32 of every record the unit's sources hold
+            try:
+                with loads_observed(checker.submit):
+                    outcome = self.fmt.merge_unit(unit, self.plan.checkpoints, self.staging.data_dir, context) \
+                        if unit.action == Action.MERGE else self._copy_newest(unit, context)
+                checker.result()
+            except BaseException:
+                checker.cancel()
+                raise
             outcome = self.unit_finished(unit, context, outcome)
             self.staging.mark_done(unit, outcome)
         return outcome

@@ -10,6 +10,7 @@ saved as its own: formats/deepspeed_classes).
 """
 import argparse
 import collections
+import contextlib
 import functools
 import io
 import os
@@ -30,6 +31,7 @@ from .planning_reads import memoised
 # its framework's (register_framework_globals), and a list is loaded only when a file needs it.
 _FRAMEWORK_SAFE_GLOBALS: Dict[str, Callable[[], List[Any]]] = {}
 _loaded_frameworks: set = set()
+_observers = threading.local()
 
 
 def register_framework_globals(prefix: str, loader: Callable[[], List[Any]]) -> None:
@@ -67,8 +69,24 @@ def safe_load(path, *, mmap: bool = True, map_location="cpu") -> Any:
     the pickle, and tensor bytes are read when (and if) they are used. While the coordinator
     plans, a file is parsed once (io/planning_reads.py): treat what is returned as read-only.
     """
-    return memoised("safe_load", (os.path.abspath(path), mmap, str(map_location)),
-                    lambda: _load(path, mmap, map_location))
+    loaded = memoised("safe_load", (os.path.abspath(path), mmap, str(map_location)),
+                      lambda: _load(path, mmap, map_location))
+    observer = getattr(_observers, "callback", None)
+    if observer is not None:
+        observer(path)
+    return loaded
+
+
+@contextlib.contextmanager
+def loads_observed(callback: Callable[[str], None]):
+    """While inside, ``callback(path)`` for every file ``safe_load`` returns on this thread (a
+    unit's sources, whose records io.record_check checks)."""
+    previous = getattr(_observers, "callback", None)
+    _observers.callback = callback
+    try:
+        yield
+    finally:
+        _observers.callback = previous
 
 
 def _load(path, mmap: bool, map_location) -> Any:
@@ -131,6 +149,14 @@ def _enable_framework(global_name: str) -> bool:
             _loaded_frameworks.add(prefix)
             return True
     return False
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The safe unpickler's own words inside torch's long "Weights only load failed" text."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    reason = text.split(marker, 1)[1].strip().split("\n")[0] if marker in text else ""
+    return reason or _first_line(exc)
 
 
 def _first_line(exc: Exception) -> str:
