@@ -57,7 +57,8 @@ def _grow_and_compare(tmp_path, made: str, **options):
 
 
 @pytest.mark.parametrize("options", [dict(method="sma", last=3), dict(method="ema", alpha=0.25),
-                                     dict(method="sma", last=3, optimizer="latest")], ids=str)
+                                     dict(method="wma", last=3), dict(method="sma", last=3, optimizer="latest")],
+                         ids=str)
 def test_masters_of_every_checkpoint_make_the_weights_incrementally(tmp_path, options):
     made = str(tmp_path / "made")
     generate_run(made, iterations=list(ITERATIONS), fp32_masters=True, **SHAPE)

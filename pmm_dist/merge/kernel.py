@@ -16,7 +16,8 @@ import mmap
 import os
 import sys
 import threading
-from typing import Optional, Sequence
+from fractions import Fraction
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,6 +55,8 @@ READ_AHEAD_BYTES = 16 << 20
 # merge of small tensors only never loads it.
 FUSED_MIN_ELEMENTS = 1 << 16
 ACCUMULATOR_DTYPE = torch.float64
+# Denominators (and integer weights) of integer_weights: window lengths up to ~360 for WMA.
+_MAX_DENOMINATOR = 1 << 16
 
 
 _NONFINITE_HINT = ("; merge a window without that checkpoint (--iterations, --last), or pass --on-nonfinite warn "
@@ -238,27 +241,42 @@ class _FusedBlocks:
         self.store_kernel(self.result[begin:end], block)
 
 
-def equal_weights_divisor(weights: Sequence[float]) -> Optional[int]:
-    """n when every weight is 1/n (SMA; --weights all equal), else None.
+def integer_weights(weights: Sequence[float]) -> Optional[Tuple[List[float], int]]:
+    """(k_1, ..., k_N, n) when every weight is the float nearest k_i / n for small integers k_i
+    (SMA: 1/N; WMA: i / (N(N+1)/2); integer --weights, normalised), else None.
 
-    Why: the mean is then computed as the sum of the sources divided by n once. The sum is exact
-    in float64 for stored-dtype values of similar size, so the mean is the exact one rounded, and
-    a mean that lies exactly halfway between two stored values (common: sums of fp32 values have
-    a few more bits than fp32, and dividing by an even n halves them) rounds to even as the float64
-    reference and the watcher's running sums do. Multiplying each source by the rounded 1/n lands
-    just off such ties instead: one ulp off in ~1% of fp32 elements, within tolerance but not the
-    nearest value.
+    Why: the sum of the sources times small integers is exact in float64 for stored-dtype values
+    of similar size, so dividing it by n once gives the exact weighted sum, correctly rounded. A
+    mean that lies exactly halfway between two stored values (common: sums of fp32 values have a
+    few more bits than fp32, and dividing by an even n halves them) rounds to even, as the float64
+    reference does, and values whose weighted sum is exactly 0 give 0. Multiplying each source by
+    the rounded k_i / n lands just off such values instead (one ulp off in ~1% of fp32 elements,
+    within tolerance but not the nearest value). The watcher's running sums (the window's sum,
+    WMA's ramp) are exact too and divided once by the same n (watcher.context), so its merges are
+    these bits.
 
-    None too when n is a power of two: 1/n is then exact and scaling by it commutes with every
-    rounding of the sum, so the weighted sum as it stands gives the same bits, without a pass
-    of divisions (a third of the arithmetic's time for N = 4; most SMA windows are 2, 4, 8, 16)."""
-    if not weights:
+    None too when n is a power of two: the weights are then exact and scaling by them commutes
+    with every rounding of the sum, so the weighted sum as it stands gives the same bits, without a
+    pass of divisions (a third of the arithmetic's time for N = 4; most SMA windows are 2, 4, 8, 16)."""
+    if not weights or not all(math.isfinite(w) for w in weights):
         return None
-    weight = weights[0]
-    if not weight > 0 or any(w != weight for w in weights):
+    fractions = [Fraction(w).limit_denominator(_MAX_DENOMINATOR) for w in weights]
+    n = math.lcm(*(f.denominator for f in fractions))
+    if n <= 1 or n > _MAX_DENOMINATOR or not n & (n - 1):
         return None
-    n = round(1.0 / weight)
-    return n if n > 1 and 1.0 / n == weight and n & (n - 1) else None
+    ks = [f.numerator * (n // f.denominator) for f in fractions]
+    if any(abs(k) >= _MAX_DENOMINATOR or k / n != w for k, w in zip(ks, weights)):
+        return None
+    return [float(k) for k in ks], n
+
+
+def divisor_of(coefficient: float) -> Optional[int]:
+    """n where ``coefficient`` is the float nearest 1/n for an integer n > 1 that is not a power of
+    two (the division ``integer_weights`` makes), else None."""
+    if not coefficient > 0:
+        return None
+    n = round(1.0 / coefficient)
+    return n if 1 < n <= _MAX_DENOMINATOR and 1.0 / n == coefficient and n & (n - 1) else None
 
 
 # (stored dtype, model dtype) pairs for which rounding the float64 sum straight to the model's
@@ -291,9 +309,10 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: Sequence[float], devi
     whenever ``device`` is not the CPU; tests force it on the CPU to exercise that path).
     """
     assert len(sources) == len(weights) and sources
-    divisor = equal_weights_divisor(weights)
-    if divisor is not None:
-        weights = [1.0] * len(weights)
+    exact = integer_weights(weights)
+    divisor = None
+    if exact is not None:
+        weights, divisor = exact
     stored = sources[-1].dtype
     result_dtype, then_rounded = stored, rounded_to is not None and rounded_to != stored
     if then_rounded and (stored, rounded_to) in _ONE_STORE_ROUNDINGS:
@@ -411,9 +430,11 @@ class Accumulator:
     def __init__(self, shape, device: torch.device, *, on_nonfinite: str = "ignore", what: str = "tensor",
                  weights: Optional[Sequence[float]] = None):
         self.acc = torch.empty(shape, dtype=ACCUMULATOR_DTYPE, device=device)
-        # ``weights``: all the merge's weights, to sum and divide once where they are all 1/n, as
-        # weighted_sum does (then each weight given to ``add`` is that 1/n and stands for it).
-        self._divisor = equal_weights_divisor(weights) if weights else None
+        # ``weights``: all the merge's weights, to sum with integer weights and divide once where
+        # they are k_i / n, as weighted_sum does (each weight given to ``add`` stands for its k_i).
+        exact = integer_weights(weights) if weights else None
+        self._divisor = exact and exact[1]
+        self._integer = dict(zip(weights, exact[0])) if exact else {}  # each weight -> its k
         self.device, self.on_nonfinite, self.what = device, on_nonfinite, what
         self.count = 0
         self.stored = None
@@ -435,7 +456,7 @@ class Accumulator:
             first: Optional[bool] = None) -> None:
         src = (source if self.device.type == "cpu" else source.to(self.device)).detach()
         if self._divisor is not None:
-            weight = 1.0
+            weight = self._integer[weight]
         if region is not None:  # a piece: into its box of the sum (a strided view)
             target = self.acc[region]
             if first:

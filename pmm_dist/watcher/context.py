@@ -26,7 +26,7 @@ import torch
 from ..errors import InputError
 from ..formats import CheckpointFormat, MergeContext
 from ..merge import compensated
-from ..merge.kernel import BLOCK_ELEMENTS, release_pages, rounded_through_float32
+from ..merge.kernel import BLOCK_ELEMENTS, divisor_of, release_pages, rounded_through_float32
 from ..plan.types import UnitResult, WorkUnit
 from .state import StateReader, StateWriter, block_ranges
 
@@ -122,9 +122,7 @@ class IncrementalContext(MergeContext):
                         if new_lo[name] is None:
                             new_lo[name] = torch.zeros(size, dtype=torch.float64, device=self.device)
                         new_lo[name][first:last] = lo
-                merged[first:last] = compensated.rounded(compensated.combine(
-                    [(coef, self._operand(operand, pieces, old, new)) for coef, operand in rule.output_terms],
-                    pieces[-1]))
+                merged[first:last] = self._output(rule.output_terms, pieces, old, new)
             self.writer.block(entry, {name: (new_hi[name], new_lo[name]) for name in rule.accumulators})
             if not counters.nonfinite_state and not all(math.isfinite(v.sum().item()) for v in new_hi.values()):
                 counters.nonfinite_state = True  # never used again: the next update starts afresh
@@ -138,6 +136,16 @@ class IncrementalContext(MergeContext):
         if rounded_to is not None:  # the format asked for the model's dtype
             result = rounded_through_float32(result, rounded_to)
         return result.view(shape)  # the format reports progress and bytes read itself
+
+    def _output(self, terms, pieces, old, new) -> torch.Tensor:
+        """The merge, in float64. A running sum that the merge divides by an integer (SMA's sum,
+        WMA's ramp) is divided, as ``kernel.integer_weights`` makes ``merge`` do: the same bits."""
+        if len(terms) == 1 and divisor_of(terms[0][0]) is not None:
+            value = self._operand(terms[0][1], pieces, old, new)
+            pair = value if isinstance(value, tuple) else (value.to(torch.float64), None)
+            return compensated.rounded(pair) / divisor_of(terms[0][0])
+        return compensated.rounded(compensated.combine(
+            [(coef, self._operand(operand, pieces, old, new)) for coef, operand in terms], pieces[-1]))
 
     @staticmethod
     def _operand(operand, pieces, old, new):

@@ -39,7 +39,7 @@ from ..plan.types import (MODEL_WEIGHTS_BY_OLDER, MODEL_WEIGHTS_FROM, MODEL_WEIG
                           CheckpointRef, OutputKind, WorkUnit)
 from . import context as ctx
 from .ledger import History, Ledger
-from .state import StateReader, StateWriter, state_bytes, state_file
+from .state import StateReader, StateWriter, read_json, state_bytes, state_file
 from .window import window_for
 
 STATE_INFO = "state.json"
@@ -304,7 +304,7 @@ class WatchUpdate(MergeRun):
                                                 f"{plan.previous_state} has" for key in left])
         ways = _model_weights_by_unit(outcomes)
         if plan.previous_state:
-            _check_model_weights(ways, _read_json(os.path.join(plan.previous_state, STATE_INFO)) or {})
+            _check_model_weights(ways, read_json(os.path.join(plan.previous_state, STATE_INFO)) or {})
         usable = not any(d["nonfinite_state"] for d in details)
         info = dict(plan.state_info, usable=usable, tensors=len(keys), bytes=state_bytes(plan.state_dir),
                     model_weights={relpath: way for relpath, (way, _) in ways.items()})
@@ -372,14 +372,6 @@ def _check_model_weights(ways: Dict[str, Tuple[str, dict]], previous_info: dict)
             problems.append(f"{relpath}: the running state follows the {before}, this update takes the {way}")
     if problems:
         raise ctx.RunningStateMismatch(problems)
-
-
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _staged_fingerprint(staging: Staging) -> Optional[str]:
