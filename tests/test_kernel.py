@@ -294,45 +294,43 @@ def _resident_bytes_of_files(folder: str) -> int:
     return total
 
 
+def _assert_the_exact_sum_rounded_once(sources, counts) -> None:
+    """The merge with weights counts[i] / sum(counts) is the exact weighted sum rounded once to the
+    stored dtype; the one-source-at-a-time Accumulator agrees bit for bit."""
+    total = sum(counts)
+    weights = [k / total for k in counts]
+    exact = (sum(k * s.double() for k, s in zip(counts, sources)) / total).to(sources[0].dtype)
+    merged = kernel.weighted_sum(sources, weights, torch.device("cpu"))
+    assert torch.equal(_bits(merged), _bits(exact)), f"{counts}: {(merged != exact).sum().item()} elements off"
+    accumulator = kernel.Accumulator(sources[0].shape, torch.device("cpu"), weights=weights)
+    for source, weight in zip(sources, weights):
+        accumulator.add(source, weight, "source")
+    assert torch.equal(_bits(accumulator.result()), _bits(merged))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equal_weights_give_the_nearest_value_of_the_exact_mean(backend, dtype):
     """SMA (every weight 1/n): the sum divided by n once, so even a mean exactly halfway between
     two stored values is the nearest one, ties to even (multiplying by the rounded 1/n was one
-    ulp off at ~1% of fp32 elements); the one-source-at-a-time Accumulator agrees bit for bit."""
+    ulp off at ~1% of fp32 elements)."""
     generator = torch.Generator().manual_seed(7)
     for n in (3, 6, 10, 2, 4, 16):  # powers of two: the weights as they are (exact), no division
         sources = [(1 + 0.01 * torch.randn(20_000, generator=generator)).to(dtype) for _ in range(n)]
-        weights = [1.0 / n] * n
-        exact = (sum(s.double() for s in sources) / n).to(dtype)
-        merged = kernel.weighted_sum(sources, weights, torch.device("cpu"))
-        assert torch.equal(_bits(merged), _bits(exact)), f"n={n}: {(merged != exact).sum().item()} elements off"
-        accumulator = kernel.Accumulator(sources[0].shape, torch.device("cpu"), weights=weights)
-        for source, weight in zip(sources, weights):
-            accumulator.add(source, weight, "source")
-        assert torch.equal(_bits(accumulator.result()), _bits(merged))
+        _assert_the_exact_sum_rounded_once(sources, [1] * n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts", [(1, 2, 3), (1, 2, 3, 4), (1, 2), (3, 7)])  # WMA 3 and 4, --weights 1,2 / 3,7
 def test_weights_of_small_integers_over_n_give_the_exact_sum_rounded_once(backend, dtype, counts):
     """Weights k_i / n (WMA, integer --weights): the sum with the integer weights is exact and is
-    divided once, so the result is the exact weighted sum correctly rounded, and values whose
-    weighted sum is exactly 0 give 0 (with the rounded weights k_i / n, a float64 residue of ~1e-20
-    was left, which the watcher's exact running sums do not leave)."""
+    divided once, so values whose weighted sum is exactly 0 give 0 (with the rounded weights
+    k_i / n, a float64 residue of ~1e-20 was left, which the watcher's exact running sums do not)."""
     generator = torch.Generator().manual_seed(11)
-    total = sum(counts)
-    weights = [k / total for k in counts]
     sources = [(1 + 0.01 * torch.randn(20_000, generator=generator)).to(dtype) for _ in counts]
-    for source in sources[:-1]:  # element 0: k_1 x_1 + ... + k_N x_N = 0 exactly
+    for source in sources[:-1]:  # element 0: k_1 x_1 + ... + k_N x_N = 0 exactly, where it can be
         source[0] = 2 ** -12
     sources[-1][0] = -(2 ** -12) * sum(counts[:-1]) / counts[-1] if sum(counts[:-1]) % counts[-1] == 0 else 0.0
-    exact = (sum(k * s.double() for k, s in zip(counts, sources)) / total).to(dtype)
-    merged = kernel.weighted_sum(sources, weights, torch.device("cpu"))
-    assert torch.equal(_bits(merged), _bits(exact)), f"{(merged != exact).sum().item()} elements off"
-    accumulator = kernel.Accumulator(sources[0].shape, torch.device("cpu"), weights=weights)
-    for source, weight in zip(sources, weights):
-        accumulator.add(source, weight, "source")
-    assert torch.equal(_bits(accumulator.result()), _bits(merged))
+    _assert_the_exact_sum_rounded_once(sources, counts)
 
 
 @pytest.mark.parametrize("stored,model", [(torch.float32, torch.bfloat16), (torch.float64, torch.bfloat16),
