@@ -288,3 +288,12 @@ def test_bytes_exchanged_are_counted_per_sender(world):
 @pytest.mark.multiprocess
 def test_the_group_still_works_after_every_failure(world):
     assert world("still_works_after_the_failures") == [{"returned": [0, 1]}, {"returned": [0, 1]}]
+
+
+def test_an_exchange_the_process_group_fails_is_one_resumable_message():
+    """gloo raises RuntimeError when a peer died (killed rank): the survivors say so in one line."""
+    from pmm_dist.dist.collective import _peers_reachable
+    with pytest.raises(MergeError, match="another rank was killed or crashed") as info:
+        with _peers_reachable():
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242\ndetails")
+    assert info.value.resumable and "Connection closed by peer" in str(info.value) and "details" not in str(info.value)

@@ -72,6 +72,18 @@ def sigterm_as_exception():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _peers_reachable():
+    """An exchange the process group itself fails (gloo: "Connection closed by peer", a timeout)
+    means another rank is gone, killed or crashed: one message, not the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MergeError(f"the exchange with the other ranks failed ({detail}): another rank was killed or "
+                         "crashed (its launcher says which); nothing was committed") from None
+
+
 def describe_failure(exc: BaseException) -> RankError:
     """A failure as it travels to the other ranks: user errors as their message, interrupts as
     such, anything else (a bug) with its traceback."""
@@ -131,7 +143,8 @@ class Collective:
         if self.world_size == 1:
             return [obj]
         gathered: List[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        with _peers_reachable():
+            dist.all_gather_object(gathered, obj)
         self.bytes_exchanged += len(pickle.dumps(obj)) * (self.world_size - 1)
         return gathered
 
@@ -139,7 +152,8 @@ class Collective:
         if self.world_size == 1:
             return [obj]
         gathered: Optional[List[Any]] = [None] * self.world_size if self.is_coordinator else None
-        dist.gather_object(obj, gathered, dst=0)
+        with _peers_reachable():
+            dist.gather_object(obj, gathered, dst=0)
         if not self.is_coordinator:
             self.bytes_exchanged += len(pickle.dumps(obj))
         return gathered
@@ -148,7 +162,8 @@ class Collective:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with _peers_reachable():
+            dist.broadcast_object_list(box, src=0)
         if self.is_coordinator:
             self.bytes_exchanged += len(pickle.dumps(obj)) * (self.world_size - 1)
         return box[0]
@@ -161,7 +176,8 @@ class Collective:
         # to the largest object's, and the coordinator's (a whole plan) would make every rank
         # receive the whole plan's size.
         outgoing = [None, *per_rank[1:]] if self.is_coordinator else None
-        dist.scatter_object_list(box, outgoing, src=0)
+        with _peers_reachable():
+            dist.scatter_object_list(box, outgoing, src=0)
         if self.is_coordinator:
             # what goes out: every other rank's object, padded to the largest one
             self.bytes_exchanged += max(len(pickle.dumps(obj)) for obj in per_rank[1:]) * (self.world_size - 1)
