@@ -4,18 +4,20 @@ import os
 import re
 import shlex
 import sys
+import time
 import typing
 from dataclasses import MISSING, fields
 from typing import Callable, List, Optional, TypeVar
 
 from ..engine.options import METHOD_OPTION, MergeOptions
-from ..errors import MergeError, UsageError
+from ..errors import MergeError, RankFailure, UsageError
 from ..formats import loading_hints
 from ..merge.methods import available_methods, get_method
 from ..io.staging import Staging
 from ..plan.types import Choice
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+REPORT_GRACE_S = 2.0  # how long the other ranks wait, failing, for the coordinator's report
 T = TypeVar("T")
 
 def epilog() -> str:
@@ -174,6 +176,10 @@ def _report_failure(exc: MergeError, options: MergeOptions, coordinator: bool, i
             if staged is not None and exc.resumable:
                 print(f"pmm-dist: nothing was committed, {state}: once the cause is fixed, continue with: "
                       f"{resume_command()}", file=sys.stderr, flush=True)
+    elif isinstance(exc, RankFailure) and not interrupted:
+        # Every rank knows the failure, and the coordinator reports it. Launchers that end every rank
+        # as soon as one exits non-zero (mpiexec) must not end the coordinator before it has.
+        time.sleep(REPORT_GRACE_S)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_USAGE if usage else EXIT_ERROR
