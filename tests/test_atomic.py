@@ -281,3 +281,26 @@ def test_write_behind_waits_for_the_running_job_when_the_caller_fails():
             behind.submit(lambda: (time.sleep(0.05), done.append("written")))
             raise RuntimeError("merge failed")
     assert done == ["written"]  # nothing writes after the with block: the caller may remove the file
+
+
+def test_a_source_file_read_by_two_units_is_checked_once(tmp_path, monkeypatch):
+    """io.record_check: the CRC check of a file is shared while its size and mtime stay (DeepSpeed's
+    optimizer files are read for the model states' masters and for their own unit)."""
+    import torch
+    from pmm_dist.io import record_check
+    path = str(tmp_path / "shard.pt")
+    torch.save({"w": torch.arange(1000.0)}, path)
+    calls = []
+    real = record_check.record_problems
+    monkeypatch.setattr(record_check, "record_problems", lambda p: calls.append(p) or real(p))
+    for _ in range(2):
+        checker = record_check.RecordChecker()
+        checker.submit(path)
+        checker.result()
+    assert calls == [path]
+    torch.save({"w": torch.arange(1000.0)}, path)  # written again: checked again
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))
+    checker = record_check.RecordChecker()
+    checker.submit(path)
+    checker.result()
+    assert calls == [path, path]

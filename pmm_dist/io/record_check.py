@@ -82,25 +82,42 @@ def _buffer() -> bytearray:
 
 class RecordChecker:
     """The checks of one unit's source files, run on a shared thread as the files are loaded
-    (``submit``); ``result`` waits for them and raises InputError naming every bad record."""
+    (``submit``); ``result`` waits for them and raises InputError naming every bad record.
+
+    A file is checked once per process while its size and modification time stay the same: units
+    that read the same file (DeepSpeed's ZeRO optimizer files, for the model states' masters and
+    for their own unit; Megatron's distrib_optim.pt) share the one check."""
 
     _pool: Optional[ThreadPoolExecutor] = None
     _pool_lock = threading.Lock()
+    _checked: Dict[tuple, Future] = {}  # (path, size, mtime_ns) -> its check, in this process
 
     def __init__(self):
         self._checks: Dict[str, Future] = {}
 
     @classmethod
-    def _executor(cls) -> ThreadPoolExecutor:
-        with cls._pool_lock:
-            if cls._pool is None:
-                cls._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-crc")
-            return cls._pool
+    def _executor_locked(cls) -> ThreadPoolExecutor:
+        if cls._pool is None:
+            cls._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmm-crc")
+        return cls._pool
 
     def submit(self, path: str) -> None:
         path = os.path.abspath(path)
-        if path not in self._checks and checks_wanted():
-            self._checks[path] = self._executor().submit(record_problems, path)
+        if path in self._checks or not checks_wanted():
+            return
+        try:
+            stat = os.stat(path)
+        except OSError:
+            key = None  # the check names what is wrong
+        else:
+            key = (path, stat.st_size, stat.st_mtime_ns)
+        with self._pool_lock:
+            check = self._checked.get(key) if key else None
+            if check is None or check.cancelled():
+                check = self._executor_locked().submit(record_problems, path)
+                if key:
+                    self._checked[key] = check
+        self._checks[path] = check
 
     def result(self) -> None:
         problems = [p for future in self._checks.values() for p in future.result()]
@@ -108,5 +125,6 @@ class RecordChecker:
             raise InputError(problems)
 
     def cancel(self) -> None:
+        """Checks not started yet are dropped (and made again if another unit asks for them)."""
         for future in self._checks.values():
             future.cancel()
